@@ -1,0 +1,216 @@
+"""Loading HF causal LMs safely: local directories, the project's organisms, and (only when asked) the Hub.
+
+`load_model(ref)` follows transformers' from-pretrained flow but checks everything a user can get wrong first
+and turns it into one sentence: a missing path, a folder without `config.json` or weights, an architecture with
+no row in the table, or a checkpoint that cannot be loaded safely. Weights come from safetensors; a pickle-only
+`pytorch_model.bin` is read with `torch.load(weights_only=True)` semantics (refused if it holds arbitrary
+objects). `trust_remote_code` stays off unless the caller passes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engramlab.errors import EngramError
+from engramlab.models.arch import ArchSpec, ModelLayout, arch_for_config
+from engramlab.models.hooks import HookEngine
+from engramlab.organisms.registry import is_organism_ref, organism_path
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its tokenizer, architecture entry and hook engine."""
+
+    model: nn.Module
+    tokenizer: object | None
+    spec: ArchSpec
+    ref: str
+    path: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def layout(self) -> ModelLayout:
+        return ModelLayout(self.model, self.spec)
+
+    @cached_property
+    def hooks(self) -> HookEngine:
+        """The hook engine bound to this model (one per model)."""
+        return HookEngine(self.model, self.spec)
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise EngramError(f"{self.ref} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+                              "this study needs one.")
+        return self.tokenizer
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto" -> float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise EngramError(f"--dtype {dtype!r} is not supported; choose one of: auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """`auto` -> the first CUDA device if there is one (several GPUs are then spread by accelerate), else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise EngramError(f"--device {device!r} is not a device name (examples: auto, cpu, cuda, cuda:1).") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EngramError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    return parsed
+
+
+def resolve_ref(ref: str, allow_download: bool = False) -> tuple[str, Path | None]:
+    """Map a model reference to (what to pass to from_pretrained, local directory or None for a Hub id)."""
+    ref = str(ref)
+    if is_organism_ref(ref):
+        path = organism_path(ref)
+        return str(path), path
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path), path
+    if path.exists():
+        raise EngramError(f"--model {ref} is a file; give the model's directory (with config.json and weights).")
+    if ref.startswith((".", "/", "~")) or not _hub_like(ref):
+        raise EngramError(f"--model {ref}: no such directory; give a local HF model directory or organism:NAME.")
+    cached = _hub_cache_dir(ref)
+    if cached is not None:
+        return str(cached), cached
+    if not allow_download:
+        raise EngramError(
+            f"--model {ref} is not a local directory nor in the local HF cache; pass --download to fetch it "
+            f"from the Hub, or give a local path."
+        )
+    return ref, None
+
+
+def _hub_like(ref: str) -> bool:
+    """`name` or `owner/name` made of the characters the Hub allows."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", ref) is not None
+
+
+def _hub_cache_dir(repo_id: str) -> Path | None:
+    """The snapshot directory of a Hub model already in the local cache (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except Exception:  # not cached (or the cache is unreadable): the caller decides what to say
+        return None
+
+
+def _check_directory(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise EngramError(f"{path} has no config.json; it is not a HF model directory.")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise EngramError(
+            f"{path} has no weights (expected model.safetensors, a sharded safetensors index, or pytorch_model.bin)."
+        )
+
+
+def load_model(
+    ref: str,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a causal LM from a local HF directory, `organism:NAME`, or a Hub id (cache first; download only with
+    `allow_download=True`). Returns a `LoadedModel` in eval mode with its tokenizer (left padding, a pad token)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, path = resolve_ref(ref, allow_download)
+    if path is not None:
+        _check_directory(path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        where = path / "config.json" if path is not None else ref
+        raise EngramError(f"cannot read the model config {where}: {_first_line(err)}") from err
+    spec = arch_for_config(config)
+
+    target = parse_device(device)
+    torch_dtype = parse_dtype(dtype, target)
+    multi_gpu = target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            weights_only=True,
+            device_map="auto" if multi_gpu else None,
+        )
+    except Exception as err:  # any failure inside transformers/torch becomes one sentence naming the checkpoint
+        where = path if path is not None else ref
+        raise EngramError(f"cannot load the weights in {where} safely: {_first_line(err)}") from err
+    if not multi_gpu:
+        model.to(target)
+    model.eval()
+    tokenizer = _load_tokenizer(source, path, trust_remote_code) if with_tokenizer else None
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, ref=str(ref), path=path, device=target,
+                       dtype=torch_dtype)
+
+
+def from_hf(model: nn.Module, tokenizer=None, ref: str = "in-memory") -> LoadedModel:
+    """Wrap a model the caller built or loaded themselves (e.g. a tiny random model in a test)."""
+    spec = arch_for_config(model.config)
+    param = next(model.parameters())
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, ref=ref, path=None, device=param.device,
+                       dtype=param.dtype)
+
+
+def _load_tokenizer(source: str, path: Path | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if path is not None and not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "vocab.json", "tokenizer.model")):
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a broken tokenizer file: say which folder
+        raise EngramError(f"cannot load the tokenizer in {path or source}: {_first_line(err)}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # so that position -1 is every row's last real token, also for generate
+    return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__).rstrip(".") + "."
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
