@@ -129,9 +129,12 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
         return None
 
 
-def _check_directory(path: Path) -> None:
+def _check_config(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise EngramError(f"{path} has no config.json; it is not a HF model directory.")
+
+
+def _check_weights(path: Path) -> None:
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise EngramError(
             f"{path} has no weights (expected model.safetensors, a sharded safetensors index, or pytorch_model.bin)."
@@ -152,13 +155,15 @@ def load_model(
 
     source, path = resolve_ref(ref, allow_download)
     if path is not None:
-        _check_directory(path)
+        _check_config(path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         where = path / "config.json" if path is not None else ref
         raise EngramError(f"cannot read the model config {where}: {_first_line(err)}") from err
     spec = arch_for_config(config)
+    if path is not None:
+        _check_weights(path)
 
     target = parse_device(device)
     torch_dtype = parse_dtype(dtype, target)

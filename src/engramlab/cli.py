@@ -1,0 +1,98 @@
+"""The `engramlab` command: a thin typer layer over the library. Every `EngramError` ends the command with one
+line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Download, Dtype, Out, Overwrite, Seed, \
+    TrustRemoteCode
+from engramlab.errors import EngramError
+
+app = typer.Typer(
+    name="engramlab",
+    help="Find, read, edit and protect the knowledge stored inside neural networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Load models and inspect their architecture.", no_args_is_help=True)
+organisms_app = typer.Typer(help="The project's own small trained LLMs (base + chat).", no_args_is_help=True)
+relations_app = typer.Typer(help="Relation-specific neurons (Liu et al., EMNLP 2025).", no_args_is_help=True)
+decode_app = typer.Typer(help="Decoding MLP neurons through the LM head (Davies 2025).", no_args_is_help=True)
+posttrain_app = typer.Typer(help="How post-training reshapes LLMs (Du et al. 2025).", no_args_is_help=True)
+continual_app = typer.Typer(help="Continual learning: HLOP spiking networks and CoTTA test-time adaptation.",
+                            no_args_is_help=True)
+for name, sub in [("models", models_app), ("organisms", organisms_app), ("relations", relations_app),
+                  ("decode", decode_app), ("posttrain", posttrain_app), ("continual", continual_app)]:
+    app.add_typer(sub, name=name)
+
+console = Console()
+
+
+@models_app.command("info")
+def models_info(
+    ref: str = typer.Argument(..., help="Local HF model directory, organism:NAME, or a Hub id."),
+    device: Device = "cpu",
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemoteCode = False,
+    download: Download = False,
+    as_json: bool = typer.Option(False, "--json", help="Print the info as JSON."),
+) -> None:
+    """Architecture, layer count, neurons per site, dtype and parameter count of a model."""
+    from engramlab.models.info import model_info
+    from engramlab.models.loading import load_model
+
+    loaded = load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        allow_download=download, with_tokenizer=False)
+    info = model_info(loaded)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    grid = Table(title=f"{info['ref']}  ({info['class']})", show_header=False)
+    for key in ("family", "n_layers", "hidden_size", "vocab_size", "gated_mlp", "dtype", "device",
+                "tied_embeddings"):
+        grid.add_row(key, str(info[key]))
+    grid.add_row("parameters", f"{info['parameters']:,}")
+    for part, n in info["parameters_by_part"].items():
+        grid.add_row(f"  {part}", f"{n:,}")
+    for site, width in info["units_per_layer"].items():
+        grid.add_row(f"units {site}", f"{width:,} per layer, {info['units_total'][site]:,} in all")
+    console.print(grid)
+
+
+@app.command()
+def tour(
+    out: Out = "runs/tour",
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model for the LLM studies."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
+    """Run a quick version of every study on the shipped defaults; write OUT/index.html and OUT/summary.json."""
+    from engramlab.tour import run_tour
+
+    summary = run_tour(out, model=model, device=device, dtype=dtype, seed=seed, overwrite=overwrite)
+    failed = [name for name, step in summary["steps"].items() if "error" in step]
+    for name, step in summary["steps"].items():
+        status = f"[red]failed: {step['error']}[/]" if "error" in step else f"done in {step['seconds']} s"
+        console.print(f"{name}: {status}", markup=True, highlight=False)
+    console.print(f"wrote {out}/index.html and {out}/summary.json")
+    if failed:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `engramlab` script and of `python -m engramlab`."""
+    try:
+        app(args=argv, prog_name="engramlab")
+    except EngramError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
