@@ -3,7 +3,7 @@
     python benchmarks/hooks_overhead.py [--layers 10 --hidden 768 --intermediate 2048 --batch 8 --seq 128]
 
 Builds a randomly initialised Llama-shaped model (~95M parameters by default; no download), then times, in one
-run and interleaved so that machine noise hits both alike:
+run interleaved in rotating order so that machine noise hits all alike:
   plain      model(**batch)
   act        + record("mlp.act", all layers, positions="nonpad", reduce="mean")        (down_proj's input)
   rsn-sites  + record(["mlp.gate", "mlp.up", "mlp.down"], all layers, same reduction)  (paper 1's neurons)
@@ -31,6 +31,14 @@ def build(args) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(args.device).eval()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -69,8 +77,10 @@ def main() -> None:
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
+        names = list(variants)
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate the order
+                fn = variants[name]
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -79,7 +89,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     print(f"model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"vocab {args.vocab}, {n_params / 1e6:.1f}M parameters, float32")
     print(f"batch {args.batch} x {args.seq} tokens; device {args.device} ({device}), "
