@@ -1,0 +1,129 @@
+"""Paper 1's neurons as one global index, and the masks that deactivate a set of them.
+
+Paper 1 §2.2 (and Table 1's counts): a neuron is one output coordinate of an FFN projection — gate_proj
+(pre-activation), up_proj and down_proj in every layer (fc_in and fc_out for non-gated MLPs) — and all of them
+are ranked together. `UnitSpace` numbers those outputs 0..N-1, layer by layer, site by site.
+
+`units="channels"` is engramlab's variant: zeroing gate_i or up_i silences the same intermediate unit i, so a
+top set of neurons often holds both halves of a pair. A channel is that unit (deactivated at `mlp.act`, the
+input of down_proj) plus the down_proj outputs; a channel's score is the better of its gate and up scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engramlab.errors import EngramError
+from engramlab.models.arch import ModelLayout
+
+UNIT_KINDS = ("neurons", "channels")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of unit ids: the outputs of one site in one layer."""
+
+    layer: int
+    site: str
+    width: int
+    offset: int
+
+
+class UnitSpace:
+    """Global unit ids over (layer, site, index)."""
+
+    def __init__(self, layout: ModelLayout, units: str = "neurons"):
+        if units not in UNIT_KINDS:
+            raise EngramError(f"--units {units!r} is not supported; choose one of: {', '.join(UNIT_KINDS)}.")
+        self.units = units
+        gated = layout.spec.gated
+        if units == "neurons":
+            self.sites = ("mlp.gate", "mlp.up", "mlp.down") if gated else ("mlp.up", "mlp.down")
+        else:
+            self.sites = ("mlp.act", "mlp.down")
+        self.blocks: list[Block] = []
+        offset = 0
+        for layer in range(layout.n_layers):
+            for site in self.sites:
+                width = layout.site_width(site)
+                self.blocks.append(Block(layer, site, width, offset))
+                offset += width
+        self.size = offset
+        self.n_layers = layout.n_layers
+        self._starts = np.array([b.offset for b in self.blocks])
+
+    def keys(self) -> list[tuple[str, int]]:
+        """(site, layer) of every block, in id order (what a recording of responses must hold)."""
+        return [(b.site, b.layer) for b in self.blocks]
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(layer, site, index-within-site) arrays for global ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self._starts, ids, side="right") - 1
+        layer = np.array([self.blocks[w].layer for w in which], dtype=np.int64)
+        site = np.array([self.blocks[w].site for w in which], dtype=object)
+        index = ids - self._starts[which]
+        return layer, site, index
+
+    def site_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.locate(ids)[1]
+
+    def ids_of_site(self, site: str) -> np.ndarray:
+        """Every unit id at one site, across layers."""
+        return np.concatenate([np.arange(b.offset, b.offset + b.width) for b in self.blocks if b.site == site])
+
+    def flatten(self, recording) -> torch.Tensor:
+        """Concatenate a recording's `[B, width]` blocks into `[B, N]` in id order."""
+        return torch.cat([recording[site, layer] for site, layer in self.keys()], dim=1)
+
+    def masks(self, unit_sets: Sequence[np.ndarray]) -> dict[tuple[str, int], torch.Tensor]:
+        """Per-row deactivation masks: row i switches off `unit_sets[i]`. Returns {(site, layer): bool [B, D]},
+        only for the blocks that some row touches."""
+        out: dict[tuple[str, int], torch.Tensor] = {}
+        for row, ids in enumerate(unit_sets):
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size == 0:
+                continue
+            which = np.searchsorted(self._starts, ids, side="right") - 1
+            for w in np.unique(which):
+                block = self.blocks[w]
+                key = (block.site, block.layer)
+                if key not in out:
+                    out[key] = torch.zeros(len(unit_sets), block.width, dtype=torch.bool)
+                out[key][row, torch.as_tensor(ids[which == w] - block.offset)] = True
+        return out
+
+
+def channel_scores(neuron_space: UnitSpace, channel_space: UnitSpace, scores: np.ndarray) -> np.ndarray:
+    """Map neuron scores [..., N_neurons] to channel scores [..., N_channels]: max(gate, up) per channel."""
+    out = np.empty(scores.shape[:-1] + (channel_space.size,), dtype=scores.dtype)
+    by_key = {(b.site, b.layer): b for b in neuron_space.blocks}
+    for block in channel_space.blocks:
+        target = out[..., block.offset : block.offset + block.width]
+        if block.site == "mlp.down":
+            src = by_key[("mlp.down", block.layer)]
+            target[...] = scores[..., src.offset : src.offset + src.width]
+            continue
+        parts = [by_key[(s, block.layer)] for s in ("mlp.gate", "mlp.up") if (s, block.layer) in by_key]
+        stacked = np.stack([scores[..., p.offset : p.offset + p.width] for p in parts])
+        target[...] = np.nanmax(stacked, axis=0) if len(parts) > 1 else stacked[0]
+    return out
+
+
+def random_like(space: UnitSpace, target: np.ndarray, seed: int) -> np.ndarray:
+    """A random control set: as many units per site as `target` has (paper 1 §4.2.1, 10 seeds by default),
+    drawn uniformly over all layers of that site, never from `target` itself."""
+    rng = np.random.default_rng(seed)
+    sites = space.site_of(target)
+    chosen = []
+    for site in space.sites:
+        n = int((sites == site).sum())
+        if n == 0:
+            continue
+        pool = np.setdiff1d(space.ids_of_site(site), target, assume_unique=False)
+        chosen.append(rng.choice(pool, size=min(n, pool.size), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
