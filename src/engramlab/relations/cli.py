@@ -1,0 +1,137 @@
+"""`engramlab relations ...`: thin typer commands over `engramlab.relations.study`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Dtype, Overwrite, Seed
+from engramlab.relations import study
+
+app = typer.Typer(help="Relation-specific neurons (Liu et al., EMNLP 2025).", no_args_is_help=True)
+console = Console()
+
+Relations = Annotated[str, typer.Option("--relations", help="'all' (18 shipped relations), 'paper' (paper 1's 12), "
+                                                            "or comma-separated names.")]
+RelationFile = Annotated[list[str], typer.Option("--relation-file", help="An LRE-format JSON relation (repeatable).")]
+K = Annotated[int | None, typer.Option("--k", min=1, help="Units per relation (default: min(3000, 5% of units)).")]
+Response = Annotated[str, typer.Option("--response", help="mean (paper: mean over prompt tokens) or last.")]
+Units = Annotated[str, typer.Option("--units", help="neurons (gate/up/down outputs) or channels (gate/up pair once).")]
+MaxPrompts = Annotated[int, typer.Option("--max-prompts", min=1, help="Identification prompts per relation.")]
+EvalSubjects = Annotated[int | None, typer.Option("--eval-subjects", min=1,
+                                                  help="Cap on eval subjects per relation (default: all, 50).")]
+Neurons = Annotated[Path | None, typer.Option("--neurons", help="Reuse the units of a previous `relations find` folder.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out (reuses its cache).")]
+Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
+Model = Annotated[str, typer.Option("--model", help="Local HF model directory, organism:NAME, or a Hub id.")]
+
+
+def _options(**kwargs) -> study.StudyOptions:
+    return study.StudyOptions(**kwargs)
+
+
+def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
+    shown = {k: summary[k] for k in keys if k in summary}
+    console.print_json(json.dumps(shown, default=str))
+    console.print(f"wrote {out}/summary.json and {out}/report.html")
+
+
+@app.command("find")
+def find_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-find"), relations: Relations = "all",
+             relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+             max_prompts: MaxPrompts = 1000, device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
+             batch_size: BatchSize = 32, overwrite: Overwrite = False, resume: Resume = False) -> None:
+    """Rank every FFN unit by AP for each relation; write the top-k table and the layer histogram."""
+    opts = _options(model=model, out=out, relations=relations, relation_files=relation_file, k=k, response=response,
+                    units=units, max_prompts=max_prompts, device=device, dtype=dtype, seed=seed,
+                    batch_size=batch_size, overwrite=overwrite, resume=resume)
+    _show(study.run_find(opts), ("relations", "k", "counts", "mean_ap_top_k"), out)
+
+
+@app.command("deactivate")
+def deactivate_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn"), relations: Relations = "all",
+                   relation_file: RelationFile = [], k: K = None, response: Response = "mean",
+                   units: Units = "neurons", max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None,
+                   random_seeds: int = typer.Option(10, "--random-seeds", min=0, help="Random-unit controls."),
+                   neurons: Neurons = None, device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
+                   batch_size: BatchSize = 32, overwrite: Overwrite = False, resume: Resume = False) -> None:
+    """Zero each relation's top-k units: accuracy before/after, random controls, seen vs held-out templates."""
+    opts = _options(model=model, out=out, relations=relations, relation_files=relation_file, k=k, response=response,
+                    units=units, max_prompts=max_prompts, eval_subjects=eval_subjects, neurons=neurons,
+                    device=device, dtype=dtype, seed=seed, batch_size=batch_size, overwrite=overwrite, resume=resume)
+    summary = study.run_deactivate(opts, random_seeds)
+    _show(summary, ("k", "mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
+                    "mean_drop_target_heldout_templates", "mean_drop_offtarget"), out)
+
+
+@app.command("sweep")
+def sweep_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-sweep"), relations: Relations = "all",
+              relation_file: RelationFile = [], ks: str = typer.Option("", "--ks", help="Comma-separated k values "
+                                                                       "(default: the paper's, up to the model size)."),
+              response: Response = "mean", units: Units = "neurons", max_prompts: MaxPrompts = 1000,
+              eval_subjects: EvalSubjects = None, neurons: Neurons = None, device: Device = "auto",
+              dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32, overwrite: Overwrite = False,
+              resume: Resume = False) -> None:
+    """Accuracy vs k (target vs random units, same vs other relations) and the cumulativity test."""
+    opts = _options(model=model, out=out, relations=relations, relation_files=relation_file, response=response,
+                    units=units, max_prompts=max_prompts, eval_subjects=eval_subjects, neurons=neurons,
+                    device=device, dtype=dtype, seed=seed, batch_size=batch_size, overwrite=overwrite, resume=resume)
+    _show(study.run_sweep(opts, _int_list(ks, "--ks")), ("k_values", "cumulativity_micro", "cumulativity_macro"), out)
+
+
+@app.command("matrix")
+def matrix_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-matrix"), relations: Relations = "all",
+               relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+               max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None, neurons: Neurons = None,
+               device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32,
+               overwrite: Overwrite = False, resume: Resume = False) -> None:
+    """The relations x relations accuracy-drop matrix (interference), as a heatmap."""
+    opts = _options(model=model, out=out, relations=relations, relation_files=relation_file, k=k, response=response,
+                    units=units, max_prompts=max_prompts, eval_subjects=eval_subjects, neurons=neurons,
+                    device=device, dtype=dtype, seed=seed, batch_size=batch_size, overwrite=overwrite, resume=resume)
+    _show(study.run_matrix(opts), ("k", "mean_relative_drop_target", "mean_relative_drop_offtarget",
+                                   "interference_pairs"), out)
+
+
+@app.command("overlap")
+def overlap_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-overlap"), relations: Relations = "all",
+                relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+                max_prompts: MaxPrompts = 1000, neurons: Neurons = None, device: Device = "auto",
+                dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32, overwrite: Overwrite = False,
+                resume: Resume = False) -> None:
+    """Pairwise overlap (IoU) of the relations' unit sets and versatility (units shared by several relations)."""
+    opts = _options(model=model, out=out, relations=relations, relation_files=relation_file, k=k, response=response,
+                    units=units, max_prompts=max_prompts, neurons=neurons, device=device, dtype=dtype, seed=seed,
+                    batch_size=batch_size, overwrite=overwrite, resume=resume)
+    _show(study.run_overlap(opts), ("k", "mean_iou", "versatility"), out)
+
+
+@app.command("multilingual")
+def multilingual_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-multilingual"),
+                     relations: Relations = "all", languages: str = typer.Option("de,es,fr", "--languages"),
+                     k: K = None, response: Response = "mean", units: Units = "neurons",
+                     max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None, neurons: Neurons = None,
+                     device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32,
+                     overwrite: Overwrite = False, resume: Resume = False) -> None:
+    """Units found on English prompts, zeroed on prompts in other languages: accuracy drop per language."""
+    opts = _options(model=model, out=out, relations=relations, k=k, response=response, units=units,
+                    max_prompts=max_prompts, eval_subjects=eval_subjects, neurons=neurons, device=device,
+                    dtype=dtype, seed=seed, batch_size=batch_size, overwrite=overwrite, resume=resume)
+    langs = [x.strip() for x in languages.split(",") if x.strip()]
+    _show(study.run_multilingual(opts, langs), ("k", "languages"), out)
+
+
+def _int_list(text: str, option: str) -> list[int] | None:
+    if not text.strip():
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        from engramlab.errors import EngramError
+
+        raise EngramError(f"{option} {text!r}: give comma-separated whole numbers, e.g. 10,100,1000.") from None
+    return values
