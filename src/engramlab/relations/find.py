@@ -36,7 +36,7 @@ from engramlab.relations.units import UnitSpace, channel_scores
 from engramlab.results import atomic_path, write_json, write_parquet
 
 NEGATIVE_FACTOR = 4  # paper 1 §2.2: negatives = 4 x |P_det|
-AP_BLOCK_ELEMENTS = 1 << 24  # floats per column block read from the response matrix (64 MB)
+AP_BLOCK_ELEMENTS = 1 << 21  # matrix entries per column block: the AP sort keeps ~100 bytes per entry (~200 MB)
 
 
 def default_k(n_units: int) -> int:
