@@ -165,13 +165,27 @@ def test_models_info_reports_architecture(saved_llama, capsys):
 
 def test_tour_writes_page_and_summary_and_refuses_overwrite(saved_llama, tmp_path, capsys):
     out = tmp_path / "tour"
-    code, stdout, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu"], capsys)
+    code, stdout, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu",
+                                 "--only", "model"], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"]["model"]["n_layers"] == 2
     page = (out / "index.html").read_text()
     assert "Parameters by part" in page and "cdn." not in page.split("<body>")[1]
-    code, _, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out)], capsys)
+    code, _, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--only", "model"], capsys)
     assert code == 2 and "--overwrite" in err
-    code, _, _ = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--overwrite"], capsys)
+    code, _, _ = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--overwrite", "--only", "model"],
+                         capsys)
     assert code == 0
+    code, _, err = run_cli(["tour", "--out", str(tmp_path / "t2"), "--only", "nope"], capsys)
+    assert code == 2 and "not a tour step" in err
+
+
+def test_tour_reports_a_failed_step_and_exits_1(saved_llama, tmp_path, capsys):
+    out = tmp_path / "tour"
+    code, stdout, _ = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu",
+                               "--only", "relations"], capsys)
+    assert code == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert "answers none" in summary["steps"]["relations"]["error"]
+    assert "relations: failed" in stdout

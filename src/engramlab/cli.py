@@ -10,8 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Download, Dtype, Out, Overwrite, Seed, \
-    TrustRemoteCode
+from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
 from engramlab.errors import EngramError
 from engramlab.relations.cli import app as relations_app
 
@@ -73,13 +72,14 @@ def tour(
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,
-    batch_size: BatchSize = 16,
     overwrite: Overwrite = False,
+    only: str = typer.Option("", "--only", help="Comma-separated tour steps to run (default: all)."),
 ) -> None:
     """Run a quick version of every study on the shipped defaults; write OUT/index.html and OUT/summary.json."""
     from engramlab.tour import run_tour
 
-    summary = run_tour(out, model=model, device=device, dtype=dtype, seed=seed, overwrite=overwrite)
+    steps = [s.strip() for s in only.split(",") if s.strip()] or None
+    summary = run_tour(out, model=model, device=device, dtype=dtype, seed=seed, overwrite=overwrite, only=steps)
     failed = [name for name, step in summary["steps"].items() if "error" in step]
     for name, step in summary["steps"].items():
         status = f"[red]failed: {step['error']}[/]" if "error" in step else f"done in {step['seconds']} s"

@@ -52,16 +52,49 @@ def model_step(ctx: TourContext) -> TourSection:
     return TourSection("model", section, info)
 
 
-TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step]
+TOUR_RELATIONS = "company_hq,country_capital,person_plays_pro_sport,star_constellation,landmark_on_continent,city_country"
+
+
+def relations_step(ctx: TourContext) -> TourSection:
+    """Paper 1 on six relations: find the units, zero them, compare with random units (quick settings)."""
+    from engramlab.relations import plots
+    from engramlab.relations.study import StudyOptions, run_deactivate
+
+    out = ctx.out / "relations"
+    opts = StudyOptions(model=ctx.model, out=out, relations=TOUR_RELATIONS, max_prompts=150, eval_subjects=20,
+                        device=ctx.device, dtype=ctx.dtype, seed=ctx.seed, batch_size=64)
+    summary = run_deactivate(opts, n_random=3)
+    headline = {k: summary[k] for k in ("k", "mean_drop_target", "mean_drop_random",
+                                        "mean_drop_target_seen_templates", "mean_drop_target_heldout_templates",
+                                        "mean_drop_offtarget")}
+    text = ("<p>Relation-specific neurons (Liu et al., EMNLP 2025): each relation's top-k units by AP are zeroed; "
+            "accuracy on held-out subjects drops for that relation, not for random units. Quick settings "
+            f"(6 relations, 20 eval subjects, 3 random seeds); full report: <a href='relations/report.html'>"
+            "relations/report.html</a>.</p>")
+    section = Section(title="Relation-specific neurons (paper 1)", text=text, tables=[key_values(headline)],
+                      figures=[plots.deactivation_bars(summary["per_relation"], "heldout")])
+    return TourSection("relations", section, headline)
+
+
+TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step]
+
+
+def step_names() -> list[str]:
+    return [step.__name__.removesuffix("_step") for step in TOUR_STEPS]
 
 
 def run_tour(out: str | Path, model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
-             overwrite: bool = False) -> dict[str, Any]:
-    """Run every tour step; write `index.html` and `summary.json` into `out`; return the summary."""
+             overwrite: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every tour step (or those named in `only`); write `index.html` and `summary.json` into `out`."""
+    unknown = [name for name in only or [] if name not in step_names()]
+    if unknown:
+        raise EngramError(f"--only {unknown[0]!r} is not a tour step; choose from: {', '.join(step_names())}.")
     out_dir = prepare_out_dir(out, overwrite)
     ctx = TourContext(model=model, out=out_dir, device=device, dtype=dtype, seed=seed)
     sections, summary = [], {"model": model, "steps": {}}
     for step in TOUR_STEPS:
+        if only and step.__name__.removesuffix("_step") not in only:
+            continue
         start = time.perf_counter()
         try:
             result = step(ctx)
