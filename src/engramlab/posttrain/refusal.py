@@ -6,8 +6,9 @@ single direction").
 - Ablation: x <- x - (x.r_hat) r_hat everywhere the direction could be written: the residual entering every
   layer (`resid_pre`) and the outputs of every attention and MLP block (`attn.out`, `mlp.down`), all positions.
   This is the block-pre-hook + output-hook layout of refusal_direction, and it leaves no component along r_hat.
-- Addition: x <- x + c.r_hat at `resid_pre` of the direction's layer, all positions (prompt and generated).
-  The paper adds at three sites inside one block, so its c is ~1/3 of what a single site needs (spec B.6).
+- Addition: x <- x + c.r at `resid_pre` of the direction's layer, all positions (prompt and generated), with r
+  the un-normalised mean difference (Arditi et al.'s activation addition), so c = 1 needs no per-model tuning.
+  The paper adds c.r_hat at three sites inside one block with c tuned per model (spec B.4, B.6).
 - Refusal rate: greedy continuations (16 tokens) whose stripped text starts with a refusal phrase.
 """
 
@@ -75,9 +76,10 @@ def ablation(loaded: LoadedModel, direction: np.ndarray) -> ExitStack:
 
 
 def addition(loaded: LoadedModel, direction: np.ndarray, layer: int, coeff: float):
-    """Context: c times the unit direction added to `resid_pre` of `layer` at every position."""
-    vector = torch.as_tensor(direction, dtype=torch.float32)
-    return loaded.hooks.add_direction("resid_pre", layer, vector / vector.norm(), coeff=coeff)
+    """Context: c times the (un-normalised) mean-difference vector added to `resid_pre` of `layer` at every
+    position; c = 1 moves a harmless prompt's activation by exactly the harmful-harmless gap."""
+    return loaded.hooks.add_direction("resid_pre", layer, torch.as_tensor(direction, dtype=torch.float32),
+                                      coeff=coeff)
 
 
 @torch.inference_mode()

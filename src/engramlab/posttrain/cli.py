@@ -1,0 +1,76 @@
+"""`engramlab posttrain ...`: thin typer commands over `engramlab.posttrain.study`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from engramlab.cli_options import BatchSize, Device, Dtype, Overwrite, Seed
+from engramlab.posttrain import study
+
+app = typer.Typer(help="How post-training reshapes LLMs (Du et al., COLM 2025).", no_args_is_help=True)
+console = Console()
+
+Base = Annotated[str, typer.Option("--base", help="The base model (directory, organism:NAME or Hub id).")]
+Post = Annotated[str, typer.Option("--post", help="Its post-trained version (same architecture).")]
+Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
+
+HEADLINES = {
+    "knowledge": ("pearson_r",),
+    "truth": ("layer", "cosine", "probe_acc"),
+    "refusal": ("layer", "cosine", "refusal_rate_harmful", "refusal_rate_harmful_ablated", "refusal_rate_harmless",
+                "refusal_rate_harmless_added", "refusal_rate_harmful_ablated_base_direction",
+                "refusal_rate_harmless_added_base_direction"),
+    "entropy": ("iou", "entropy"),
+}
+
+
+def _run(analyses: list[str], base: str, post: str, out: Path, device: str, dtype: str, seed: int,
+         batch_size: int, overwrite: bool, **extra) -> None:
+    opts = study.Options(base=base, post=post, out=out, device=device, dtype=dtype, seed=seed,
+                         batch_size=batch_size, overwrite=overwrite, **extra)
+    summary = study.run(opts, analyses)
+    shown = {name: {k: summary[name][k] for k in HEADLINES[name] if k in summary[name]} for name in analyses}
+    console.print_json(json.dumps(shown, default=str))
+    console.print(f"wrote {out}/summary.json and {out}/report.html")
+
+
+def _command(name: str, doc: str, default_out: str):
+    def command(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path(default_out),
+                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
+                overwrite: Overwrite = False) -> None:
+        _run([name], base, post, out, device, dtype, seed, batch_size, overwrite)
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+_command("knowledge", "Activation patching maps (true -> false run) for base and post, their correlation, and "
+                      "cross-model patching.", "runs/posttrain-knowledge")
+_command("truth", "Truth direction: probe layer, leave-one-dataset-out accuracy, cosine base/post, cross-model "
+                  "probes and intervention NIE.", "runs/posttrain-truth")
+_command("entropy", "Entropy neurons (high norm, low LogitVar) of both models, their IoU and their effect on "
+                    "entropy.", "runs/posttrain-entropy")
+
+
+@app.command("refusal")
+def refusal_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-refusal"),
+                layer: int | None = typer.Option(None, "--layer", help="Layer of the direction (default: middle)."),
+                coeff: float = typer.Option(1.0, "--coeff", help="Multiple of the mean difference added."),
+                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
+                overwrite: Overwrite = False) -> None:
+    """Refusal direction: ablate it on harmful prompts, add it on harmless ones; base vs post direction."""
+    _run(["refusal"], base, post, out, device, dtype, seed, batch_size, overwrite, refusal_layer=layer,
+         refusal_coeff=coeff)
+
+
+@app.command("compare")
+def compare_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain"),
+                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
+                overwrite: Overwrite = False) -> None:
+    """All four analyses in one report: what moved and what stayed."""
+    _run(list(study.ANALYSES), base, post, out, device, dtype, seed, batch_size, overwrite)
