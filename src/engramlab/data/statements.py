@@ -1,0 +1,140 @@
+"""True/false statements in the few-shot "... This statement is: TRUE/FALSE" format of paper 3.
+
+Paper 3 (Du et al., "How Post-Training Reshapes LLMs", arXiv 2504.02904, §4 / repo `Knowledge+Truthfulness`) asks
+the model to judge a statement after four fixed examples (two TRUE, two FALSE), each written
+"<statement> This statement is: TRUE", newline-joined, then "<query> This statement is:"; the answer is the larger of
+the logits of " TRUE" and " FALSE".
+
+Two sources:
+- Fact statements: every relation's facts written with a statement template ("Alphabet's CEO is Sundar Pichai.")
+  and a minimally altered false twin whose object is another object of the same relation. Subjects are split by a
+  fixed seed into `train` (statements used in training) and `heldout` (statements never trained; the facts
+  themselves are trained through the relation templates). Held-out statements about known facts are the
+  TRUE/FALSE acceptance set.
+- Geometry-of-truth sets (Marks & Tegmark, arXiv 2310.06824): cities, neg_cities, larger_than, smaller_than,
+  sp_en_trans, neg_sp_en_trans, split `train`/`heldout` by a fixed seed (cities by city, so a held-out city is
+  never judged in training).
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engramlab.data.facts import RELATIONS, Fact, Relation, load_relation
+from engramlab.data.loaders import VENDOR_DIR, read_csv
+from engramlab.errors import EngramError
+
+SUFFIX = " This statement is:"
+LABELS = {True: " TRUE", False: " FALSE"}
+GOT_SETS = ("cities", "neg_cities", "larger_than", "smaller_than", "sp_en_trans", "neg_sp_en_trans")
+HELDOUT_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class Statement:
+    text: str  # a full sentence ending in "."
+    label: bool
+    source: str  # relation name or geometry-of-truth set
+    subject: str = ""
+
+    def render(self) -> str:
+        """The statement with its answer, as one few-shot line."""
+        return f"{self.text}{SUFFIX}{LABELS[self.label]}"
+
+
+def _rng(*keys) -> random.Random:
+    return random.Random(zlib.crc32("/".join(map(str, keys)).encode()))
+
+
+def truefalse_subjects(relation: Relation) -> tuple[frozenset, frozenset]:
+    """(train, heldout) subjects for statements of a relation; seeded by the relation name."""
+    subjects = sorted({f.subject for f in relation.facts})
+    _rng("truefalse", relation.name).shuffle(subjects)
+    n = round(len(subjects) * HELDOUT_FRACTION)
+    return frozenset(subjects[n:]), frozenset(subjects[:n])
+
+
+def distractor(relation: Relation, fact: Fact, rng: random.Random) -> str:
+    """Another object of the same relation that does not share the true object's first word."""
+    first = fact.object.split()[0].lower()
+    objects = relation.objects
+    for _ in range(100):  # rejection sampling: cheap, and every relation has several first words
+        o = rng.choice(objects)
+        if o.split()[0].lower() != first:
+            return o
+    raise EngramError(f"relation {relation.name} has a single object; it cannot make false statements.")
+
+
+def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, max_facts: int | None = None) -> list[Statement]:
+    """A true statement and a false twin for every fact of `split` ("train", "heldout" or "all").
+
+    The statement template (`stmt` or `stmt2`) and the distractor are drawn with `seed`, so training can draw
+    fresh false statements every epoch while evaluation stays fixed at seed 0. `max_facts` keeps only the first
+    facts of the relation (miniature organisms).
+    """
+    train, heldout = truefalse_subjects(relation)
+    keep = {"train": train, "heldout": heldout, "all": train | heldout}.get(split)
+    if keep is None:
+        raise EngramError(f"statement split {split!r} is unknown; choose train, heldout or all.")
+    rng = _rng("facts", relation.name, relation.language, seed)
+    stmts = [t for t in relation.templates if t.frame in ("stmt", "stmt2")]
+    out = []
+    for fact in relation.facts[:max_facts]:
+        if fact.subject not in keep:
+            continue
+        t_true, t_false = rng.choice(stmts), rng.choice(stmts)
+        out.append(Statement(t_true.render(fact.subject, fact.object), True, relation.name, fact.subject))
+        out.append(Statement(t_false.render(fact.subject, distractor(relation, fact, rng)), False, relation.name,
+                             fact.subject))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _got_rows(name: str) -> tuple:
+    if name not in GOT_SETS:
+        raise EngramError(f"geometry-of-truth set {name!r} is unknown; choose one of {', '.join(GOT_SETS)}.")
+    rows = read_csv(VENDOR_DIR / "geometry_of_truth" / f"{name}.csv", ("statement", "label"), "label")
+    return tuple(rows)
+
+
+def got_statements(name: str, split: str = "heldout") -> list[Statement]:
+    """A geometry-of-truth set, `train` or `heldout` part (cities sets split by city)."""
+    rows = _got_rows(name)
+    keys = sorted({r.get("city") or r["statement"] for r in rows})
+    _rng("got", name.removeprefix("neg_")).shuffle(keys)
+    held = set(keys[: round(len(keys) * HELDOUT_FRACTION)])
+    out = []
+    for r in rows:
+        key = r.get("city") or r["statement"]
+        if split == "all" or (key in held) == (split == "heldout"):
+            out.append(Statement(r["statement"].strip(), bool(r["label"]), name, r.get("city", "")))
+    return out
+
+
+def truefalse_heldout(relations: tuple[str, ...] = RELATIONS, per_relation: int | None = 50) -> list[Statement]:
+    """The acceptance set: held-out statements about known facts, `per_relation` pairs (true + false) each."""
+    out = []
+    for name in relations:
+        stmts = fact_statements(load_relation(name), "heldout", seed=0)
+        if per_relation is not None:
+            stmts = stmts[: 2 * per_relation]
+        out.extend(stmts)
+    return out
+
+
+def default_shots() -> list[Statement]:
+    """Four fixed few-shot examples (2 TRUE, 2 FALSE) from training statements of geography relations."""
+    a = fact_statements(load_relation("country_capital"), "train", seed=0)[:2]
+    b = fact_statements(load_relation("city_country"), "train", seed=0)[2:4]
+    shots = [a[0], b[1], b[0], a[1]]  # TRUE, FALSE, TRUE, FALSE in a fixed mixed order
+    return shots
+
+
+def truefalse_prompt(statement: Statement | str, shots: list[Statement] | None = None) -> str:
+    """Paper 3's few-shot prompt: the shots with answers, then the query statement and " This statement is:"."""
+    shots = default_shots() if shots is None else shots
+    text = statement.text if isinstance(statement, Statement) else statement
+    return "\n".join([s.render() for s in shots] + [f"{text}{SUFFIX}"])
