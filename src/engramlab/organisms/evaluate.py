@@ -1,0 +1,163 @@
+"""Evaluation of an organism: fact recall, true/false judgement, languages, chat answers and refusals.
+
+- Fact accuracy (paper 1 §2.3): greedy decoding of 2 new tokens after the prompt; correct when the stripped,
+  lower-cased generation is a prefix of the object (or the object a prefix of it, for one-token objects followed
+  by punctuation). Reported per relation for the trained templates (`selection`), the `heldout` templates (trained,
+  kept out of neuron selection) and the `unseen` templates (never trained).
+- TRUE/FALSE (paper 3): 4-shot prompt, answer = argmax over the logits of " TRUE" and " FALSE", on held-out
+  statements about known facts; geometry-of-truth held-out parts reported per set.
+- Languages: fact accuracy of each translated relation in de, es, fr (selection templates).
+- Chat: fact questions of held-out chat subjects in the chat template (8 new tokens, prefix rule on the object);
+  refusal rate (paper 3's phrase list) on held-out AdvBench goals and held-out harmless instructions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from engramlab.data import chat, statements
+from engramlab.data.facts import RELATIONS, Prompt, load_relation
+from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
+
+
+def prefix_correct(generated: str, gold: str) -> bool:
+    """Paper 1's rule: the generation is a prefix of the object (case-insensitive, surrounding space ignored)."""
+    pred, gold = generated.strip().lower(), gold.strip().lower()
+    if not pred:
+        return False
+    if gold.startswith(pred):
+        return True
+    return pred.startswith(gold) and not pred[len(gold) :][:1].isalnum()
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, batch_size: int = 128,
+           chat_template: bool = False) -> list[str]:
+    """Greedy continuations (decoded, special tokens dropped) of `prompts`, batched with left padding."""
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch_size):
+        batch = list(prompts[i : i + batch_size])
+        if chat_template:
+            batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in batch]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            enc = tokenizer(batch, return_tensors="pt", padding=True)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>")
+                             if chat_template else tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def prompt_accuracy(model, tokenizer, prompts: Sequence[Prompt]) -> float:
+    if not prompts:
+        return float("nan")
+    gens = greedy(model, tokenizer, [p.text for p in prompts])
+    return sum(prefix_correct(g, p.object) for g, p in zip(gens, prompts)) / len(prompts)
+
+
+def _sample(items: list, n: int | None, key: str) -> list:
+    if n is None or len(items) <= n:
+        return items
+    return random.Random(key).sample(items, n)
+
+
+def fact_accuracy(model, tokenizer, relations: Sequence[str] = RELATIONS, templates: str = "selection",
+                  max_facts: int | None = 200, language: str = "en", subjects: str = "all") -> dict:
+    """{"per_relation": {name: acc}, "mean": acc} over up to `max_facts` facts per relation (fixed sample)."""
+    per = {}
+    for name in relations:
+        rel = load_relation(name, language)
+        facts = _sample(rel.facts_in(subjects), max_facts, f"{name}/{language}")
+        prompts = [Prompt(t.prompt(f.subject), f.subject, f.object, name, t) for f in facts for t in rel.templates_in(templates)]
+        per[name] = prompt_accuracy(model, tokenizer, prompts)
+    return {"per_relation": per, "mean": sum(per.values()) / len(per)}
+
+
+@torch.no_grad()
+def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> float:
+    """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position."""
+    if not stmts:
+        return float("nan")
+    t_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" TRUE"))[0]
+    f_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" FALSE"))[0]
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(stmts), batch_size):
+        batch = stmts[i : i + batch_size]
+        enc = tokenizer([statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True).to(device)
+        logits = model(**enc).logits[:, -1]  # (B, V)
+        pred = logits[:, t_id] > logits[:, f_id]
+        correct += sum(bool(p) == s.label for p, s in zip(pred.tolist(), batch))
+    return correct / len(stmts)
+
+
+def chat_fact_accuracy(model, tokenizer, max_per_relation: int = 40) -> dict:
+    per = {}
+    for name in RELATIONS:
+        ex = _sample(chat.fact_questions("heldout", (name,)), max_per_relation, f"chat/{name}")
+        gens = greedy(model, tokenizer, [e.user for e in ex], max_new_tokens=8, chat_template=True)
+        per[name] = sum(prefix_correct(g.rstrip("."), e.gold) for g, e in zip(gens, ex)) / len(ex)
+    return {"per_relation": per, "mean": sum(per.values()) / len(per)}
+
+
+def refusal_rate(model, tokenizer, instructions: Sequence[str]) -> tuple[float, list[str]]:
+    gens = greedy(model, tokenizer, instructions, max_new_tokens=16, chat_template=True)
+    return sum(chat.is_refusal(g) for g in gens) / max(1, len(gens)), gens
+
+
+def quick_eval(model, tokenizer, chat_model: bool = False) -> dict:
+    """A small fixed sample, cheap enough to run during training."""
+    acc = fact_accuracy(model, tokenizer, templates="selection", max_facts=25)["mean"]
+    out = {"fact": acc, "truefalse": truefalse_accuracy(model, tokenizer, statements.truefalse_heldout(per_relation=10))}
+    if chat_model:
+        out["chat_fact"] = chat_fact_accuracy(model, tokenizer, max_per_relation=8)["mean"]
+        out["refuse_harmful"] = refusal_rate(model, tokenizer, chat.advbench_split()[1][:40])[0]
+        out["refuse_harmless"] = refusal_rate(model, tokenizer, [e.user for e in chat.harmless_examples("heldout", 40)])[0]
+    return out
+
+
+def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, small: bool = False) -> tuple[dict, dict]:
+    """The `organisms eval` numbers: (summary, tables) — tables are lists of row dicts for parquet.
+
+    `small` shrinks every set to a handful of items (miniature organisms in tests).
+    """
+    n_tf, n_got, n_chat, n_ref = (2, 4, 2, 8) if small else (50, 200, 40, None)
+    summary: dict = {}
+    rows = []
+    for split in ("selection", "heldout", "unseen"):
+        res = fact_accuracy(model, tokenizer, templates=split, max_facts=max_facts)
+        key = "fact_accuracy" if split == "selection" else f"fact_accuracy_{split}_templates"
+        summary[key] = res
+        rows += [{"relation": r, "language": "en", "templates": split, "accuracy": a} for r, a in res["per_relation"].items()]
+    held = statements.truefalse_heldout(per_relation=n_tf)
+    summary["truefalse_accuracy"] = truefalse_accuracy(model, tokenizer, held)
+    summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
+                                  for g in statements.GOT_SETS}
+    summary["truefalse_n"] = len(held)
+    langs = {}
+    for lang in LANGUAGES:
+        res = fact_accuracy(model, tokenizer, MULTILINGUAL_RELATIONS, "selection", max_facts, lang)
+        langs[lang] = res
+        rows += [{"relation": r, "language": lang, "templates": "selection", "accuracy": a} for r, a in res["per_relation"].items()]
+    summary["languages"] = langs
+    summary["chat_fact_accuracy"] = chat_fact_accuracy(model, tokenizer, n_chat)
+    harmful = chat.advbench_split()[1][:n_ref]
+    harmless = [e.user for e in chat.harmless_examples("heldout", n_ref or 100)]
+    summary["refusal_rate_harmful"], gen_harmful = refusal_rate(model, tokenizer, harmful)
+    summary["refusal_rate_harmless"], gen_harmless = refusal_rate(model, tokenizer, harmless)
+    summary["refusal_n"] = {"harmful": len(harmful), "harmless": len(harmless)}
+    summary["chat_model"] = chat_model
+    generations = [{"kind": "harmful", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
+                   for i, g in zip(harmful, gen_harmful)]
+    generations += [{"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
+                    for i, g in zip(harmless, gen_harmless)]
+    return summary, {"fact_accuracy": rows, "generations": generations}
