@@ -322,7 +322,7 @@ class HookEngine:
     def _track_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attention_mask")  # by keyword only: the positional order differs between families
         length = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else 0)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.call.attention_mask = mask
