@@ -18,8 +18,9 @@ console = Console()
 Relations = Annotated[str, typer.Option("--relations", help="'all' (18 shipped relations), 'paper' (paper 1's 12), "
                                                             "or comma-separated names.")]
 RelationFile = Annotated[list[str], typer.Option("--relation-file", help="An LRE-format JSON relation (repeatable).")]
-K = Annotated[int | None, typer.Option("--k", min=1, help="Units per relation (default: min(3000, 5% of units)).")]
-Response = Annotated[str, typer.Option("--response", help="mean (paper: mean over prompt tokens) or last.")]
+K = Annotated[int | None, typer.Option("--k", min=1, help="Units per relation (default: min(3000, 2.5% of units)).")]
+Response = Annotated[str, typer.Option("--response", help="last (default: the last prompt token) or mean (the "
+                                                          "paper's mean over prompt tokens).")]
 Units = Annotated[str, typer.Option("--units", help="neurons (gate/up/down outputs) or channels (gate/up pair once).")]
 MaxPrompts = Annotated[int, typer.Option("--max-prompts", min=1, help="Identification prompts per relation.")]
 EvalSubjects = Annotated[int | None, typer.Option("--eval-subjects", min=1,
@@ -42,7 +43,7 @@ def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
 
 @app.command("find")
 def find_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-find"), relations: Relations = "all",
-             relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+             relation_file: RelationFile = [], k: K = None, response: Response = "last", units: Units = "neurons",
              max_prompts: MaxPrompts = 1000, device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
              batch_size: BatchSize = 32, overwrite: Overwrite = False, resume: Resume = False) -> None:
     """Rank every FFN unit by AP for each relation; write the top-k table and the layer histogram."""
@@ -54,7 +55,7 @@ def find_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-find"), rel
 
 @app.command("deactivate")
 def deactivate_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn"), relations: Relations = "all",
-                   relation_file: RelationFile = [], k: K = None, response: Response = "mean",
+                   relation_file: RelationFile = [], k: K = None, response: Response = "last",
                    units: Units = "neurons", max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None,
                    random_seeds: int = typer.Option(10, "--random-seeds", min=0, help="Random-unit controls."),
                    neurons: Neurons = None, device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0,
@@ -72,7 +73,7 @@ def deactivate_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn"), re
 def sweep_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-sweep"), relations: Relations = "all",
               relation_file: RelationFile = [], ks: str = typer.Option("", "--ks", help="Comma-separated k values "
                                                                        "(default: the paper's, up to the model size)."),
-              response: Response = "mean", units: Units = "neurons", max_prompts: MaxPrompts = 1000,
+              response: Response = "last", units: Units = "neurons", max_prompts: MaxPrompts = 1000,
               eval_subjects: EvalSubjects = None, neurons: Neurons = None, device: Device = "auto",
               dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32, overwrite: Overwrite = False,
               resume: Resume = False) -> None:
@@ -85,7 +86,7 @@ def sweep_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-sweep"), r
 
 @app.command("matrix")
 def matrix_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-matrix"), relations: Relations = "all",
-               relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+               relation_file: RelationFile = [], k: K = None, response: Response = "last", units: Units = "neurons",
                max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None, neurons: Neurons = None,
                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32,
                overwrite: Overwrite = False, resume: Resume = False) -> None:
@@ -99,7 +100,7 @@ def matrix_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-matrix"),
 
 @app.command("overlap")
 def overlap_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-overlap"), relations: Relations = "all",
-                relation_file: RelationFile = [], k: K = None, response: Response = "mean", units: Units = "neurons",
+                relation_file: RelationFile = [], k: K = None, response: Response = "last", units: Units = "neurons",
                 max_prompts: MaxPrompts = 1000, neurons: Neurons = None, device: Device = "auto",
                 dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32, overwrite: Overwrite = False,
                 resume: Resume = False) -> None:
@@ -113,7 +114,7 @@ def overlap_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-overlap"
 @app.command("multilingual")
 def multilingual_cmd(model: Model = DEFAULT_MODEL, out: Out = Path("runs/rsn-multilingual"),
                      relations: Relations = "all", languages: str = typer.Option("de,es,fr", "--languages"),
-                     k: K = None, response: Response = "mean", units: Units = "neurons",
+                     k: K = None, response: Response = "last", units: Units = "neurons",
                      max_prompts: MaxPrompts = 1000, eval_subjects: EvalSubjects = None, neurons: Neurons = None,
                      device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 32,
                      overwrite: Overwrite = False, resume: Resume = False) -> None:

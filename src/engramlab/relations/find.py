@@ -9,8 +9,9 @@ Pipeline, per the paper, with engramlab's documented choices (spec §6):
 5. Top-k by AP (descending; ties broken by the lower unit id). Top only, as the paper (spec §6.5).
 
 Default k (`default_k`): the paper's 3,000 of Llama-2-7B's 835,584 FFN neurons is 0.36%; on small models that
-leaves a few dozen units and no measurable effect, so engramlab uses min(3000, 5% of the units): 3,000 for any
-model above 60,000 units (every real LLM), 5% below.
+leaves a few dozen units and no measurable effect, so engramlab uses min(3000, 2.5% of the units): 3,000 for any
+model above 120,000 units (every real LLM), 2.5% below. On the shipped base organism (19,968 units), 5% (k = 999)
+also cost random units 0.07-0.08 accuracy, 2.5% (k = 500) 0.04 (README, "Relation-specific neurons").
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ AP_BLOCK_ELEMENTS = 1 << 21  # matrix entries per column block: the AP sort keep
 
 
 def default_k(n_units: int) -> int:
-    """min(3000, 5% of the units): the paper's k on real LLMs, a measurable share on small ones."""
-    return int(min(3000, math.ceil(0.05 * n_units)))
+    """min(3000, 2.5% of the units): the paper's k on real LLMs, a measurable share on small ones."""
+    return int(min(3000, math.ceil(0.025 * n_units)))
 
 
 @dataclass
@@ -90,7 +91,7 @@ def find(
     relations: dict[str, Relation],
     out: Path,
     k: int | None = None,
-    response: str = "mean",
+    response: str = "last",
     units: str = "neurons",
     max_prompts: int | None = 1000,
     seed: int = 0,

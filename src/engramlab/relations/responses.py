@@ -1,7 +1,8 @@
 """Per-prompt neuron responses (paper 1 §2.2 "Neuron Output Values"), streamed to disk, resumable.
 
 The response of a unit to a prompt is its output averaged over the prompt's tokens (`response="mean"`, the
-paper's choice, BOS included, padding masked) or read at the last token (`response="last"`, engramlab's option).
+paper's choice, BOS included, padding masked) or read at the last token (`response="last"`, engramlab's default:
+on small models the mean is dominated by template words, see README "Relation-specific neurons").
 Responses are recorded by the hook engine, reduced on the fly, and appended row by row to a float32 matrix on
 disk: the process holds one batch of rows at a time, so memory does not grow with the number of prompts (the
 reference code pickles every activation, ~25 GB per relation at 7B). AP is then computed over column chunks.

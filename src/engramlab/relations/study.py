@@ -32,7 +32,7 @@ class StudyOptions:
     relations: str = "all"  # "all", "paper", or a comma-separated list of relation names
     relation_files: list[str] = field(default_factory=list)
     k: int | None = None
-    response: str = "mean"
+    response: str = "last"  # engramlab's default; the paper's is "mean" (README explains why)
     units: str = "neurons"
     max_prompts: int | None = 1000
     eval_subjects: int | None = None
