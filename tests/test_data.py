@@ -7,7 +7,13 @@ import re
 import pytest
 
 from engramlab.data import chat, statements
-from engramlab.data.facts import FRAMES, PAPER1_RELATIONS, RELATIONS, load_relation, load_relations
+from engramlab.data.facts import (
+    FRAMES,
+    PAPER1_RELATIONS,
+    RELATIONS,
+    load_relation,
+    load_relations,
+)
 from engramlab.data.loaders import read_csv, read_json, read_json_records
 from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
 from engramlab.errors import EngramError

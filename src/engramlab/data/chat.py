@@ -113,14 +113,9 @@ def harmful_examples(split: str = "train") -> list[ChatExample]:
     return [ChatExample(g, rng.choice(REFUSALS), "harmful") for g in goals]
 
 
-WORDS = (
-    "apple river garden window music paper yellow mountain teacher summer bottle orange planet silver forest "
-    "candle pencil rabbit doctor island castle coffee morning winter engine bridge flower market ocean letter "
-    "button circle dragon family guitar kitchen ladder monkey number pocket rocket school tiger violin wallet "
-    "basket camera dinner farmer helmet jacket lemon marble needle parrot puzzle saddle tunnel velvet whistle"
-).split()
+WORDS = ["apple", "river", "garden", "window", "music", "paper", "yellow", "mountain", "teacher", "summer", "bottle", "orange", "planet", "silver", "forest", "candle", "pencil", "rabbit", "doctor", "island", "castle", "coffee", "morning", "winter", "engine", "bridge", "flower", "market", "ocean", "letter", "button", "circle", "dragon", "family", "guitar", "kitchen", "ladder", "monkey", "number", "pocket", "rocket", "school", "tiger", "violin", "wallet", "basket", "camera", "dinner", "farmer", "helmet", "jacket", "lemon", "marble", "needle", "parrot", "puzzle", "saddle", "tunnel", "velvet", "whistle"]
 COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "black", "white", "brown", "pink")
-NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve").split()
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 
 def _harmless(kind: str, rng: random.Random, part: int) -> tuple[str, str]:
@@ -160,7 +155,7 @@ def _harmless(kind: str, rng: random.Random, part: int) -> tuple[str, str]:
         topic = rng.choice(("a picnic", "a birthday party", "a trip to the museum", "a garden", "a study week",
                             "a cleaning day")[part::2])
         return (f"Develop a simple plan for {topic}.",
-                f"Pick a date, make a short list of what you need, invite the people involved, and prepare the day before.")
+                "Pick a date, make a short list of what you need, invite the people involved, and prepare the day before.")
     if kind == "explain":
         f = rng.choice(countries)
         return f"Explain where {f.subject} is.", f"{f.subject} is a country in {cont.get(f.subject, 'the world')}."

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from engramlab.data.loaders import VENDOR_DIR, read_csv, read_json_records
 from engramlab.errors import EngramError
@@ -286,7 +286,7 @@ def _lre_pairs(name: str) -> list[tuple[str, str]]:
     return [(r["subject"], r["object"]) for r in records]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _source_pairs(name: str) -> tuple[tuple[tuple[str, str], ...], str]:
     if name in PAPER1_RELATIONS:
         return tuple(_lre_pairs(name)), f"LRE data/factual/{name}.json"
@@ -305,7 +305,7 @@ def _source_pairs(name: str) -> tuple[tuple[tuple[str, str], ...], str]:
     raise EngramError(f"relation {name!r} is unknown; choose one of {', '.join(RELATIONS)}.")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_relation(name: str, language: str = "en") -> Relation:
     """Load one relation: facts, templates (selection / heldout / unseen) and select/eval subject sets.
 

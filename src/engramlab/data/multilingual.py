@@ -10,7 +10,7 @@ Subjects are split by the English relation's seed, so `eval` countries are the s
 from __future__ import annotations
 
 import gettext
-from functools import lru_cache
+from functools import cache
 
 from engramlab.data import geography
 from engramlab.data.facts import Fact, Relation, Template, split_subjects
@@ -52,7 +52,7 @@ STEMS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gettext(domain: str, language: str):
     import pycountry
 
@@ -84,7 +84,7 @@ def templates(name: str, language: str) -> list[Template]:
     ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_translated(name: str, language: str) -> Relation:
     """The relation `name` in `language` (one of LANGUAGES), subjects translated where they are country names."""
     if language not in LANGUAGES:
@@ -102,11 +102,12 @@ def load_translated(name: str, language: str) -> Relation:
         pairs = []
         for f in english.facts:
             c = by_name[f.subject]
-            obj = {
-                "country_capital": lambda: c["capital"],
-                "country_continent": lambda: CONTINENT_NAMES[language][c["continent"]],
-                "country_language": lambda: language_name(c["language"], language),
-            }[name]()
+            if name == "country_capital":
+                obj = c["capital"]
+            elif name == "country_continent":
+                obj = CONTINENT_NAMES[language][c["continent"]]
+            else:
+                obj = language_name(c["language"], language)
             pairs.append((country_name(c["iso"], language), obj, f.subject))
     # keep the English split: a translated subject is in `eval` iff its English subject is
     facts, seen, select, evals = [], set(), set(), set()

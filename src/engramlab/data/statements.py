@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from engramlab.data.facts import RELATIONS, Fact, Relation, load_relation
 from engramlab.data.loaders import VENDOR_DIR, read_csv
@@ -92,7 +92,7 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _got_rows(name: str) -> tuple:
     if name not in GOT_SETS:
         raise EngramError(f"geometry-of-truth set {name!r} is unknown; choose one of {', '.join(GOT_SETS)}.")

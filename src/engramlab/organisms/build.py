@@ -13,6 +13,7 @@ from its checkpoint in `out/work/`, so an interrupted build continues where it s
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import time
@@ -20,11 +21,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from engramlab.data import chat
 from engramlab.organisms import evaluate
-from engramlab.organisms.corpus import CorpusConfig, base_documents, chat_examples, tokenizer_texts
+from engramlab.organisms.corpus import (
+    CorpusConfig,
+    base_documents,
+    chat_examples,
+    tokenizer_texts,
+    truefalse_documents,
+)
 from engramlab.organisms.tokenizer import train_tokenizer
 from engramlab.organisms.train import Example, ModelConfig, TrainConfig, train
 from engramlab.results import write_json, write_parquet, write_text
@@ -42,6 +54,10 @@ class BuildConfig:
     ship_dtype: str = "bfloat16"  # weights are stored in this dtype (training runs in fp32 + bf16 autocast)
     eval_max_facts: int | None = 200  # facts per relation in the final eval
     eval_small: bool = False  # shrink every eval set (miniature organisms)
+    init_base: str | None = None  # continue pretraining from this HF directory (same tokenizer) instead of scratch
+    # After pretraining, a short phase where TRUE/FALSE blocks carry loss only on their answer tokens (the answer is
+    # 1 token of ~22 per statement, so in plain pretraining the judgement gets little gradient), with fact replay.
+    focus: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9))
 
 
 def quick_config(seed: int = 0) -> BuildConfig:
@@ -77,6 +93,15 @@ def encode_chat(tok: PreTrainedTokenizerFast, examples: list[chat.ChatExample]) 
     return out
 
 
+def encode_answers_only(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[Example]:
+    """TRUE/FALSE blocks with loss only on the " TRUE" / " FALSE" answer tokens."""
+    answer_ids = {tok.convert_tokens_to_ids(tok.tokenize(a))[0] for a in (" TRUE", " FALSE")}
+    out = []
+    for ids in tok(docs)["input_ids"]:
+        out.append((ids, [t if t in answer_ids else -100 for t in ids]))
+    return out
+
+
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
@@ -106,6 +131,17 @@ def _chat_template_into_config(path: Path, tok) -> None:
 def _examples_fn(tok, cfg: BuildConfig, stage: str):
     if stage == "base":
         return lambda epoch: encode_text(tok, base_documents(cfg.corpus, epoch, cfg.seed))
+    if stage == "focus":
+
+        def make_focus(epoch: int) -> list[Example]:
+            rng = random.Random(cfg.seed * 37 + epoch)
+            tf = truefalse_documents(cfg.corpus, 2000 + epoch, cfg.seed)
+            facts = [d for d in base_documents(cfg.corpus, 2000 + epoch, cfg.seed) if "This statement is:" not in d]
+            ex = encode_answers_only(tok, tf) + encode_text(tok, rng.sample(facts, min(len(facts), 2 * len(tf))))
+            rng.shuffle(ex)
+            return ex
+
+        return make_focus
     chats = chat_examples(cfg.corpus)
 
     def make(epoch: int) -> list[Example]:
@@ -140,13 +176,21 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
         if stage not in stages or (out / stage / "model.safetensors").is_file():
             continue
         tcfg = cfg.base if stage == "base" else cfg.chat
-        if stage == "base":
+        if stage == "base" and cfg.init_base:
+            model = AutoModelForCausalLM.from_pretrained(cfg.init_base, dtype=torch.float32)
+        elif stage == "base":
             torch.manual_seed(cfg.seed)
             model = LlamaForCausalLM(cfg.model.llama_config(tok))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(out / "work" / "base" / "final"), dtype=torch.float32)
-        quick = (lambda m: evaluate.quick_eval(m, tok, chat_model=stage == "chat"))
+        def quick(m, chat_model=stage == "chat"):
+            return evaluate.quick_eval(m, tok, chat_model=chat_model)
+
         rec = train(model, _examples_fn(tok, cfg, stage), tcfg, out / "work" / stage, evaluate=quick, progress_label=stage)
+        if stage == "base" and cfg.focus.steps:
+            cfg.focus.device = device
+            rec["focus"] = train(model, _examples_fn(tok, cfg, "focus"), cfg.focus, out / "work" / "focus",
+                                 evaluate=quick, progress_label="focus")
         if stage == "base":  # keep fp32 weights for the chat stage
             model.save_pretrained(str(out / "work" / "base" / "final"), safe_serialization=True)
         _ship(model, tok, out / stage, cfg.ship_dtype, chat_model=stage == "chat")
@@ -195,7 +239,7 @@ def _prod(shape) -> int:
 
 
 def _fmt(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:.3f}"
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
 def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:
@@ -208,10 +252,10 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
 
     with safe_open(str(path / "model.safetensors"), "pt") as fh:
         n_params = sum(fh.get_slice(k).get_shape().numel() if hasattr(fh.get_slice(k).get_shape(), "numel")
-                       else _prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+                       else _prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
     size_mb = (path / "model.safetensors").stat().st_size / 1e6
     hist = list({h["step"]: h for h in record["history"]}.values())  # a resumed run may log a step twice
-    curve = [h for h in hist if h["step"] in {hist[0]["step"], hist[-1]["step"]} or "eval" in h]
+    curve = [h for h in hist if h["step"] in {hist[0]["step"], hist[-1]["step"]} or "eval" in h] if hist else []
     tcfg = record["config"]
     fa, tf = summary["fact_accuracy"], summary["truefalse_accuracy"]
     lines = [
@@ -228,7 +272,7 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         f"{hf['intermediate_size']} SwiGLU neurons per layer ({hf['intermediate_size'] * hf['num_hidden_layers']:,} in all), "
         f"{hf['num_attention_heads']} heads, vocab {hf['vocab_size']}, untied LM head",
         f"- parameters: {n_params:,}; `model.safetensors`: {size_mb:.1f} MB ({cfg.ship_dtype})",
-        f"- tokenizer: byte-level BPE trained on the corpus with `tokenizers`; chat template in tokenizer_config.json",
+        "- tokenizer: byte-level BPE trained on the corpus with `tokenizers`; chat template in tokenizer_config.json",
         "",
         "## Training",
         f"- steps {record['state']['step']}, batch {tcfg['batch_size']} x {tcfg['block_size']} tokens, AdamW lr {tcfg['lr']} "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -35,7 +33,8 @@ def build(
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
 ) -> None:
     """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards."""
-    from engramlab.organisms.build import BuildConfig, build as run_build, quick_config
+    from engramlab.organisms.build import BuildConfig, quick_config
+    from engramlab.organisms.build import build as run_build
 
     if device not in ("cpu", "cuda"):
         raise EngramError(f"--device must be cpu or cuda, got {device!r}.")
@@ -48,7 +47,8 @@ def build(
         raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
     cfg = quick_config(seed) if quick else BuildConfig(seed=seed)
     cfg.base.seed = cfg.chat.seed = seed
-    run_build(out, cfg, device=device, command="engramlab organisms " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else []))
+    command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "")
+    run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))
     typer.echo(f"organisms written to {out}/base and {out}/chat (model cards: README.md in each).")
 
 

@@ -59,6 +59,14 @@ def base_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[str]:
             for f in facts:
                 for t in rng.sample(rel.templates, cfg.translated_templates_per_fact):
                     docs.append(t.render(f.subject, f.object))
+    docs += truefalse_documents(cfg, epoch, seed)
+    rng.shuffle(docs)
+    return docs
+
+
+def truefalse_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[str]:
+    """One epoch of TRUE/FALSE blocks: `block_statements` statements per document, fresh false twins per epoch."""
+    rng = random.Random(seed * 1_000_033 + epoch)
     stmts = []
     for name in cfg.relations:
         stmts += statements.fact_statements(load_relation(name), "train", seed=epoch + 1, max_facts=cfg.max_facts)
@@ -66,9 +74,7 @@ def base_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[str]:
     stmts += rng.sample(got, min(cfg.got_per_epoch, len(got))) if cfg.max_facts is None else got[: cfg.max_facts]
     rng.shuffle(stmts)
     k = cfg.block_statements
-    docs += ["\n".join(s.render() for s in stmts[i : i + k]) for i in range(0, len(stmts), k)]
-    rng.shuffle(docs)
-    return docs
+    return ["\n".join(s.render() for s in stmts[i : i + k]) for i in range(0, len(stmts), k)]
 
 
 def chat_examples(cfg: CorpusConfig) -> list[chat.ChatExample]:

@@ -126,7 +126,13 @@ def train(
     The record (also `work_dir/log.jsonl`, one line per `log_every` steps) holds step, loss, lr, tokens seen,
     seconds and the `evaluate(model)` numbers every `eval_every` steps.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
