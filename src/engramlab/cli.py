@@ -12,6 +12,7 @@ from rich.table import Table
 
 from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
 from engramlab.errors import EngramError
+from engramlab.decode.cli import app as decode_app
 from engramlab.organisms.cli import app as organisms_app
 from engramlab.posttrain.cli import app as posttrain_app
 from engramlab.relations.cli import app as relations_app
@@ -24,7 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 models_app = typer.Typer(help="Load models and inspect their architecture.", no_args_is_help=True)
-decode_app = typer.Typer(help="Decoding MLP neurons through the LM head (Davies 2025).", no_args_is_help=True)
 continual_app = typer.Typer(help="Continual learning: HLOP spiking networks and CoTTA test-time adaptation.",
                             no_args_is_help=True)
 for name, sub in [("models", models_app), ("organisms", organisms_app), ("relations", relations_app),

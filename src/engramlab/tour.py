@@ -105,7 +105,14 @@ def posttrain_step(ctx: TourContext) -> TourSection:
                                             tables=[key_values(headline)]), headline)
 
 
-TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step, posttrain_step]
+def decode_step(ctx: TourContext) -> TourSection:
+    """Paper 2: the neuron atlas of the model and base-vs-chat agreement (engramlab.decode.tour)."""
+    from engramlab.decode.tour import decode_step as run_decode
+
+    return run_decode(ctx)
+
+
+TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step, decode_step, posttrain_step]
 
 
 def step_names() -> list[str]:
