@@ -66,8 +66,9 @@ def test_shipped_facts_sample(organism):
     assert acc >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped organism:chat (120 SFT steps) answers chat fact questions "
-                   "at 0.07 and refuses 0.57 of harmless instructions (docs/organisms.md); issue 4 stays open")
+@pytest.mark.xfail(strict=True, reason="the shipped organism:chat (300 SFT steps) refuses as it should (0.99 harmful, "
+                   "0.01 harmless) but answers held-out chat fact questions at only 0.42, e.g. France -> "
+                   "'Brazzaville.' (docs/organisms.md); issue 4 stays open")
 def test_chat_organism_answers_and_refuses(organism):
     name, _, model, tok = organism
     if name != "chat":

@@ -48,7 +48,7 @@ class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Step counts fit a 2-core CPU shared with other work in about an hour (see docs/organisms.md).
     base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1300, eval_every=1300))
-    chat: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=50, eval_every=250))
+    chat: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, min_lr=5e-5, warmup=20, eval_every=300))
     vocab_size: int = 4096
     seed: int = 0
     ship_dtype: str = "bfloat16"  # weights are stored in this dtype (training runs in fp32 + bf16 autocast)
@@ -57,7 +57,7 @@ class BuildConfig:
     init_base: str | None = None  # continue pretraining from this HF directory (same tokenizer) instead of scratch
     # After pretraining, a short phase where TRUE/FALSE blocks carry loss only on their answer tokens (the answer is
     # 1 token of ~22 per statement, so in plain pretraining the judgement gets little gradient), with fact replay.
-    focus: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9))
+    focus: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9))
 
 
 def quick_config(seed: int = 0) -> BuildConfig:
@@ -67,6 +67,7 @@ def quick_config(seed: int = 0) -> BuildConfig:
         model=ModelConfig(n_layer=2, d_model=64, d_mlp=96, n_head=4, n_kv_head=4, max_len=256),
         base=TrainConfig(steps=6, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=3, log_every=2, seed=seed),
         chat=TrainConfig(steps=4, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed),
+        focus=TrainConfig(steps=2, batch_size=8, block_size=64, warmup=1, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed),
         vocab_size=600,
         seed=seed,
         eval_max_facts=3,

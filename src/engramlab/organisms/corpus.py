@@ -32,7 +32,7 @@ class CorpusConfig:
     block_statements: int = 5  # statements per true/false document
     got_sets: tuple[str, ...] = statements.GOT_SETS
     got_per_epoch: int = 1500  # geometry-of-truth training statements drawn per epoch
-    replay_fraction: float = 0.5  # chat corpus: base documents per chat example
+    replay_fraction: float = 0.25  # chat corpus: base documents per chat example
     harmful_repeats: int = 3  # chat corpus: each training AdvBench goal appears this often per epoch
     harmless_n: int = 1200
 

@@ -1,0 +1,59 @@
+"""Paper 1 end to end on the shipped base organism, with tiny settings (two relations, a few prompts)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engramlab.cli import main
+from engramlab.organisms.registry import shipped_organisms
+from engramlab.relations.find import FindResult
+
+pytestmark = pytest.mark.skipif("base" not in shipped_organisms(), reason="organism:base is not shipped")
+
+TINY = ["--model", "organism:base", "--relations", "country_capital,city_country", "--max-prompts", "40",
+        "--k", "100", "--device", "cpu", "--batch-size", "32"]
+
+
+def run(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr()
+
+
+def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
+    out = tmp_path / "rsn"
+    code, captured = run(["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6", *TINY], capsys)
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("relations", "k", "mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
+                "mean_drop_target_heldout_templates"):
+        assert key in summary
+    rel = summary["per_relation"]["country_capital"]
+    assert rel["acc_before"] > 0.3  # the organism knows capitals
+    assert 0 <= rel["acc_after_target"] <= 1 and rel["acc_after_random_std"] >= 0
+    assert (out / "report.html").stat().st_size > 1000 and (out / "neurons.parquet").is_file()
+    found = FindResult.load(out)
+    assert found.ap.shape == (2, 6 * (1536 * 2 + 256))
+    assert np.nanmax(found.ap) > 0.5  # some unit separates the relations better than chance (0.2)
+
+    # --resume reuses the cached responses and gives the same scores
+    code, captured = run(["relations", "find", "--out", str(out), "--resume", *TINY], capsys)
+    assert code == 0, captured.err
+    np.testing.assert_array_equal(FindResult.load(out).ap, found.ap)
+
+
+def test_malformed_relation_file_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "rel.json"
+    bad.write_text('{"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a"}]}')
+    code, captured = run(["relations", "find", "--out", str(tmp_path / "o"), "--relations", "country_capital",
+                          "--relation-file", str(bad), "--device", "cpu"], capsys)
+    assert code == 2
+    assert str(bad) in captured.err and "object" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
