@@ -362,6 +362,7 @@ def test_steer_promotes_the_planted_token(planted):
     assert result.token == "w42" and result.values == [None, 0.0, 30.0]
     assert result.prob[2] > 0.5 > result.prob[0]
     assert result.top_next[2] == "w42" and result.continuation[2].split()[0] == "w42"
+    assert result.word_ids == [42] and result.prob_word == pytest.approx(result.prob)  # WordLevel: one spelling
     assert len(result.continuation) == 3
 
 

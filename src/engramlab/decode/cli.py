@@ -42,10 +42,19 @@ def _console():
 
 def _load(ref: str, device: str, dtype: str, trust_remote_code: bool = False, download: bool = False,
           with_tokenizer: bool = True):
+    from transformers.utils import logging as hf_logging
+
     from engramlab.models.loading import load_model
 
-    return load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                      allow_download=download, with_tokenizer=with_tokenizer)
+    # transformers' "Loading weights" bar would precede a one-line error (e.g. --neuron out of range) on stderr
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_download=download, with_tokenizer=with_tokenizer)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @app.command("atlas")
@@ -193,13 +202,15 @@ def steer_cmd(
     loaded = _load(model, device, dtype, trust_remote_code, download)
     result = steer_neuron(loaded, layer, index, value_list, prompt, site=site, chat=chat,
                           max_new_tokens=max_new_tokens, token=token)
-    grid = Table(title=f"neuron {result.layer}:{result.neuron} clamped at {site}; P({result.token!r}) next")
-    for c, j in (("clamp", "right"), ("P(token)", "right"), ("x baseline", "right"), ("next", "left"),
-                 ("greedy continuation", "left")):
+    word = result.token.strip()
+    grid = Table(title=f"neuron {result.layer}:{result.neuron} clamped at {site}; probabilities of the next token")
+    for c, j in (("clamp", "right"), (f"P({result.token!r})", "right"), (f"P(any {word!r})", "right"),
+                 ("x baseline", "right"), ("next", "left"), ("greedy continuation", "left")):
         grid.add_column(c, justify=j)
     for row in result.rows():
         grid.add_row("none" if row["value"] is None else f"{row['value']:g}", f"{row['prob']:.4g}",
-                     f"{row['prob_ratio']:.3g}", repr(row["top_next"]), repr(row["continuation"]))
+                     f"{row['prob_word']:.4g}", f"{row['prob_word_ratio']:.3g}", repr(row["top_next"]),
+                     repr(row["continuation"]))
     console = _console()
     console.print(grid)
     console.print(f"natural value at the last prompt token: {result.natural_last:.4g} (prompt range "

@@ -159,7 +159,7 @@ def agreement_figure(result: Comparison):
                              name=f"top-{result.a.top_k} overlap"))
     fig.add_hline(y=result.chance_agreement, line_dash="dot", annotation_text="chance (shuffled neurons)")
     fig.update_layout(title=f"Neurons keeping their top token: {result.a.model} vs {result.b.model} "
-                            f"(site {result.a.site})", xaxis_title="layer", yaxis_title="fraction of neurons",
+                            f"(site {result.a.site})", xaxis_title="layer", yaxis_title="fraction",
                       yaxis_range=[0, 1.02], height=420)
     return fig
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engramlab.decode.atlas import neuron_vectors, topk_rows, unembedding
+from engramlab.decode.atlas import neuron_vectors, token_strings, topk_rows, unembedding
 from engramlab.errors import EngramError
 
 STEER_SITES = {"up": "mlp.up", "act": "mlp.act"}
@@ -89,6 +89,17 @@ def token_id_of(tokenizer, token: str) -> int:
     return int(ids[0])
 
 
+def same_word_ids(tokenizer, token_id: int, vocab_size: int) -> list[int]:
+    """Ids of every token that spells the same word as `token_id` once case and surrounding spaces are ignored
+    (" soccer", "soccer", " Soccer"...): the answer may start with any of them (after a chat template's newline
+    the word often comes without its leading space)."""
+    strings = token_strings(tokenizer, vocab_size)
+    word = strings[token_id].strip().lower()
+    if not word:
+        return [token_id]
+    return [i for i, t in enumerate(strings) if t.strip().lower() == word]
+
+
 @dataclass
 class SteerResult:
     """Row 0 of every list is the unclamped baseline; row j the clamp to values[j-1]."""
@@ -100,6 +111,8 @@ class SteerResult:
     token: str
     values: list[float | None]  # None for the baseline
     prob: list[float]  # P(token) at the next position
+    prob_word: list[float]  # P(any token spelling the same word: case and surrounding spaces ignored)
+    word_ids: list[int]  # those tokens
     top_next: list[str]  # argmax next token per row
     continuation: list[str]  # greedy continuation per row
     natural_last: float  # the neuron's unclamped value at the last prompt position
@@ -109,12 +122,15 @@ class SteerResult:
 
     def rows(self) -> list[dict]:
         base = self.prob[0]
-        return [{"value": v, "prob": p, "prob_ratio": p / base if base > 0 else float("inf"), "top_next": t,
-                 "continuation": c} for v, p, t, c in zip(self.values, self.prob, self.top_next, self.continuation)]
+        base_word = self.prob_word[0]
+        return [{"value": v, "prob": p, "prob_ratio": p / base if base > 0 else float("inf"), "prob_word": pw,
+                 "prob_word_ratio": pw / base_word if base_word > 0 else float("inf"), "top_next": t,
+                 "continuation": c}
+                for v, p, pw, t, c in zip(self.values, self.prob, self.prob_word, self.top_next, self.continuation)]
 
     def summary(self) -> dict:
         return {"layer": self.layer, "neuron": self.neuron, "site": self.site, "token_id": self.token_id,
-                "token": self.token, "natural_last": self.natural_last, "natural_min": self.natural_min,
+                "token": self.token, "word_ids": self.word_ids, "natural_last": self.natural_last, "natural_min": self.natural_min,
                 "natural_max": self.natural_max, "prompt": self.prompt, "rows": self.rows()}
 
 
@@ -166,11 +182,13 @@ def steer_neuron(
             first_logits = out.logits[0]  # [B, V] raw logits of the first new token
             generated = out.sequences
     natural = rec[hook_site, layer][0, :n_prompt, neuron].float()  # row 0 is unclamped
-    probs = torch.softmax(first_logits.float(), dim=-1)[:, token_id]
+    probs = torch.softmax(first_logits.float(), dim=-1)  # [B, V]
+    word_ids = same_word_ids(tokenizer, token_id, probs.shape[-1])
     top_next = first_logits.argmax(dim=-1)
     return SteerResult(
         layer=layer, neuron=neuron, site=site, token_id=token_id, token=tokenizer.decode([token_id]),
-        values=[None, *values], prob=probs.tolist(),
+        values=[None, *values], prob=probs[:, token_id].tolist(), prob_word=probs[:, word_ids].sum(dim=1).tolist(),
+        word_ids=word_ids,
         top_next=[tokenizer.decode([int(t)]) for t in top_next],
         continuation=tokenizer.batch_decode(generated[:, n_prompt:], skip_special_tokens=True),
         natural_last=float(natural[-1]), natural_min=float(natural.min()), natural_max=float(natural.max()),
