@@ -95,6 +95,7 @@ def test_recall_rule():
     assert is_correct(" Unit", "United States")
     assert not is_correct(" ", "Paris")
     assert not is_correct(" Lyon", "Paris")
+    assert not is_correct(" Parisian", "Paris")
 
 
 def test_response_matrix_resumes_and_reads_columns(tmp_path):

@@ -244,6 +244,17 @@ class Relation:
         return self._objects
 
 
+def prefix_correct(generated: str, gold: str) -> bool:
+    """Paper 1's recall rule (§2.1 step 3): the greedy continuation is a prefix of the object, or the object
+    followed by a non-alphanumeric character ("Paris." for "Paris"); case-insensitive, surrounding space ignored."""
+    pred, gold = generated.strip().lower(), gold.strip().lower()
+    if not pred:
+        return False
+    if gold.startswith(pred):
+        return True
+    return pred.startswith(gold) and not pred[len(gold) :][:1].isalnum()
+
+
 def english_templates(name: str) -> list[Template]:
     """The six English templates of a relation (see the module docstring)."""
     p = PHRASINGS[name]

@@ -19,18 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from engramlab.data import chat, statements
-from engramlab.data.facts import RELATIONS, Prompt, load_relation
+from engramlab.data.facts import RELATIONS, Prompt, load_relation, prefix_correct
 from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
-
-
-def prefix_correct(generated: str, gold: str) -> bool:
-    """Paper 1's rule: the generation is a prefix of the object (case-insensitive, surrounding space ignored)."""
-    pred, gold = generated.strip().lower(), gold.strip().lower()
-    if not pred:
-        return False
-    if gold.startswith(pred):
-        return True
-    return pred.startswith(gold) and not pred[len(gold) :][:1].isalnum()
 
 
 @torch.no_grad()

@@ -4,10 +4,11 @@ A prompt is answered correctly when the greedy continuation of `max_new_tokens` 
 the start of the gold object. The paper leaves normalisation open (spec §6.1); engramlab's rule, after
 stripping whitespace and lower-casing both sides:
 
-    correct  <=>  prediction is non-empty and (gold starts with prediction or prediction starts with gold)
+    correct  <=>  prediction is non-empty and (gold starts with prediction, or prediction starts with gold
+                  and the next character is not a letter or digit)
 
-The second arm accepts a one-token object followed by punctuation ("paris." for "Paris"); case-insensitivity
-follows the paper's Table 7 ("Quarterback" accepted for "quarterback").
+The second arm accepts a one-token object followed by punctuation ("paris." for "Paris", not "parisian");
+case-insensitivity follows the paper's Table 7 ("Quarterback" accepted for "quarterback").
 
 Deactivation runs many unit sets over many prompts as one stream of rows (set, prompt); each batch carries a
 per-row mask, so the target set, its random controls and a k-sweep share batched `generate` calls.
@@ -21,18 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engramlab.data.facts import prefix_correct
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import track
 from engramlab.relations.units import UnitSpace
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.strip().lower().split())
-
-
 def is_correct(prediction: str, gold: str) -> bool:
-    pred, want = normalise(prediction), normalise(gold)
-    return bool(pred) and (want.startswith(pred) or pred.startswith(want))
+    """The recall rule shared with the organisms' evaluation (`engramlab.data.facts.prefix_correct`)."""
+    return prefix_correct(prediction, gold)
 
 
 @dataclass
