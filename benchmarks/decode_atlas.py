@@ -15,13 +15,13 @@ Target (issue 6): atlas / gemm <= 1.5. Optionally (--write) the time to write at
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.decode.atlas import (
     Atlas,
     auto_chunk_size,
@@ -36,14 +36,6 @@ SHAPES = {
                   "sample": 2000},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

@@ -13,13 +13,13 @@ and prints the median time of each and the ratios to plain. Target (issue 3): ac
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import transformers
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.models import HookEngine
 
 
@@ -31,14 +31,6 @@ def build(args) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(args.device).eval()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
