@@ -1,0 +1,70 @@
+"""Layer activity as rows, and gradient projection onto the complement of a protected subspace.
+
+Shared by HLOP (Xiao et al., ICLR 2024, arXiv 2402.11984, §3.2: the projected update ΔW ∝ δ·(x − HᵀHx)ᵀ) and its
+SVD counterpart GPM (Saha et al., ICLR 2021, arXiv 2103.09762, Eq. 8): both keep, per layer, an orthonormal basis
+O [k, n] of earlier tasks' presynaptic activity and remove from each weight gradient its component in that span.
+
+For a linear layer the input-space form δᵀ(x − xOᵀO) and the weight-space form G − (GOᵀ)O are the same matrix
+(G = δᵀx, and OᵀO is symmetric); for a convolution the same holds on unfolded patches when the activity is not
+quantised (HLOP spec §1.4: "without spiking quantisation this equals 'input' mode"). engramlab therefore projects
+the gradient after `backward()` ("weight" mode): it needs no custom autograd inside the network and works with any
+optimiser. `project_rows` gives the input-space form for tests and diagnostics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ProtectedLayer = nn.Linear | nn.Conv2d
+
+
+def layer_input_dim(layer: ProtectedLayer) -> int:
+    """n: the width of one presynaptic row (in_features, or C_in·k_h·k_w for a convolution's patches)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+
+
+def activity_rows(layer: ProtectedLayer, activity: Tensor) -> Tensor:
+    """Presynaptic activity as rows [R, n]: linear inputs as given, convolution inputs unfolded into patches."""
+    if isinstance(layer, nn.Linear):
+        return activity.reshape(-1, layer.in_features)
+    patches = F.unfold(activity, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                       stride=layer.stride)  # (N, C·kh·kw, L)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, C·kh·kw)
+
+
+def project_rows(rows: Tensor, basis: Tensor) -> Tensor:
+    """x − xOᵀO for rows x [R, n] and an orthonormal basis O [k, n] (the residual the update may use)."""
+    if basis.shape[0] == 0:
+        return rows
+    return rows - (rows @ basis.T) @ basis
+
+
+def project_gradient_(layer: ProtectedLayer, basis: Tensor) -> None:
+    """In place: G ← G − (GOᵀ)O on the layer's weight gradient (viewed as [out, n]); biases are left alone."""
+    grad = layer.weight.grad
+    if grad is None or basis.shape[0] == 0:
+        return
+    flat = grad.view(grad.shape[0], -1)  # (out, n): conv weights (out, C, kh, kw) flattened like F.unfold's patches
+    flat.sub_((flat @ basis.T) @ basis)
+
+
+def residual_energy(rows: Tensor, basis: Tensor) -> float:
+    """‖x − xOᵀO‖² / ‖x‖²: the share of the activity's energy a projection with O lets through ("leak")."""
+    total = rows.pow(2).sum()
+    if total == 0:
+        return 0.0
+    return float(project_rows(rows, basis).pow(2).sum() / total)
+
+
+def orthonormal_rows(rows: Tensor) -> Tensor:
+    """An orthonormal basis [k, n] of the span of `rows` [k, n] (QR of the transpose; signs kept close to rows)."""
+    if rows.shape[0] == 0:
+        return rows
+    q, r = torch.linalg.qr(rows.T)  # q (n, k)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return (q * signs).T.contiguous()

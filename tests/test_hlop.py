@@ -1,0 +1,202 @@
+"""HLOP's Hebbian subspace rule, the gradient projection, GPM's basis and the continual metrics (issue 9 tests)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
+from engramlab.continual.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
+from engramlab.continual.metrics import average_accuracy, backward_transfer
+from engramlab.continual.subspace import activity_rows, project_gradient_, project_rows, residual_energy
+from engramlab.errors import EngramError
+
+
+def _low_rank_data(n: int, k: int, rows: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with a known spectrum: k signal directions (variances 9..4) plus small isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, k, generator=g))[0].T  # (k, n) orthonormal
+    scales = torch.linspace(3.0, 2.0, k)
+    x = (torch.randn(rows, k, generator=g) * scales) @ basis + noise * torch.randn(rows, n, generator=g)
+    return x, basis
+
+
+def _subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖P_a − P_b‖_F between the projectors of two row spaces (a and b orthonormalised first)."""
+    qa, qb = torch.linalg.qr(a.T)[0], torch.linalg.qr(b.T)[0]
+    return float(torch.linalg.matrix_norm(qa @ qa.T - qb @ qb.T))
+
+
+def test_hebbian_rule_converges_to_principal_subspace():
+    x, basis = _low_rank_data(n=100, k=10, rows=64 * 100, seed=0)
+    space = HebbianSubspace(100, HebbianConfig(lr=0.01, iterations=5, orthonormalise=False))
+    space.add_rows(10, torch.Generator().manual_seed(1))
+    for batch in x.split(64):
+        space.update(batch)
+    assert _subspace_distance(space.weight, basis) < 0.1  # spec §6: ≈ 0.08 within 100 batches
+    assert space.orthonormality_error() < 0.01  # Oja's rule drives H to orthonormal rows
+
+
+def test_new_rows_learn_only_the_unexplained_part_and_frozen_rows_stay():
+    x, basis = _low_rank_data(n=60, k=8, rows=64 * 100, seed=2)
+    space = HebbianSubspace(60, HebbianConfig(lr=0.01, iterations=5))
+    space.add_rows(5, torch.Generator().manual_seed(3))
+    for batch in x.split(64):
+        space.update(batch)
+    space.freeze()
+    old = space.frozen_basis().clone()
+    space.add_rows(3, torch.Generator().manual_seed(4))
+    for batch in x.split(64):
+        space.update(batch)
+    assert torch.equal(space.weight[:5], old)  # frozen rows untouched by the rule
+    new = space.weight[5:]
+    assert float((new @ old.T).abs().max()) < 0.05  # new rows stay (nearly) orthogonal to the old ones
+    assert _subspace_distance(space.weight, basis) < 0.3  # together they cover the 8-dim signal subspace
+
+
+def test_literal_rule_matches_the_official_all_rows_update():
+    """Updating only the new rows with a cached frozen residual equals the official update of all rows with the
+    frozen rows' ΔH zeroed (spec §1.2)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 20, generator=g)
+    space = HebbianSubspace(20, HebbianConfig(lr=0.05, iterations=3, orthonormalise=False))
+    space.add_rows(4, g)
+    space.update(torch.randn(32, 20, generator=g))
+    space.freeze()
+    space.add_rows(3, g)
+    w, m = space.weight.clone(), space.momentum.clone()
+    for _ in range(3):  # the official module, written out
+        y = x @ w.T
+        delta = (y.T @ (x - y @ w) / 32).clamp(-10, 10)
+        delta[:4] = 0
+        m[4:] = 0.9 * m[4:] + 0.1 * delta[4:]
+        w[4:] = w[4:] + 0.05 * m[4:]  # frozen rows never move
+    space.update(x)
+    torch.testing.assert_close(space.weight, w, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_leaves_the_update_orthogonal_to_the_subspace():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5, bias=False)
+    basis = torch.linalg.qr(torch.randn(12, 4))[0].T  # (4, 12)
+    x = torch.randn(7, 12)
+    layer(x).pow(2).sum().backward()
+    raw = layer.weight.grad.clone()
+    project_gradient_(layer, basis)
+    assert float((layer.weight.grad @ basis.T).abs().max()) < 1e-5
+    # weight-space projection = the input-space form δᵀ(x − xOᵀO) (spec §1.4)
+    delta = 2 * layer(x).detach()
+    torch.testing.assert_close(layer.weight.grad, delta.T @ project_rows(x, basis), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw, layer.weight.grad)
+
+
+def test_conv_projection_acts_on_unfolded_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 6, 6)
+    rows = activity_rows(conv, x)
+    assert rows.shape == (2 * 36, 27)
+    basis = torch.linalg.qr(torch.randn(27, 5))[0].T
+    conv(x).sum().backward()
+    project_gradient_(conv, basis)
+    assert float((conv.weight.grad.view(4, -1) @ basis.T).abs().max()) < 1e-5
+
+
+class _TinyNet(nn.Module):
+    """The ContinualNet protocol on a 2-layer ReLU MLP (ANN mode), for method tests without spiking layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16, bias=False), nn.Linear(16, 3, bias=False)
+        self.record, self._acts = False, []
+
+    def forward(self, x, task=None):
+        h = torch.relu(self.fc1(x))
+        if self.record:
+            self._acts = [x.detach(), h.detach()]
+        return self.fc2(h)
+
+    def protected_layers(self):
+        return [self.fc1, self.fc2]
+
+    def presynaptic(self):
+        return self._acts
+
+    def fix_bn(self):
+        pass
+
+
+def _one_step(model, method):
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.record = True
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    method.after_backward(model)
+    opt.step()
+    method.observe(model)
+
+
+def test_hlop_with_empty_subspace_equals_the_baseline_step():
+    torch.manual_seed(0)
+    a = _TinyNet()
+    b = _TinyNet()
+    b.load_state_dict(a.state_dict())
+    hlop = HLOP(HLOPSettings(initial=[4, 4], increments=[[2, 2]], lr=[0.01, 0.01]))
+    hlop.begin_task(0, a)  # task 0: rows added, none frozen → no projection
+    base = Baseline()
+    base.begin_task(0, b)
+    _one_step(a, hlop)
+    _one_step(b, base)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert hlop.subspaces[0].n_rows == 4 and hlop.subspaces[0].n_frozen == 0
+
+
+def test_hlop_protects_old_inputs_after_freezing():
+    torch.manual_seed(0)
+    model = _TinyNet()
+    hlop = HLOP(HLOPSettings(initial=[10, 16], increments=[[0, 0]], lr=[0.01, 0.01]))
+    hlop.begin_task(0, model)
+    old_x = torch.randn(64, 10)
+    hlop.end_task(0, model, [])  # freeze the (orthonormal, full-rank) initial rows: they span everything
+    hlop.begin_task(1, model)
+    before = model(old_x).detach()
+    _one_step(model, hlop)
+    torch.testing.assert_close(model(old_x).detach(), before, rtol=1e-4, atol=1e-5)
+
+
+def test_gpm_basis_captures_the_threshold_energy():
+    x, basis = _low_rank_data(n=40, k=6, rows=500, seed=3, noise=0.01)
+    grown = extend_basis(torch.zeros(0, 40), x, threshold=0.97)
+    assert 1 <= grown.shape[0] <= 6
+    assert residual_energy(x, grown) <= 0.03 + 1e-6
+    torch.testing.assert_close(grown @ grown.T, torch.eye(grown.shape[0]), atol=1e-5, rtol=0)
+    assert extend_basis(grown, x, threshold=0.97).shape == grown.shape  # nothing new to add
+
+
+def test_pmnist_schedule_matches_the_official_totals():
+    increments = pmnist_increments()
+    assert [row[0] for row in increments] == [70, 70, 50, 50, 50, 30, 30, 30, 10]
+    totals = [sum(row_schedule([80, 200, 100], increments, t)[i] for t in range(10)) for i in range(3)]
+    assert totals == [470, 590, 490]  # spec §1.3
+
+
+def test_acc_and_bwt_on_a_hand_made_matrix():
+    acc = [[0.9, 0.1, 0.0], [0.8, 0.95, 0.2], [0.7, 0.9, 0.85]]
+    assert math.isclose(average_accuracy(acc), (0.7 + 0.9 + 0.85) / 3)
+    assert math.isclose(backward_transfer(acc), ((0.7 - 0.9) + (0.9 - 0.95)) / 2)
+    assert math.isnan(backward_transfer([[0.5]]))
+    with pytest.raises(EngramError, match="square"):
+        average_accuracy(np.zeros((2, 3)))
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(EngramError, match="baseline, hlop, gpm, ewc, multitask"):
+        make_method("sgd")
