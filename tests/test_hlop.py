@@ -165,7 +165,7 @@ def test_hlop_protects_old_inputs_after_freezing():
     hlop = HLOP(HLOPSettings(initial=[10, 16], increments=[[0, 0]], lr=[0.01, 0.01]))
     hlop.begin_task(0, model)
     old_x = torch.randn(64, 10)
-    hlop.end_task(0, model, [])  # freeze the (orthonormal, full-rank) initial rows: they span everything
+    hlop.end_task(0, model, [(old_x, torch.zeros(64))])  # freeze the (orthonormal, full-rank) initial rows: they span everything
     hlop.begin_task(1, model)
     before = model(old_x).detach()
     _one_step(model, hlop)
