@@ -173,7 +173,7 @@ def test_hlop_protects_old_inputs_after_freezing():
 
 
 def test_gpm_basis_captures_the_threshold_energy():
-    x, basis = _low_rank_data(n=40, k=6, rows=500, seed=3, noise=0.01)
+    x, _ = _low_rank_data(n=40, k=6, rows=500, seed=3, noise=0.01)
     grown = extend_basis(torch.zeros(0, 40), x, threshold=0.97)
     assert 1 <= grown.shape[0] <= 6
     assert residual_energy(x, grown) <= 0.03 + 1e-6

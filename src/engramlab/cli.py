@@ -12,6 +12,7 @@ from rich.table import Table
 
 from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
 from engramlab.errors import EngramError
+from engramlab.continual.cli import app as continual_app
 from engramlab.decode.cli import app as decode_app
 from engramlab.organisms.cli import app as organisms_app
 from engramlab.posttrain.cli import app as posttrain_app
@@ -25,8 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 models_app = typer.Typer(help="Load models and inspect their architecture.", no_args_is_help=True)
-continual_app = typer.Typer(help="Continual learning: HLOP spiking networks and CoTTA test-time adaptation.",
-                            no_args_is_help=True)
 for name, sub in [("models", models_app), ("organisms", organisms_app), ("relations", relations_app),
                   ("decode", decode_app), ("posttrain", posttrain_app), ("continual", continual_app)]:
     app.add_typer(sub, name=name)

@@ -19,12 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engramlab.data.corruptions import CORRUPTIONS  # the 15 in the standard order (Hendrycks & Dietterich 2019)
 from engramlab.errors import EngramError
 
-# The 15 benchmark corruptions in the standard order (Hendrycks & Dietterich 2019; CoTTA's tables and configs).
-CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-               "jpeg_compression")
 # The four held-out "validation" corruptions that the CIFAR-C downloads also contain.
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
