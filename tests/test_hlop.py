@@ -200,3 +200,66 @@ def test_acc_and_bwt_on_a_hand_made_matrix():
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(EngramError, match="baseline, hlop, gpm, ewc, multitask"):
         make_method("sgd")
+
+
+def _tiny_stream(n_tasks: int = 2):
+    from engramlab.continual.streams import Task, TaskStream
+
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for t in range(n_tasks):
+        w = torch.randn(10, 3, generator=g)
+        x_train, x_test = torch.randn(96, 10, generator=g), torch.randn(48, 10, generator=g)
+        tasks.append(Task(f"t{t}", x_train, (x_train @ w).argmax(1), x_test, (x_test @ w).argmax(1), 3, 0))
+    return TaskStream("tiny", tasks, multi_head=False, input_shape=(10,))
+
+
+@pytest.mark.parametrize("name", ["hlop", "gpm", "ewc"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, name):
+    from engramlab.continual import runner
+
+    stream = _tiny_stream(3)
+    settings = runner.TrainSettings(batch_size=16, leak_samples=32)
+    hlop = HLOPSettings(initial=[3, 4], increments=[[2, 2]], lr=[0.01, 0.01])
+    full = runner.train_method(make_method(name, hlop=hlop), stream, _TinyNet, settings)
+
+    real_evaluate, calls = runner.evaluate, []
+
+    def crash_in_task_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # first evaluation after the third task: tasks 1 and 2 are checkpointed
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", crash_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train_method(make_method(name, hlop=hlop), stream, _TinyNet, settings, tmp_path)
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    resumed = runner.train_method(make_method(name, hlop=hlop), stream, _TinyNet, settings, tmp_path)
+    np.testing.assert_array_equal(resumed.acc, full.acc)
+
+
+def test_hlop_cli_runs_every_method_and_writes_its_results(tmp_path, cli):
+    out = tmp_path / "run"
+    code, _, err = cli(["continual", "hlop", "--tasks", "2", "--neuron", "ann", "--batch-size", "400", "--lr", "0.3",
+                        "--out", str(out)])
+    assert code == 0, err
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert set(summary["acc"]) == {"hlop", "baseline", "ewc", "gpm", "multitask"}
+    assert all(0.5 < acc <= 1 for acc in summary["acc"].values())  # two easy tasks are learned
+    assert summary["bwt"]["multitask"] is None and summary["bwt"]["hlop"] is not None
+    assert {"hlop", "gpm"} <= set(summary["final_leak_mean"])
+    for name in ("accuracy.parquet", "leak.parquet", "report.html"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--neuron", "ann", "--train", "dsr"], "--neuron ann --train dsr"),
+    (["--stream", "cifar100"], "cifar-100-binary"),
+    (["--stream", "imagenet"], "unknown stream"),
+    (["--methods", "hlop,sgd"], "sgd"),
+])
+def test_hlop_cli_rejects_bad_input_in_one_line(tmp_path, cli, argv, needle):
+    code, _, err = cli(["continual", "hlop", *argv, "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err

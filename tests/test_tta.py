@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engramlab.cli import main
 from engramlab.continual.tta import (
     TENT,
     CoTTA,
@@ -125,22 +124,18 @@ def test_fixed_seed_gives_identical_errors(tmp_path):
     assert (tmp_path / "a" / "report.html").stat().st_size > 10_000
 
 
-def test_cli_bad_data_dir_is_one_line_exit_2(tmp_path, capsys):
+def test_cli_bad_data_dir_is_one_line_exit_2(tmp_path, cli):
     missing = tmp_path / "nope"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["continual", "tta", "--data-dir", str(missing), "--source", str(tmp_path / "w.safetensors"),
-              "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and str(missing) in err
+    code, _, err = cli(["continual", "tta", "--data-dir", str(missing), "--source", str(tmp_path / "w.safetensors"),
+                        "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and str(missing) in err
 
 
-def test_cli_unknown_method_and_data_dir_without_source(tmp_path, capsys):
+def test_cli_unknown_method_and_data_dir_without_source(tmp_path, cli):
     for argv, needle in ((["--method", "sgd"], "sgd"), (["--data-dir", str(tmp_path)], "--source")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["continual", "tta", *argv, "--out", str(tmp_path / "o")])
-        assert exit_info.value.code == 2
-        assert needle in capsys.readouterr().err
+        code, _, err = cli(["continual", "tta", *argv, "--out", str(tmp_path / "o")])
+        assert code == 2 and needle in err
 
 
 def test_cotta_settings_are_validated():

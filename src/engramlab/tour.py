@@ -69,7 +69,7 @@ def relations_step(ctx: TourContext) -> TourSection:
                                         "mean_drop_offtarget")}
     text = ("<p>Relation-specific neurons (Liu et al., EMNLP 2025): each relation's top-k units by AP are zeroed; "
             "accuracy on held-out subjects drops for that relation, not for random units. Quick settings "
-            f"(6 relations, 20 eval subjects, 3 random seeds); full report: <a href='relations/report.html'>"
+            "(6 relations, 20 eval subjects, 3 random seeds); full report: <a href='relations/report.html'>"
             "relations/report.html</a>.</p>")
     section = Section(title="Relation-specific neurons (paper 1)", text=text, tables=[key_values(headline)],
                       figures=[plots.deactivation_bars(summary["per_relation"], "heldout")])
@@ -112,7 +112,22 @@ def decode_step(ctx: TourContext) -> TourSection:
     return run_decode(ctx)
 
 
-TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step, decode_step, posttrain_step]
+def hlop_step(ctx: TourContext) -> TourSection:
+    """Paper 4: HLOP vs baseline vs GPM on Permuted MNIST (engramlab.continual.tour)."""
+    from engramlab.continual.tour import hlop_step as run_hlop
+
+    return run_hlop(ctx)
+
+
+def tta_step(ctx: TourContext) -> TourSection:
+    """Paper 5: Source, BN, TENT and CoTTA on a corruption stream (engramlab.continual.tour)."""
+    from engramlab.continual.tour import tta_step as run_tta
+
+    return run_tta(ctx)
+
+
+TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step, decode_step, posttrain_step,
+                                                           hlop_step, tta_step]
 
 
 def step_names() -> list[str]:

@@ -129,7 +129,7 @@ def tta(
 @app.command("train-source")
 def train_source_command(
     out: Out = Path("runs/source"),
-    epochs: int = typer.Option(8, "--epochs", min=1),
+    epochs: int = typer.Option(10, "--epochs", min=1),
     seed: Seed = 2022,
     overwrite: Overwrite = False,
 ) -> None:

@@ -139,7 +139,7 @@ def _sections(results: dict[str, MethodResult], summary: dict) -> list[Section]:
                    "at once (upper bound), so it has no BWT.</p>",
                    tables=[table(rows), key_values({"stream": summary["stream"], "tasks": summary["n_tasks"],
                                                     "neuron": summary["neuron"], "training": summary["train"]})],
-                   figures=[task_curves(results)])
+                   figures=[acc_bwt_bars(summary), task_curves(results)])
     sections = [head, Section("Accuracy matrices", figures=[accuracy_heatmaps(results)])]
     leaky = {m: r for m, r in results.items() if r.leak}
     if leaky:
@@ -149,6 +149,17 @@ def _sections(results: dict[str, MethodResult], summary: dict) -> list[Section]:
             "the last task (‖x − xOᵀO‖²/‖x‖², per layer; 1 − leak = captured energy). Issue 9 measured 20–38% for "
             "the literal Hebbian rule and 0.5–4.5% for SVD bases.</p>", figures=[leak_plot(leaky)]))
     return sections
+
+
+def acc_bwt_bars(summary: dict) -> go.Figure:
+    """ACC and BWT (points) per method, side by side."""
+    methods = summary["methods"]
+    fig = go.Figure([go.Bar(name="ACC", x=methods, y=[100 * summary["acc"][m] for m in methods]),
+                     go.Bar(name="BWT", x=methods, y=[None if summary["bwt"][m] is None else 100 * summary["bwt"][m]
+                                                      for m in methods])])
+    fig.update_layout(barmode="group", title=f"{summary['stream']}, {summary['n_tasks']} tasks: ACC and BWT",
+                      yaxis_title="points", height=360)
+    return fig
 
 
 def task_curves(results: dict[str, MethodResult]) -> go.Figure:
