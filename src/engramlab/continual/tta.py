@@ -157,6 +157,7 @@ class CoTTA(TTAMethod):
         self.policy = get_policy(settings.policy)
         self.generator = torch.Generator().manual_seed(seed)
         self.last_gate: bool = False  # did the last batch use the augmented target?
+        self.last_plain: Tensor | None = None  # the last batch's plain teacher logits (for diagnostics)
         super().__init__(model, lr)
 
     def configure(self) -> None:
@@ -177,8 +178,9 @@ class CoTTA(TTAMethod):
         """Steps 2–5: the anchor's confidence gates the augmentation-averaged teacher logits."""
         confidence = self.anchor(x).softmax(1).max(1).values.mean()
         self.last_gate = self.settings.augment and bool(confidence < self.settings.threshold)
+        self.last_plain = self.teacher(x)  # the plain teacher prediction (the official CIFAR code computes it always)
         if not self.last_gate:
-            return self.teacher(x)
+            return self.last_plain
         n = self.settings.n_augmentations
         views = augment_views(x, n, self.policy, self.generator)  # (N, B, 3, H, W), one vectorised pass
         # Each view normalised with its own batch statistics, as the official loop of N teacher calls does.

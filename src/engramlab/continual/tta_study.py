@@ -69,10 +69,13 @@ def run_method(name: str, model: torch.nn.Module, opts: TTAStudyOptions) -> list
         seconds = time.perf_counter() - start
         wrong = (logits.argmax(1) != batch.y).float()
         gate = method.last_gate if isinstance(method, CoTTA) else None
+        # CoTTA diagnostic (labels are used for reporting only): would the plain teacher have been right?
+        wrong_plain = (method.last_plain.argmax(1) != batch.y).float() if isinstance(method, CoTTA) else None
         for corruption, mask in _domains(batch):
             records.append({"method": name, "step": step, "round": batch.round, "corruption": corruption,
                             "severity": batch.severity, "n": int(mask.sum()), "wrong": float(wrong[mask].sum()),
-                            "augmented": gate, "seconds": seconds * float(mask.sum()) / len(batch.y)})
+                            "augmented": gate, "seconds": seconds * float(mask.sum()) / len(batch.y),
+                            "wrong_plain_teacher": None if wrong_plain is None else float(wrong_plain[mask].sum())})
     return records
 
 
@@ -108,12 +111,20 @@ def _summary(opts: TTAStudyOptions, records: list[dict], n_steps: int) -> dict:
         speed[m] = sum(r["n"] for r in rows) / sum(r["seconds"] for r in rows)
     gates = {m: sum(bool(r["augmented"]) for r in rows) / len(rows) for m, rows in by_method.items()
              if rows[0]["augmented"] is not None}
+    # On the batches where CoTTA used the augmented target: its error vs the plain teacher's on the same images.
+    augmented_vs_plain = {}
+    for m, rows in by_method.items():
+        gated = [r for r in rows if r["augmented"]]
+        if gated:
+            n = sum(r["n"] for r in gated)
+            augmented_vs_plain[m] = {"error_augmented_target": 100 * sum(r["wrong"] for r in gated) / n,
+                                     "error_plain_teacher": 100 * sum(r["wrong_plain_teacher"] for r in gated) / n}
     n_domains = len({(r["corruption"], r["severity"]) for r in records})
     return {
         "setting": opts.setting, "rounds": opts.rounds, "severity": opts.severity, "batch_size": opts.batch_size,
         "data": str(opts.data_dir) if opts.data_dir else f"vendored MNIST test digits, {opts.constants} constants",
         "methods": list(by_method), "error_mean": error_mean, "error_by_round": error_by_round,
-        "images_per_second": speed, "augmentation_rate": gates,
+        "images_per_second": speed, "augmentation_rate": gates, "augmented_vs_plain_on_gated_batches": augmented_vs_plain,
         "steps": n_steps, "steps_per_domain": n_steps / max(1, n_domains * opts.rounds),
         "ema_horizon_steps": 1 / (1 - opts.cotta.ema_alpha) if opts.cotta.ema_alpha < 1 else None,
         "cotta": asdict(opts.cotta), "lr": opts.lr, "seed": opts.seed, "device": "cpu",
@@ -197,12 +208,17 @@ def _sections(errors: list[dict], summary: dict, opts: TTAStudyOptions) -> list[
     diag = {"EMA horizon 1/(1−α) (steps)": summary["ema_horizon_steps"], "steps in the stream": summary["steps"],
             "steps per domain": summary["steps_per_domain"]}
     diag |= {f"augmentation rate ({m})": v for m, v in summary["augmentation_rate"].items()}
+    for m, v in summary["augmented_vs_plain_on_gated_batches"].items():
+        diag |= {f"error % on augmented batches, augmented target ({m})": v["error_augmented_target"],
+                 f"error % on augmented batches, plain teacher ({m})": v["error_plain_teacher"]}
     return [
         Section("Error per corruption", context, tables=tables + [key_values(headline)]),
         Section("Over time and rounds", figures=[error_over_time(errors), error_by_round(summary)]),
         Section("CoTTA diagnostics",
-                "<p>How far the teacher can move in this stream (EMA horizon vs its length) and how often the "
-                "anchor's confidence fell below the threshold, switching on the 32-view average.</p>",
+                "<p>How far the teacher can move in this stream (EMA horizon vs its length), how often the "
+                "anchor's confidence fell below the threshold, switching on the 32-view average, and whether that "
+                "average was a better pseudo-label than the plain teacher prediction on those batches (labels used "
+                "for this report only).</p>",
                 tables=[key_values(diag), key_values({f"images/s ({m})": v
                                                       for m, v in summary["images_per_second"].items()})]),
     ]
