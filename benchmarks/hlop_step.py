@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+
 from engramlab.continual.hlop import CLIP, MOMENTUM, HebbianSubspace
 from engramlab.continual.methods import HLOP, HLOP_PRESETS
 from engramlab.continual.snn import SpikingMLP

@@ -65,18 +65,20 @@ def no_hooks_left(model) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.fixture()
-def cli(capsys):
-    """Run the `engramlab` command in-process: cli([...]) -> (exit code, stdout, stderr)."""
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the `engramlab` command in-process: (exit code, stdout, stderr)."""
     from engramlab.cli import main
 
-    def run(args: list[str]) -> tuple[int, str, str]:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
-    return run
+
+@pytest.fixture()
+def cli(capsys):
+    """`run_cli` bound to the test's capsys: cli([...]) -> (exit code, stdout, stderr)."""
+    return lambda args: run_cli(args, capsys)

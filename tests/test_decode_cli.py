@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
-from conftest import INTERMEDIATE, LAYERS, tiny_model
+from conftest import INTERMEDIATE, LAYERS, run_cli, tiny_model
 from test_decode import tiny_tokenizer
 
 import engramlab.cli
@@ -50,16 +50,6 @@ def saved(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        engramlab.cli.main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(code: int, err: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 from engramlab.cli import main
 from engramlab.errors import EngramError
 from engramlab.models import load_model
@@ -32,16 +32,6 @@ def saved_llama(tmp_path_factory) -> Path:
     tiny_model("llama").save_pretrained(path)
     _tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
