@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from conftest import run_cli, tiny_model
-from engramlab.cli import main
+
 from engramlab.errors import EngramError
 from engramlab.models import load_model
 from engramlab.models.loading import resolve_ref
