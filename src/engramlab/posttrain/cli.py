@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from engramlab.cli_options import BatchSize, Device, Dtype, Overwrite, Seed
-from engramlab.posttrain import study
+from engramlab.posttrain import patching, study
 
 app = typer.Typer(help="How post-training reshapes LLMs (Du et al., COLM 2025).", no_args_is_help=True)
 console = Console()
@@ -20,8 +20,8 @@ Post = Annotated[str, typer.Option("--post", help="Its post-trained version (sam
 Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
 
 HEADLINES = {
-    "knowledge": ("pearson_r",),
-    "truth": ("layer", "cosine", "probe_acc"),
+    "knowledge": ("variant", "pearson_r"),
+    "truth": ("layer", "cosine", "probe_acc", "nie", "nie_last_token"),
     "refusal": ("layer", "cosine", "refusal_rate_harmful", "refusal_rate_harmful_ablated", "refusal_rate_harmless",
                 "refusal_rate_harmless_added", "refusal_rate_harmful_ablated_base_direction",
                 "refusal_rate_harmless_added_base_direction"),
@@ -34,27 +34,56 @@ def _run(analyses: list[str], base: str, post: str, out: Path, device: str, dtyp
     opts = study.Options(base=base, post=post, out=out, device=device, dtype=dtype, seed=seed,
                          batch_size=batch_size, overwrite=overwrite, **extra)
     summary = study.run(opts, analyses)
-    shown = {name: {k: summary[name][k] for k in HEADLINES[name] if k in summary[name]} for name in analyses}
+    shown = {name: {k: _headline(summary[name][k]) for k in HEADLINES[name] if k in summary[name]}
+             for name in analyses}
     console.print_json(json.dumps(shown, default=str))
     console.print(f"wrote {out}/summary.json and {out}/report.html")
 
 
-def _command(name: str, doc: str, default_out: str):
-    def command(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path(default_out),
+def _headline(value):
+    """NIE tables {pair: {"nie": x, ...}} shown as {pair: x}; everything else as it is."""
+    if isinstance(value, dict) and value and all(isinstance(v, dict) and "nie" in v for v in value.values()):
+        return {k: v["nie"] for k, v in value.items()}
+    return value
+
+
+@app.command("knowledge")
+def knowledge_cmd(base: Base = "organism:base", post: Post = "organism:chat",
+                  out: Out = Path("runs/posttrain-knowledge"),
+                  variant: str = typer.Option("truefalse", "--variant",
+                                              help=f"Patching variant: {', '.join(patching.VARIANTS)}."),
+                  max_pairs: int = typer.Option(24, "--max-pairs", min=2, help="True/false pairs per dataset."),
+                  noise_scale: float = typer.Option(0.05, "--noise-scale",
+                                                    help="noise variant: std as a fraction of |embedding|."),
+                  device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
+                  overwrite: Overwrite = False) -> None:
+    """Activation patching maps (clean -> corrupted run) for base and post, their correlation, and cross-model
+    patching."""
+    _run(["knowledge"], base, post, out, device, dtype, seed, batch_size, overwrite, knowledge_variant=variant,
+         max_pairs=max_pairs, noise_scale=noise_scale)
+
+
+@app.command("truth")
+def truth_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-truth"),
+              layer: int | None = typer.Option(None, "--layer",
+                                               help="Probe layer (default: where base LOO accuracy peaks)."),
+              token: str = typer.Option("period", "--token",
+                                        help="period (the paper's) or object (geometry-of-truth's noperiod)."),
+              per_set: int = typer.Option(150, "--per-set", min=4, help="Statements per dataset."),
+              device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
+              overwrite: Overwrite = False) -> None:
+    """Truth direction: probe layer, leave-one-dataset-out accuracy, cosine base/post, cross-model probes and
+    intervention NIE (at the paper's positions and at the final token)."""
+    _run(["truth"], base, post, out, device, dtype, seed, batch_size, overwrite, truth_layer=layer,
+         truth_token=token, per_set=per_set)
+
+
+@app.command("entropy")
+def entropy_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-entropy"),
                 device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
                 overwrite: Overwrite = False) -> None:
-        _run([name], base, post, out, device, dtype, seed, batch_size, overwrite)
-
-    command.__doc__ = doc
-    app.command(name)(command)
-
-
-_command("knowledge", "Activation patching maps (true -> false run) for base and post, their correlation, and "
-                      "cross-model patching.", "runs/posttrain-knowledge")
-_command("truth", "Truth direction: probe layer, leave-one-dataset-out accuracy, cosine base/post, cross-model "
-                  "probes and intervention NIE.", "runs/posttrain-truth")
-_command("entropy", "Entropy neurons (high norm, low LogitVar) of both models, their IoU and their effect on "
-                    "entropy.", "runs/posttrain-entropy")
+    """Entropy neurons (high norm, low LogitVar) of both models, their IoU and their effect on entropy."""
+    _run(["entropy"], base, post, out, device, dtype, seed, batch_size, overwrite)
 
 
 @app.command("refusal")

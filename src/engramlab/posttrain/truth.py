@@ -1,14 +1,18 @@
-"""The truthfulness direction (paper 3 §B.3, after Marks & Tegmark's "geometry of truth").
+"""The truthfulness direction (paper 3, Du et al. 2025, §4.2; spec §B.3, after Marks & Tegmark's "geometry of truth").
 
 - Activations: residual stream leaving layer L (`resid_post`) at the last token of the bare statement (its final
-  "."), no few-shot context, left padding.
+  "."), no few-shot context, left padding. `drop_period=True` reads the statement without its final "." (the
+  geometry-of-truth `noperiod` setting: the last token of the object word).
 - Direction: difference in means ("MMProbe"), d = mean(acts | true) - mean(acts | false).
 - Probe: project on d (activations centred by their own set's mean) and fit a one-dimensional logistic
   regression with intercept (scikit-learn) for the threshold. Generalisation is leave-one-dataset-out.
 - Transfer: cosine(d_base, d_post); a direction applied to the other model's activations.
-- Intervention: in the few-shot prompt, add v = d at layers `layers` on the last statement token before "." and
-  on the "." token — subtracted on true statements, added on false ones — and measure PD = P(" TRUE") - P(" FALSE")
-  at the final position. NIE_true = (PD_int - PD)/(-1 - PD), NIE_false = (PD_int - PD)/(1 - PD); report the mean.
+- Intervention: in the few-shot prompt, add v = d (coefficient 1) to `resid_post` of layers `layers` at
+  `positions` (`INTERVENTION_POSITIONS`; the paper's are the last statement token before "." and the "." token)
+  — subtracted on true statements, added on false ones — and measure PD = P(" TRUE") - P(" FALSE") at the final
+  position. With PD averaged over the true and over the false statements (as the paper's
+  `interventions.py` does before dividing), NIE_true = (PD_int - PD)/(-1 - PD), NIE_false = (PD_int - PD)/(1 - PD);
+  the reported NIE is their mean.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from engramlab.models.loading import LoadedModel
 
 
 @torch.inference_mode()
-def statement_acts(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32
-                   ) -> dict[int, np.ndarray]:
-    """resid_post at the last token of each text, per layer: {layer: [n, H] float32}."""
+def statement_acts(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,
+                   drop_period: bool = False) -> dict[int, np.ndarray]:
+    """resid_post at the last token of each text (without its final "." if `drop_period`): {layer: [n, H]}."""
     tokenizer = loaded.require_tokenizer()
+    if drop_period:
+        texts = [t.removesuffix(".") for t in texts]
     out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
@@ -91,28 +97,41 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
-def _intervention_positions(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
-    """Bool [B, L]: the query statement's last token before "." and its "." token (left-padded batch)."""
+# Where the direction is added in the few-shot prompt: the paper's two positions (geometry-of-truth's default,
+# `noperiod = False`), the last token before "." alone (`noperiod = True`), or the final token, where the answer
+# is read out (a diagnostic the paper does not run).
+INTERVENTION_POSITIONS = ("statement", "object", "last")
+
+
+def intervention_positions(tokenizer, prompts: list[str], length: int, where: str = "statement") -> torch.Tensor:
+    """Bool [B, L] over a left-padded batch: the query statement's last token before its final "." and that "."
+    token (`statement`), the first of them alone (`object`), or the prompt's final token (`last`)."""
+    if where not in INTERVENTION_POSITIONS:
+        raise EngramError(f"intervention positions {where!r} are unknown; choose one of: "
+                          f"{', '.join(INTERVENTION_POSITIONS)}.")
     mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    if where == "last":
+        mask[:, -1] = True
+        return mask
     for row, prompt in enumerate(prompts):
-        enc = tokenizer(prompt, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
         dot = len(prompt) - len(SUFFIX) - 1  # character index of the statement's final "."
         hit = [i for i, (a, b) in enumerate(offsets) if a <= dot < b]
-        if not hit:
+        if not hit or prompt[dot] != ".":
             raise EngramError(f"cannot find the statement's final '.' in the prompt {prompt[-60:]!r}.")
         pad = length - len(offsets)
-        mask[row, pad + hit[0]] = True
         mask[row, pad + hit[0] - 1] = True
+        if where == "statement":
+            mask[row, pad + hit[0]] = True
     return mask
 
 
 @torch.inference_mode()
 def prob_difference(loaded: LoadedModel, statements: Sequence[Statement], direction: np.ndarray | None = None,
-                    layers: Sequence[int] = (), shots: list[Statement] | None = None, batch_size: int = 16
-                    ) -> np.ndarray:
+                    layers: Sequence[int] = (), shots: list[Statement] | None = None, batch_size: int = 16,
+                    positions: str = "statement") -> np.ndarray:
     """PD = P(TRUE) - P(FALSE) for each statement's few-shot prompt, optionally with the direction intervention
-    (subtracted on true statements, added on false ones)."""
+    at `layers` and `positions` (subtracted on true statements, added on false ones)."""
     tokenizer = loaded.require_tokenizer()
     true_id, false_id = label_token_ids(tokenizer)
     out = []
@@ -123,10 +142,10 @@ def prob_difference(loaded: LoadedModel, statements: Sequence[Statement], direct
         if direction is None or not layers:
             logits = loaded.model(**batch).logits[:, -1]
         else:
-            positions = _intervention_positions(tokenizer, prompts, batch["input_ids"].shape[1])
+            mask = intervention_positions(tokenizer, prompts, batch["input_ids"].shape[1], positions)
             sign = torch.tensor([-1.0 if s.label else 1.0 for s in chunk])
             vector = torch.as_tensor(direction, dtype=torch.float32)
-            with loaded.hooks.add_direction("resid_post", list(layers), vector, coeff=sign, positions=positions):
+            with loaded.hooks.add_direction("resid_post", list(layers), vector, coeff=sign, positions=mask):
                 logits = loaded.model(**batch).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)
         out.append((probs[:, true_id] - probs[:, false_id]).cpu().numpy())
@@ -134,9 +153,16 @@ def prob_difference(loaded: LoadedModel, statements: Sequence[Statement], direct
 
 
 def nie(pd_base: np.ndarray, pd_int: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Normalised indirect effect of flipping the label: true statements towards -1, false towards +1."""
+    """Normalised indirect effect of flipping the label (spec §B.3), from PD averaged over the true and over the
+    false statements first, as the paper's `interventions.py` does: true statements towards -1, false towards +1.
+    (A mean of per-statement ratios would let a statement the model already gets wrong, PD near the target, divide
+    by almost zero.)"""
     labels = np.asarray(labels, dtype=bool)
-    to_false = (pd_int[labels] - pd_base[labels]) / (-1 - pd_base[labels])
-    to_true = (pd_int[~labels] - pd_base[~labels]) / (1 - pd_base[~labels])
-    t2f, f2t = float(np.mean(to_false)), float(np.mean(to_true))
-    return {"nie_true_to_false": t2f, "nie_false_to_true": f2t, "nie": (t2f + f2t) / 2}
+    if labels.all() or not labels.any():
+        raise EngramError("the NIE needs both true and false statements.")
+    base_t, base_f = float(pd_base[labels].mean()), float(pd_base[~labels].mean())
+    int_t, int_f = float(pd_int[labels].mean()), float(pd_int[~labels].mean())
+    t2f = (int_t - base_t) / (-1 - base_t)
+    f2t = (int_f - base_f) / (1 - base_f)
+    return {"nie_true_to_false": t2f, "nie_false_to_true": f2t, "nie": (t2f + f2t) / 2,
+            "pd_true": base_t, "pd_false": base_f, "pd_true_intervened": int_t, "pd_false_intervened": int_f}
