@@ -152,3 +152,21 @@ def test_shipped_source_model_knows_clean_digits():
     assert accuracy(load_source(), x_test, y_test) > 0.95
     card = json.loads(Path(str(SHIPPED)).with_suffix(".json").read_text())
     assert card["clean_test_accuracy"] > 0.95
+
+
+def test_robustbench_wrn_checkpoint_loads_with_weights_only(tmp_path):
+    from engramlab.continual.source_model import load_source
+    from engramlab.continual.wide_resnet import WideResNet
+
+    torch.manual_seed(0)
+    original = WideResNet(28, 10).eval()
+    path = tmp_path / "Standard.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}, path)
+    loaded = load_source(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), original(x))
+    assert sum(p.numel() for p in loaded.parameters()) == 36_479_194  # RobustBench's Standard WRN-28-10
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(EngramError, match="WRN-28-10"):
+        load_source(tmp_path / "bad.pt")

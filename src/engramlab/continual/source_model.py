@@ -108,8 +108,13 @@ def save_source(model: SmallResNet, card: dict, path: str | Path) -> Path:
     return path
 
 
-def load_source(path: str | Path | None = None) -> SmallResNet:
-    """The source model from `path` (default: the shipped weights) and its card's architecture."""
+def load_source(path: str | Path | None = None) -> torch.nn.Module:
+    """The source model: the shipped weights by default; a `.safetensors` file with its JSON card (a SmallResNet
+    from `train-source`); or a `.pt` / `.pth` RobustBench WRN-28-10 checkpoint (CoTTA's CIFAR10-C source model)."""
+    if path is not None and Path(path).suffix in (".pt", ".pth"):
+        from engramlab.continual.wide_resnet import load_robustbench_checkpoint
+
+        return load_robustbench_checkpoint(path)
     weights = Path(str(SHIPPED)) if path is None else Path(path)
     card_path = weights.with_suffix(".json")
     if not weights.is_file() or not card_path.is_file():
