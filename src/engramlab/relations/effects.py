@@ -4,7 +4,8 @@ inter-relation matrix, the k-sweep with the cumulativity test, overlaps, and cro
 Every analysis is a set of (unit set, prompt) rows sent through `accuracy.recall`, which batches rows with
 different unit sets into one `generate` call (per-row masks). Accuracy is always on P_eva, the eval subjects
 that neuron selection never saw, split by template: "seen" (selection templates) and "heldout" (templates
-never used for selection: the template control engramlab adds to the paper).
+never used for selection: the template control engramlab adds to the paper; `--heldout-templates` chooses them,
+and with `none` there is no held-out group and the summary says so instead of reporting a number).
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ def _acc(rec: Recall, set_index: int, cols: np.ndarray) -> float:
     return float(rec.correct[set_index, cols].mean()) if cols.size else float("nan")
 
 
-def _split_cols(prompts: PromptSet, relation: str) -> dict[str, np.ndarray]:
+def template_groups(prompts: PromptSet) -> dict[str, str]:
+    """The template groups present: "seen", and "heldout" unless no template is held out."""
+    return {g: s for g, s in TEMPLATE_GROUPS.items() if g == "seen" or (prompts.split == s).any()}
+
+
+def _split_cols(prompts: PromptSet, relation: str, groups: dict[str, str]) -> dict[str, np.ndarray]:
     out = {"all": prompts.where(relation=relation)}
-    for group, split in TEMPLATE_GROUPS.items():
+    for group, split in groups.items():
         out[group] = prompts.where(relation=relation, split=split)
     return out
+
+
+def _frames(prompts: PromptSet, split: str) -> list[str]:
+    return list(dict.fromkeys(prompts.frame[prompts.split == split].tolist()))
 
 
 @dataclass
@@ -61,6 +71,7 @@ def deactivate(
     k = k or found.k
     names = found.relations
     prompts = evaluation_prompts(relations, tuple(TEMPLATE_GROUPS.values()), eval_subjects)
+    groups = template_groups(prompts)
     targets = {name: found.top(name, k) for name in names}
     baseline = recall(loaded, prompts.text, prompts.gold, batch_size=batch_size, description="P_eva before")
     cross = recall(loaded, prompts.text, prompts.gold, space, [targets[n] for n in names], batch_size,
@@ -75,8 +86,9 @@ def deactivate(
                          batch_size, description=f"random controls: {name}")
         local = prompts.subset(own)
         stats: dict[str, float] = {}
-        for group, cols in _split_cols(prompts, name).items():
-            local_cols = _split_cols(local, name)[group]
+        local_groups = _split_cols(local, name, groups)
+        for group, cols in _split_cols(prompts, name, groups).items():
+            local_cols = local_groups[group]
             before, after = _acc(baseline, 0, cols), _acc(cross, i, cols)
             rand = np.array([_acc(randoms, s, local_cols) for s in range(n_random)])
             suffix = "" if group == "all" else f"_{group}"
@@ -100,13 +112,21 @@ def deactivate(
                 rows.append(dict(target=name, condition="target", seed=-1, eval_relation=other, templates="all",
                                  accuracy=after, n=int(cols.size)))
     summary = _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random)
+    summary["selection_templates"] = _frames(prompts, "selection")
+    summary["heldout_templates"] = _frames(prompts, "heldout")
+    if "heldout" not in groups:
+        summary["heldout_note"] = ("no template is held out (--heldout-templates none): every template was used "
+                                   "for selection, so there is no held-out drop to report.")
     return Deactivation(rows=rows, per_relation=per_relation, matrix=matrix, summary=summary)
 
 
 def _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random) -> dict:
-    def mean_drop(after_key: str, suffix: str = "") -> float:
-        drops = [s[f"acc_before{suffix}"] - s[f"{after_key}{suffix}"] for s in per_relation.values()]
-        return float(np.nanmean(drops)) if drops else float("nan")
+    def mean_drop(after_key: str, suffix: str = "") -> float | None:
+        drops = [s[f"acc_before{suffix}"] - s[f"{after_key}{suffix}"] for s in per_relation.values()
+                 if f"acc_before{suffix}" in s]
+        if not drops:
+            return None  # the group does not exist (no held-out template)
+        return float(np.nanmean(drops)) if np.isfinite(drops).any() else float("nan")
 
     off_diag = ~np.eye(len(names), dtype=bool)
     return {

@@ -31,7 +31,7 @@ from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 from engramlab.relations.accuracy import recall
 from engramlab.relations.ap import average_precision
-from engramlab.relations.prompts import PromptSet, identification_prompts
+from engramlab.relations.prompts import PromptSet, frames_in, identification_prompts
 from engramlab.relations.responses import ResponseMatrix, collect_responses, fingerprint
 from engramlab.relations.units import UnitSpace, channel_scores
 from engramlab.results import atomic_path, write_json, write_parquet
@@ -57,6 +57,9 @@ class FindResult:
     k: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per relation: candidates, validated, negatives
     seconds: float = 0.0
+    seed: int = 0  # the negatives' sampling seed (the template control redraws the same negatives)
+    selection_templates: list[str] | None = None  # template frames used for selection (None: not recorded)
+    heldout_templates: list[str] | None = None  # template frames held out of selection
 
     def top(self, relation: str, k: int | None = None) -> np.ndarray:
         """Unit ids of the top-k units of a relation by AP (descending; ties by lower id)."""
@@ -70,7 +73,9 @@ class FindResult:
                                                            "units": self.units, "response": self.response})
         write_json(out / "find.json", {"relations": self.relations, "units": self.units, "response": self.response,
                                        "n_units": self.n_units, "k": self.k, "counts": self.counts,
-                                       "seconds": self.seconds})
+                                       "seconds": self.seconds, "seed": self.seed,
+                                       "selection_templates": self.selection_templates,
+                                       "heldout_templates": self.heldout_templates})
 
     @classmethod
     def load(cls, folder: str | Path) -> FindResult:
@@ -83,7 +88,9 @@ class FindResult:
         meta = json.loads(meta_path.read_text())
         ap = load_file(str(folder / "ap.safetensors"))["ap"]
         return cls(relations=meta["relations"], ap=ap, units=meta["units"], response=meta["response"],
-                   n_units=meta["n_units"], k=meta["k"], counts=meta["counts"], seconds=meta["seconds"])
+                   n_units=meta["n_units"], k=meta["k"], counts=meta["counts"], seconds=meta["seconds"],
+                   seed=meta.get("seed", 0), selection_templates=meta.get("selection_templates"),
+                   heldout_templates=meta.get("heldout_templates"))
 
 
 def find(
@@ -121,7 +128,9 @@ def find(
         UnitSpace(loaded.layout, units)  # raises the clear error
     result = FindResult(relations=names, ap=ap.astype(np.float32), units=units, response=response,
                         n_units=space_size, k=k or default_k(space_size), counts=counts,
-                        seconds=round(time.perf_counter() - start, 2))
+                        seconds=round(time.perf_counter() - start, 2), seed=seed,
+                        selection_templates=frames_in(relations, "selection"),
+                        heldout_templates=frames_in(relations, "heldout"))
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")
     result.save(out)
@@ -136,6 +145,20 @@ def validate(loaded: LoadedModel, candidates: PromptSet, batch_size: int) -> tup
         raise EngramError(f"{loaded.ref} answers none of the {len(candidates)} identification prompts correctly; "
                           "relation neurons need facts the model knows.")
     return candidates.subset(keep), checked
+
+
+def load_identification(folder: str | Path) -> tuple[PromptSet, PromptSet]:
+    """(candidates, validated) P_det of a `relations find` folder, read back from identification_prompts.parquet."""
+    path = Path(folder) / "identification_prompts.parquet"
+    if not path.is_file():
+        raise EngramError(f"{folder} holds no identification_prompts.parquet; run `relations find` there first.")
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pydict()
+    candidates = PromptSet.from_rows(rows, str(path))
+    if "correct" not in rows:
+        raise EngramError(f"{path} has no column 'correct'; run `relations find` again.")
+    return candidates, candidates.subset(np.flatnonzero(np.asarray(rows["correct"], dtype=bool)))
 
 
 def sample_rows(validated: PromptSet, names: list[str], candidates: PromptSet, seed: int):

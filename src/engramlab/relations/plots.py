@@ -93,3 +93,33 @@ def language_bars(rows: list[dict]) -> go.Figure:
     fig.update_layout(barmode="group", title="English-identified units zeroed on other languages (mean over relations)",
                       yaxis_title="accuracy", yaxis_range=[0, 1], height=400)
     return fig
+
+
+def template_scatter(rows: list[dict]) -> go.Figure:
+    """Template control: each top unit's subject-only AP against its template-only AP, one colour per relation.
+    Units above the diagonal read the template's words more than the subject."""
+    fig = go.Figure()
+    for name in dict.fromkeys(r["relation"] for r in rows):
+        sel = [r for r in rows if r["relation"] == name]
+        fig.add_trace(go.Scatter(x=[r["ap_subject"] for r in sel], y=[r["ap_template"] for r in sel], mode="markers",
+                                 name=name, marker=dict(size=5, opacity=0.7),
+                                 text=[f"L{r['layer']} {r['site']}[{r['index']}] rank {r['rank']}, AP {r['ap']:.3f}"
+                                       for r in sel]))
+    fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
+    fig.update_layout(title="Top units: AP from subject tokens vs from template tokens (chance = 0.2)",
+                      xaxis_title="AP, mean over subject tokens", yaxis_title="AP, mean over template tokens",
+                      xaxis_range=[0, 1.02], yaxis_range=[0, 1.02], height=520)
+    return fig
+
+
+def perplexity_bars(per_relation: dict[str, dict[str, float]]) -> go.Figure:
+    """Perplexity probe: probe-sentence perplexity before, after random-k and after the relation's top-k."""
+    names = list(per_relation)
+    fig = go.Figure()
+    fig.add_trace(go.Bar(name="before", x=names, y=[per_relation[n]["ppl_before"] for n in names]))
+    fig.add_trace(go.Bar(name="random-k", x=names, y=[per_relation[n]["ppl_after_random_mean"] for n in names],
+                         error_y=dict(type="data", array=[per_relation[n]["ppl_after_random_std"] for n in names])))
+    fig.add_trace(go.Bar(name="relation top-k", x=names, y=[per_relation[n]["ppl_after_target"] for n in names]))
+    fig.update_layout(barmode="group", title="Perplexity of the probe sentences (paper 1 §5.5)", yaxis_type="log",
+                      yaxis_title="perplexity", height=420)
+    return fig

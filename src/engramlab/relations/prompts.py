@@ -5,6 +5,11 @@
 - P_eva: the disjoint `eval` subjects (50 per relation) rendered with the selection templates ("seen") and with
   the held-out templates that neuron selection never saw ("heldout"). P_eva is not filtered (paper §2.2).
 
+Which templates are held out is the template control engramlab adds to the paper (issue 5): by default the frames
+that `engramlab.data.facts.FRAMES` marks "heldout" (p1b, stmt2); `split_templates` lets a user hold out any frames
+(`--heldout-templates p1,qa`) or none (`--heldout-templates none`: the paper's protocol, selection on every
+trained template). Frames marked "unseen" (zs, never trained) stay out of selection unless named as held out.
+
 A user's own relation comes from an LRE-format JSON file (`--relation-file`): `{"name": ..., "prompt_templates":
 ["{} is headquartered in", ...], "samples": [{"subject": ..., "object": ...}, ...]}`. Its first templates are
 used for selection and its last one is held out; each becomes a paper-style "? Answer:" prompt too.
@@ -12,6 +17,7 @@ used for selection and its last one is held out; each becomes a paper-style "? A
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Iterable
@@ -35,17 +41,36 @@ class PromptSet:
     subject: list[str]
     frame: np.ndarray  # template frame name
     split: np.ndarray  # "selection" | "heldout"
+    subject_start: np.ndarray  # int: character offset of the subject in `text`
 
     def __len__(self) -> int:
         return len(self.text)
 
     def subset(self, index: np.ndarray) -> PromptSet:
         return PromptSet([self.text[i] for i in index], [self.gold[i] for i in index], self.relation[index],
-                         [self.subject[i] for i in index], self.frame[index], self.split[index])
+                         [self.subject[i] for i in index], self.frame[index], self.split[index],
+                         self.subject_start[index])
+
+    def subject_spans(self) -> list[tuple[int, int]]:
+        """Character span `[start, end)` of the subject in each prompt."""
+        return [(int(s), int(s) + len(subj)) for s, subj in zip(self.subject_start, self.subject)]
 
     def rows(self) -> dict[str, list]:
         return {"relation": self.relation.tolist(), "prompt": self.text, "gold": self.gold,
-                "subject": self.subject, "frame": self.frame.tolist(), "template_split": self.split.tolist()}
+                "subject": self.subject, "subject_start": self.subject_start.tolist(), "frame": self.frame.tolist(),
+                "template_split": self.split.tolist()}
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, list], where: str) -> PromptSet:
+        """The inverse of `rows()` (a table read back from parquet); `where` names the source in errors."""
+        missing = [c for c in ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
+                   if c not in rows]
+        if missing:
+            raise EngramError(f"{where} has no column {missing[0]!r}: it was written by an older engramlab; "
+                              "run `relations find` again.")
+        return cls(list(rows["prompt"]), list(rows["gold"]), np.array(rows["relation"], dtype=object),
+                   list(rows["subject"]), np.array(rows["frame"], dtype=object),
+                   np.array(rows["template_split"], dtype=object), np.array(rows["subject_start"], dtype=np.int64))
 
     def where(self, relation: str | None = None, split: str | None = None) -> np.ndarray:
         keep = np.ones(len(self), dtype=bool)
@@ -65,6 +90,7 @@ def _build(items: Iterable[tuple[str, Fact, Template]]) -> PromptSet:
         subject=[f.subject for _, f, _ in items],
         frame=np.array([t.frame for _, _, t in items], dtype=object),
         split=np.array([t.split for _, _, t in items], dtype=object),
+        subject_start=np.array([t.text.index("{}") for _, _, t in items], dtype=np.int64),
     )
 
 
@@ -89,6 +115,51 @@ def evaluation_prompts(relations: dict[str, Relation], splits: tuple[str, ...] =
             facts = sorted(facts, key=lambda f: f.subject)[:max_subjects]
         items.extend((name, f, t) for f in facts for split in splits for t in rel.templates_in(split))
     return _build(items)
+
+
+def template_frames(relations: dict[str, Relation]) -> list[str]:
+    """Every template frame of the relations, in first-seen order."""
+    return list(dict.fromkeys(t.frame for rel in relations.values() for t in rel.templates))
+
+
+def frames_in(relations: dict[str, Relation], split: str) -> list[str]:
+    """The frames that some relation uses with template split `split` ("selection" or "heldout")."""
+    return list(dict.fromkeys(t.frame for rel in relations.values() for t in rel.templates if t.split == split))
+
+
+def split_templates(relations: dict[str, Relation], heldout: str | None) -> dict[str, Relation]:
+    """Relations whose templates are re-split by `--heldout-templates` (new objects; shipped ones are cached).
+
+    `heldout`: None or "default" keeps each template's own split; "none" puts every trained template in selection
+    (paper 1's protocol); a comma list of frames holds those out and selects on every other trained frame.
+    """
+    if heldout is None or heldout.strip() in ("", "default"):
+        return dict(relations)
+    names = [n.strip() for n in heldout.split(",") if n.strip()]
+    known = template_frames(relations)
+    if "none" in names:
+        if len(names) > 1:
+            raise EngramError(f"--heldout-templates {heldout!r}: 'none' cannot be combined with template frames.")
+        names = []
+    else:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise EngramError(f"--heldout-templates: unknown template frame {unknown[0]!r}; choose 'none' or frames "
+                              f"from: {', '.join(known)}.")
+    chosen = set(names)
+
+    def split_of(t: Template) -> str:
+        if t.frame in chosen:
+            return "heldout"
+        return "unseen" if t.split == "unseen" else "selection"
+
+    out = {}
+    for name, rel in relations.items():
+        templates = [dataclasses.replace(t, split=split_of(t)) for t in rel.templates]
+        if not any(t.split == "selection" for t in templates):
+            raise EngramError(f"--heldout-templates {heldout}: relation {name!r} keeps no template for selection.")
+        out[name] = dataclasses.replace(rel, templates=templates)
+    return out
 
 
 def load_relations_for_study(names: Iterable[str] | None, relation_files: Iterable[str | os.PathLike] = (),

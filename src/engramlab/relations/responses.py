@@ -25,6 +25,7 @@ import torch
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 from engramlab.progress import track
+from engramlab.relations.tokens import encode
 from engramlab.relations.units import UnitSpace
 from engramlab.results import write_json
 
@@ -101,8 +102,7 @@ def collect_responses(
     sites = sorted({site for site, _ in space.keys()})
     starts = list(range(matrix.done, len(texts), batch_size))
     for start in track(starts, "responses", total=len(starts)):
-        batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
-        batch = batch.to(loaded.device)
+        batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
         with loaded.hooks.record(sites, None, positions=positions, reduce="mean", stop=True) as rec:
             loaded.model(**batch)
         matrix.append(space.flatten(rec).cpu().numpy())  # [B, N]

@@ -14,8 +14,10 @@ from engramlab.data.facts import PAPER1_RELATIONS, RELATIONS
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel, load_model
 from engramlab.relations import effects, plots
-from engramlab.relations.find import FindResult, find, top_units_table
-from engramlab.relations.prompts import load_relations_for_study
+from engramlab.relations.find import FindResult, find, load_identification, sample_rows, top_units_table
+from engramlab.relations.perplexity import MAX_OBJECTS, perplexity
+from engramlab.relations.prompts import frames_in, load_relations_for_study, split_templates, template_frames
+from engramlab.relations.template_control import DEFAULT_TOP, TemplateControl, template_control
 from engramlab.relations.units import UnitSpace
 from engramlab.report import Section, key_values, table, write_report
 from engramlab.results import prepare_out_dir, write_json, write_parquet
@@ -36,6 +38,7 @@ class StudyOptions:
     units: str = "neurons"
     max_prompts: int | None = 1000
     eval_subjects: int | None = None
+    heldout_templates: str | None = None  # None: the frames' own split (p1b, stmt2); "none"; or "frame,frame"
     neurons: Path | None = None  # reuse a previous `relations find` folder
     device: str = "auto"
     dtype: str = "auto"
@@ -64,10 +67,12 @@ class Study:
     relations: dict
     found: FindResult
     space: UnitSpace
+    find_dir: Path  # the folder holding the find result (`out` or `--neurons`)
 
 
 def prepare(opts: StudyOptions) -> Study:
-    """Output folder, model, relations, and the find result (computed into `out` or read from `--neurons`)."""
+    """Output folder, model, relations (templates split by `--heldout-templates`), and the find result (computed
+    into `out` or read from `--neurons`, whose template split is then the default and must not be contradicted)."""
     out = opts.out
     if not opts.resume:
         out = prepare_out_dir(out, opts.overwrite)
@@ -75,7 +80,7 @@ def prepare(opts: StudyOptions) -> Study:
         out.mkdir(parents=True, exist_ok=True)
     names = relation_names(opts.relations) if opts.relations else []
     relations = load_relations_for_study(names, opts.relation_files)
-    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    found = None
     if opts.neurons is not None:
         found = FindResult.load(opts.neurons)
         missing = [n for n in relations if n not in found.relations]
@@ -83,15 +88,44 @@ def prepare(opts: StudyOptions) -> Study:
             raise EngramError(f"--neurons {opts.neurons} has no neurons for relation {missing[0]!r}.")
         if opts.k:
             found.k = opts.k
+        relations = _split_like(relations, found, opts)
+        find_dir = Path(opts.neurons)
     else:
+        relations = split_templates(relations, opts.heldout_templates)
+    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    if found is None:
         found = find(loaded, relations, out, k=opts.k, response=opts.response, units=opts.units,
                      max_prompts=opts.max_prompts, seed=opts.seed, batch_size=opts.batch_size)
         write_parquet(out / "neurons.parquet", top_units_table(found, UnitSpace(loaded.layout, found.units)))
+        find_dir = out
     space = UnitSpace(loaded.layout, found.units)
     if space.size != found.ap.shape[1]:
         raise EngramError(f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
                           f"{opts.model} has {space.size}.")
-    return Study(opts, out, loaded, {n: relations[n] for n in found.relations if n in relations}, found, space)
+    return Study(opts, out, loaded, {n: relations[n] for n in found.relations if n in relations}, found, space,
+                 find_dir)
+
+
+def _split_like(relations: dict, found: FindResult, opts: StudyOptions) -> dict:
+    """Split templates as `--heldout-templates` says or, by default, as the reused find did; refuse a split
+    that calls a template "held out" although the units were selected on it (or the reverse)."""
+    spec = opts.heldout_templates
+    if spec is None and found.heldout_templates is not None:
+        known = template_frames(relations)
+        spec = ",".join(f for f in found.heldout_templates if f in known) or "none"
+    split = split_templates(relations, spec)
+    if found.selection_templates is None:  # a find folder from before the split was recorded
+        return split
+    used = set(found.selection_templates)
+    for frame in frames_in(split, "heldout"):
+        if frame in used:
+            raise EngramError(f"--heldout-templates {spec}: frame {frame!r} was used for selection by --neurons "
+                              f"{opts.neurons}; run `relations find` with the same --heldout-templates.")
+    for frame in frames_in(split, "selection"):
+        if frame not in used:
+            raise EngramError(f"--heldout-templates {spec}: frame {frame!r} was held out of selection by --neurons "
+                              f"{opts.neurons}; run `relations find` with the same --heldout-templates.")
+    return split
 
 
 def _find_sections(study: Study) -> list[Section]:
@@ -117,28 +151,94 @@ def run_find(opts: StudyOptions) -> dict:
     top_ap = {n: float(np.nanmean(found.ap[r][found.top(n)])) for r, n in enumerate(found.relations)}
     return _finish(study, "Relation-specific neurons: find",
                    {"relations": found.relations, "k": found.k, "counts": found.counts,
+                    "selection_templates": found.selection_templates, "heldout_templates": found.heldout_templates,
                     "mean_ap_top_k": top_ap, "seconds": found.seconds}, [])
 
 
-def run_deactivate(opts: StudyOptions, n_random: int = 10) -> dict:
+def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True, top: int = DEFAULT_TOP) -> dict:
+    """`relations deactivate`, with the template control on the top `top` units unless `diagnose` is off."""
     study = prepare(opts)
     result = effects.deactivate(study.loaded, study.found, study.relations, study.space, opts.k, n_random,
                                 opts.seed, opts.eval_subjects, opts.batch_size)
     write_parquet(study.out / "deactivation.parquet", result.rows)
     names = study.found.relations
+    groups = ("heldout", "seen") if result.summary["heldout_templates"] else ("seen",)
     sections = [Section("Deactivation (paper 1 §4.2.1)", text=_drop_text(result.summary),
-                        figures=[plots.deactivation_bars(result.per_relation, "heldout"),
-                                 plots.deactivation_bars(result.per_relation, "seen")]),
+                        figures=[plots.deactivation_bars(result.per_relation, g) for g in groups]),
                 Section("Inter-relation effects (paper 1 §4.2.2)",
                         figures=[plots.drop_heatmap(result.matrix, names, "Relative accuracy drop "
                                                     "(acc_orig - acc_deact) / acc_orig")])]
-    return _finish(study, "Relation-specific neurons: deactivation", result.summary, sections)
+    summary = result.summary
+    if diagnose:
+        control = _template_control(study, top)
+        summary = {**summary, "template_control": _control_headline(control)}
+        sections.append(_control_section(control))
+    return _finish(study, "Relation-specific neurons: deactivation", summary, sections)
 
 
 def _drop_text(summary: dict) -> str:
     keys = ("mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
             "mean_drop_target_heldout_templates", "mean_drop_random_heldout_templates", "mean_drop_offtarget")
-    return key_values({k: summary[k] for k in keys})
+    text = key_values({"selection templates": ", ".join(summary["selection_templates"]),
+                       "held-out templates": ", ".join(summary["heldout_templates"]) or "none",
+                       **{k: summary[k] for k in keys}})
+    if "heldout_note" in summary:
+        text = f"<p>{summary['heldout_note']}</p>" + text
+    return text
+
+
+def _template_control(study: Study, top: int) -> TemplateControl:
+    """The template control on the find's own validated prompts and negatives; writes template_control.parquet."""
+    candidates, validated = load_identification(study.find_dir)
+    rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
+    for name in study.found.relations:
+        if counts[name] != study.found.counts.get(name):
+            raise EngramError(f"{study.find_dir}: identification_prompts.parquet does not match find.json for "
+                              f"relation {name!r}; run `relations find` again.")
+    control = template_control(study.loaded, study.found, validated, rows, top, study.opts.batch_size)
+    write_parquet(study.out / "template_control.parquet", control.rows)
+    return control
+
+
+def _control_headline(control: TemplateControl) -> dict:
+    return {k: v for k, v in control.summary.items() if k != "per_relation"}
+
+
+def _control_section(control: TemplateControl) -> Section:
+    text = ("<p>AP of each relation's top units recomputed from the mean over the subject's tokens only and over "
+            "the template's tokens only (same positives and negatives as selection). A unit is a template detector "
+            f"when ap_template exceeds ap_subject by more than {control.summary['margin']}, a subject detector in "
+            "the reverse case. Chance AP = 0.2.</p>")
+    per_relation = [{"relation": n, **s} for n, s in control.per_relation.items()]
+    return Section("Template control: subject-only vs template-only AP (issue 5)",
+                   text=text + key_values(_control_headline(control)), tables=[table(per_relation)],
+                   figures=[plots.template_scatter(control.rows)])
+
+
+def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
+    """`relations diagnose`: the template control alone (find first unless `--neurons` is given)."""
+    study = prepare(opts)
+    control = _template_control(study, top)
+    return _finish(study, "Relation-specific neurons: template control",
+                   {"relations": study.found.relations, "k": study.found.k, **control.summary},
+                   [_control_section(control)])
+
+
+def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MAX_OBJECTS) -> dict:
+    """`relations perplexity`: paper 1 §5.5's probe sentences before / after zeroing, with random controls."""
+    study = prepare(opts)
+    _, validated = load_identification(study.find_dir)
+    result = perplexity(study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed,
+                        max_objects, opts.batch_size)
+    write_parquet(study.out / "perplexity.parquet", result.rows)
+    headline = {k: v for k, v in result.summary.items() if k not in ("per_relation", "relations")}
+    per_relation = [{"relation": n, **s} for n, s in result.per_relation.items()]
+    text = ("<p>One fixed sentence per relation ends with the object; perplexity pools the NLL of every predicted "
+            "token of the relation's sentences (object: the object's tokens only). Paper 1 Table 2 reads its "
+            "numbers as no systematic degradation.</p>")
+    sections = [Section("Perplexity probe (paper 1 §5.5)", text=text + key_values(headline),
+                        tables=[table(per_relation)], figures=[plots.perplexity_bars(result.per_relation)])]
+    return _finish(study, "Relation-specific neurons: perplexity probe", result.summary, sections)
 
 
 def run_matrix(opts: StudyOptions) -> dict:

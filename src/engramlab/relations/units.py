@@ -114,6 +114,23 @@ def channel_scores(neuron_space: UnitSpace, channel_space: UnitSpace, scores: np
     return out
 
 
+def source_neurons(neuron_space: UnitSpace, space: UnitSpace, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The neurons each unit of `space` is scored from (itself; for a channel its gate and up, as in
+    `channel_scores`, or its down output). Returns (neuron ids, owner): neuron i serves unit `ids[owner[i]]`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if space.units == "neurons":
+        return ids, np.arange(ids.size)
+    by_key = {(b.site, b.layer): b for b in neuron_space.blocks}
+    neurons, owner = [], []
+    for i, (layer, site, index) in enumerate(zip(*space.locate(ids))):
+        sources = ("mlp.down",) if site == "mlp.down" else ("mlp.gate", "mlp.up")
+        for source in sources:
+            if (source, int(layer)) in by_key:
+                neurons.append(by_key[(source, int(layer))].offset + int(index))
+                owner.append(i)
+    return np.array(neurons, dtype=np.int64), np.array(owner, dtype=np.int64)
+
+
 def random_like(space: UnitSpace, target: np.ndarray, seed: int) -> np.ndarray:
     """A random control set: as many units per site as `target` has (paper 1 §4.2.1, 10 seeds by default),
     drawn uniformly over all layers of that site, never from `target` itself."""
