@@ -170,3 +170,20 @@ def test_robustbench_wrn_checkpoint_loads_with_weights_only(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(EngramError, match="WRN-28-10"):
         load_source(tmp_path / "bad.pt")
+
+
+def test_threshold_from_source_is_the_quantile_of_batch_confidence(net):
+    from engramlab.continual.tta import source_confidence_threshold
+    from engramlab.continual.vision import configure_for_tta
+
+    x = torch.rand(64, 3, 32, 32)
+    value = source_confidence_threshold(net, x, batch_size=8, quantile=0.25)
+    anchor = configure_for_tta(__import__("copy").deepcopy(net))
+    with torch.no_grad():
+        means = torch.stack([anchor(b).softmax(1).max(1).values.mean() for b in x.split(8)])
+    assert value == pytest.approx(float(means.quantile(0.25)))
+
+
+def test_cli_threshold_must_be_a_number_or_source(tmp_path, cli):
+    code, _, err = cli(["continual", "tta", "--threshold", "high", "--out", str(tmp_path / "o")])
+    assert code == 2 and "--threshold" in err

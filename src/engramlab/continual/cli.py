@@ -93,7 +93,9 @@ def tta(
     constants: str = typer.Option("cifar", "--constants", help="Corruption strength: cifar (CIFAR-10-C) or imagenet."),
     policy: str = typer.Option("cotta", "--policy", help="CoTTA augmentation preset: cotta, cotta-no-flip, soft."),
     n_augmentations: int = typer.Option(32, "--augmentations", min=1),
-    threshold: float = typer.Option(0.92, "--threshold", help="Anchor-confidence gate (paper CIFAR10-C: 0.92)."),
+    threshold: str = typer.Option("0.92", "--threshold",
+                                  help="Anchor-confidence gate: a number (paper CIFAR10-C: 0.92) or 'source' (the 5% "
+                                       "quantile of the anchor's batch confidence on the clean source data)."),
     ema_alpha: float = typer.Option(0.999, "--ema-alpha"),
     restore_p: float = typer.Option(0.01, "--restore-p"),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
@@ -110,11 +112,16 @@ def tta(
     from engramlab.continual.tta_study import TTAStudyOptions, run_tta_study
 
     methods = ["source", "bn", "tent", "cotta"] if method == "all" else _csv(method, "--method")
-    settings = CoTTASettings(ema_alpha=ema_alpha, restore_p=restore_p, threshold=threshold,
+    from_source = threshold == "source"
+    try:
+        gate = 0.0 if from_source else float(threshold)
+    except ValueError:
+        raise EngramError(f"--threshold must be a number in [0, 1] or 'source', got {threshold!r}.") from None
+    settings = CoTTASettings(ema_alpha=ema_alpha, restore_p=restore_p, threshold=gate,
                              n_augmentations=n_augmentations, policy=policy)
     opts = TTAStudyOptions(methods=methods, setting=stream, rounds=rounds, severity=severity, batch_size=batch_size,
                            constants=constants, cotta=settings, lr=lr, data_dir=data_dir, n_examples=n_examples,
-                           source=source, seed=seed, out=out, overwrite=overwrite)
+                           source=source, seed=seed, out=out, overwrite=overwrite, threshold_from_source=from_source)
     summary = run_tta_study(opts)
     grid = Table(title=f"{stream} stream, {rounds} round(s), severity {severity}")
     for column in ("method", "error %", "by round", "images/s"):

@@ -200,6 +200,18 @@ class CoTTA(TTAMethod):
         return target  # the teacher's prediction made before this step's EMA update (§1.2 step 10)
 
 
+@torch.no_grad()
+def source_confidence_threshold(model: nn.Module, x_source: Tensor, batch_size: int, quantile: float = 0.05) -> float:
+    """The gate threshold from source data (the rule CoTTA's supplement is reported to use, spec §1.3): the `quantile`
+    of the anchor's batch-mean max-probability over clean source batches of the test batch size, with batch
+    statistics as the anchor has them. The gate then fires for a test batch less confident than nearly every
+    source batch; no test data is used."""
+    anchor = configure_for_tta(copy.deepcopy(model))
+    means = torch.stack([anchor(x).softmax(1).max(1).values.mean() for x in x_source.split(batch_size)
+                         if len(x) == batch_size])
+    return float(means.quantile(quantile))
+
+
 TTA_METHODS = ("source", "bn", "tent", "cotta", "cotta-no-aug", "cotta-no-restore")
 
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
 
 from engramlab.continual.source_model import load_source, mnist_rgb32_split
-from engramlab.continual.tta import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method
+from engramlab.continual.tta import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
 from engramlab.continual.tta_streams import StreamBatch, build_stream, stream_from_benchmark
 from engramlab.data.corruptions import CORRUPTIONS
 from engramlab.data.image_benchmarks import check_corruption_dir
@@ -37,6 +37,7 @@ class TTAStudyOptions:
     batch_size: int = 200  # CIFAR protocol (spec §1.6)
     constants: str = "cifar"  # corruption strength table for generated streams: cifar (CIFAR-10-C) | imagenet
     cotta: CoTTASettings = field(default_factory=CoTTASettings)
+    threshold_from_source: bool = False  # replace cotta.threshold by source_confidence_threshold on clean train data
     lr: float = 1e-3
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     n_images: int | None = None  # clean test digits per domain for the generated stream (None: all 1,000)
@@ -127,7 +128,7 @@ def _summary(opts: TTAStudyOptions, records: list[dict], n_steps: int) -> dict:
         "images_per_second": speed, "augmentation_rate": gates, "augmented_vs_plain_on_gated_batches": augmented_vs_plain,
         "steps": n_steps, "steps_per_domain": n_steps / max(1, n_domains * opts.rounds),
         "ema_horizon_steps": 1 / (1 - opts.cotta.ema_alpha) if opts.cotta.ema_alpha < 1 else None,
-        "cotta": asdict(opts.cotta), "lr": opts.lr, "seed": opts.seed, "device": "cpu",
+        "cotta": asdict(opts.cotta), "threshold_from_source": opts.threshold_from_source, "lr": opts.lr, "seed": opts.seed, "device": "cpu",
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -146,6 +147,13 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
         check_corruption_dir(opts.data_dir, opts.corruptions)
     out = prepare_out_dir(opts.out, opts.overwrite)
     model = load_source(opts.source)
+    if opts.threshold_from_source:
+        if opts.data_dir is not None:
+            raise EngramError("--threshold source needs the source training data, which engramlab has only for its "
+                              "own MNIST stream; pass a number with --data-dir.")
+        x_train = mnist_rgb32_split()[0]
+        opts = replace(opts, cotta=replace(opts.cotta, threshold=source_confidence_threshold(model, x_train,
+                                                                                             opts.batch_size)))
     records = []
     for name in opts.methods:
         records += run_method(name, model, opts)
