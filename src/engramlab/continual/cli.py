@@ -91,11 +91,15 @@ def tta(
     severity: int = typer.Option(5, "--severity", min=1, max=5),
     batch_size: int = typer.Option(200, "--batch-size", min=1, help="Test batch (paper CIFAR: 200)."),
     constants: str = typer.Option("cifar", "--constants", help="Corruption strength: cifar (CIFAR-10-C) or imagenet."),
-    policy: str = typer.Option("cotta", "--policy", help="CoTTA augmentation preset: cotta, cotta-no-flip, soft."),
+    policy: str = typer.Option("auto", "--policy",
+                               help="CoTTA augmentation preset: cotta (paper), cotta-no-flip, soft; auto = "
+                                    "cotta-no-flip on the digits stream (a mirrored digit is another digit), cotta "
+                                    "with --data-dir."),
     n_augmentations: int = typer.Option(32, "--augmentations", min=1),
-    threshold: str = typer.Option("0.92", "--threshold",
-                                  help="Anchor-confidence gate: a number (paper CIFAR10-C: 0.92) or 'source' (the 5% "
-                                       "quantile of the anchor's batch confidence on the clean source data)."),
+    threshold: str = typer.Option("auto", "--threshold",
+                                  help="Anchor-confidence gate: a number (paper CIFAR10-C: 0.92), 'source' (the 5% "
+                                       "quantile of the anchor's batch confidence on the clean source data), or auto "
+                                       "= source on the digits stream, 0.92 with --data-dir."),
     ema_alpha: float = typer.Option(0.999, "--ema-alpha"),
     restore_p: float = typer.Option(0.01, "--restore-p"),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
@@ -112,6 +116,10 @@ def tta(
     from engramlab.continual.tta_study import TTAStudyOptions, run_tta_study
 
     methods = ["source", "bn", "tent", "cotta"] if method == "all" else _csv(method, "--method")
+    if policy == "auto":
+        policy = "cotta" if data_dir is not None else "cotta-no-flip"
+    if threshold == "auto":
+        threshold = "0.92" if data_dir is not None else "source"
     from_source = threshold == "source"
     try:
         gate = 0.0 if from_source else float(threshold)

@@ -35,10 +35,13 @@ def hlop_step(ctx: TourContext) -> TourSection:
 
 def tta_step(ctx: TourContext) -> TourSection:
     """Paper 5: Source, BN, TENT and CoTTA on the 15-corruption stream of MNIST digits (one round)."""
+    from engramlab.continual.tta import CoTTASettings
     from engramlab.continual.tta_study import TTAStudyOptions, error_by_round, run_tta_study
     from engramlab.tour import TourSection
 
-    opts = TTAStudyOptions(n_images=TOUR_TTA_IMAGES, batch_size=100, seed=1 + ctx.seed, out=ctx.out / "tta")
+    # The digits stream's settings of `engramlab continual tta` (its --policy auto and --threshold auto).
+    opts = TTAStudyOptions(n_images=TOUR_TTA_IMAGES, batch_size=100, seed=1 + ctx.seed, out=ctx.out / "tta",
+                           cotta=CoTTASettings(policy="cotta-no-flip"), threshold_from_source=True)
     summary = run_tta_study(opts)
     headline = {f"error % {m}": round(v, 2) for m, v in summary["error_mean"].items()}
     headline |= {f"images/s {m}": round(v) for m, v in summary["images_per_second"].items()}
