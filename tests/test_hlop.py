@@ -263,3 +263,24 @@ def test_hlop_cli_rejects_bad_input_in_one_line(tmp_path, cli, argv, needle):
     code, _, err = cli(["continual", "hlop", *argv, "--out", str(tmp_path / "o")])
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_hlop_on_the_spiking_cnn_with_conv_subspaces():
+    """The CIFAR-100 path end to end on random images: conv activity unfolded into patches, multi-head network."""
+    from engramlab.continual import runner
+    from engramlab.continual.methods import HLOP_PRESETS
+    from engramlab.continual.snn import SpikingCNN
+    from engramlab.continual.streams import Task, TaskStream
+
+    g = torch.Generator().manual_seed(0)
+    tasks = [Task(f"t{t}", torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g),
+                  torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g), 10, 10 * t)
+             for t in range(2)]
+    stream = TaskStream("tiny-cifar", tasks, multi_head=True, input_shape=(3, 32, 32))
+    method = make_method("hlop", hlop=HLOP_PRESETS["cnn"])
+    result = runner.train_method(method, stream, lambda: SpikingCNN(2, neuron="lif", timesteps=2),
+                                 runner.TrainSettings(batch_size=8, leak_samples=4, momentum=0.9, lr=0.01))
+    assert [s.dim for s in method.subspaces] == [27, 576, 1152]
+    assert [s.n_frozen for s in method.subspaces] == [8, 120, 240]  # 6/100/200 rows, then +2/20/40 (spec §1.3)
+    assert np.isfinite(result.acc).all()
+    assert {row["layer"] for row in result.leak} == {0, 1, 2}
