@@ -29,8 +29,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+
 from engramlab.data import corruptions as C
 from engramlab.data.corruptions import CORRUPTIONS, corrupt
 from engramlab.data.mnist import load_mnist5k

@@ -24,8 +24,8 @@ import time
 
 import torch
 import transformers
-
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+
 from engramlab.data.statements import got_statements, truefalse_prompt
 from engramlab.models import from_hf, load_model
 from engramlab.posttrain.patching import pairs_by_last_word, patching_map

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
-from engramlab.errors import EngramError
 from engramlab.continual.cli import app as continual_app
 from engramlab.decode.cli import app as decode_app
+from engramlab.errors import EngramError
 from engramlab.organisms.cli import app as organisms_app
 from engramlab.posttrain.cli import app as posttrain_app
 from engramlab.relations.cli import app as relations_app

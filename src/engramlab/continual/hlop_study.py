@@ -79,7 +79,8 @@ def run_hlop_study(opts: HLOPStudyOptions) -> dict:
     stream = load_stream(opts.stream, opts.data_dir)
     if opts.n_tasks is not None:
         if not 1 <= opts.n_tasks <= len(stream.tasks):
-            raise EngramError(f"--tasks must be in 1..{len(stream.tasks)} for stream {stream.name}, got {opts.n_tasks}.")
+            raise EngramError(f"--tasks must be in 1..{len(stream.tasks)} for stream {stream.name}, "
+                              f"got {opts.n_tasks}.")
         stream.tasks = stream.tasks[: opts.n_tasks]
     build_net, preset = network_factory(stream, mode)
     hlop_settings = opts.hlop or HLOP_PRESETS[preset]

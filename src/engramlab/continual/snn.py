@@ -335,7 +335,8 @@ class SpikingCNN(SpikingNet):
             raise EngramError(f"SpikingCNN: n_tasks and classes_per_task must be >= 1; got {n_tasks}, "
                               f"{classes_per_task}.")
         ins = (3, *self.channels[:-1])
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(ins, self.channels, strict=True))
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False)
+                                   for a, b in zip(ins, self.channels, strict=True))
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.channels)
         self.sn = nn.ModuleList(make_neuron(neuron) for _ in self.channels)
         self.heads = nn.ModuleList(nn.Linear(self.channels[-1] * 4 * 4, classes_per_task) for _ in range(n_tasks))

@@ -46,7 +46,8 @@ class SourceRecipe:
 
 
 def mnist_rgb32_split(seed: int = 2022) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The vendored MNIST split as 32x32 RGB in [0, 1]: x_train [4000, 3, 32, 32], y_train, x_test [1000, ...], y_test."""
+    """The vendored MNIST split as 32x32 RGB in [0, 1]: x_train [4000, 3, 32, 32], y_train, x_test [1000, ...],
+    y_test."""
     split = mnist_split(seed=seed)
     return (to_rgb32(split.x_train), torch.as_tensor(split.y_train), to_rgb32(split.x_test),
             torch.as_tensor(split.y_test))
