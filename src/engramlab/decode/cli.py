@@ -42,19 +42,10 @@ def _console():
 
 def _load(ref: str, device: str, dtype: str, trust_remote_code: bool = False, download: bool = False,
           with_tokenizer: bool = True):
-    from transformers.utils import logging as hf_logging
-
     from engramlab.models.loading import load_model
 
-    # transformers' "Loading weights" bar would precede a one-line error (e.g. --neuron out of range) on stderr
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                          allow_download=download, with_tokenizer=with_tokenizer)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    return load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                      allow_download=download, with_tokenizer=with_tokenizer)
 
 
 @app.command("atlas")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -88,6 +90,21 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise EngramError(f"--device {device} was asked for but this machine has no CUDA GPU; use --device cpu.")
     return parsed
+
+
+@contextmanager
+def _no_hf_progress_bar() -> Iterator[None]:
+    """Silence transformers' "Loading weights" bar (it would clutter every study's output and precede one-line
+    errors on stderr); restore the previous setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_ref(ref: str, allow_download: bool = False) -> tuple[str, Path | None]:
@@ -169,14 +186,15 @@ def load_model(
     torch_dtype = parse_dtype(dtype, target)
     multi_gpu = target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            weights_only=True,
-            device_map="auto" if multi_gpu else None,
-        )
+        with _no_hf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                weights_only=True,
+                device_map="auto" if multi_gpu else None,
+            )
     except Exception as err:  # any failure inside transformers/torch becomes one sentence naming the checkpoint
         where = path if path is not None else ref
         raise EngramError(f"cannot load the weights in {where} safely: {_first_line(err)}") from err
