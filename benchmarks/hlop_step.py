@@ -27,7 +27,7 @@ from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.continual.hlop import CLIP, MOMENTUM, HebbianSubspace
 from engramlab.continual.methods import HLOP, HLOP_PRESETS
 from engramlab.continual.snn import SpikingMLP
-from engramlab.continual.subspace import activity_rows, project_gradient_
+from engramlab.continual.subspace import activity_rows
 
 
 def hlop_at_task(model: SpikingMLP, task: int, hebbian_rows: int | None) -> HLOP:
@@ -75,9 +75,10 @@ def main() -> None:
         loss.backward()
         if method is not None and not official:
             method.after_backward(model)
-        elif method is not None:  # the official projection: two thin products, (GOᵀ)O
+        elif method is not None:  # the official projection: two thin products, G − (GOᵀ)O
             for layer, space in zip(model.protected_layers(), method.subspaces):
-                project_gradient_(layer, space.frozen_basis())
+                grad, basis = layer.weight.grad, space.frozen_basis()
+                grad.sub_((grad @ basis.T) @ basis)
         optimizer.step()
         if method is None:
             return

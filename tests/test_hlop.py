@@ -12,7 +12,7 @@ from torch import nn
 from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
 from engramlab.continual.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
 from engramlab.continual.metrics import average_accuracy, backward_transfer
-from engramlab.continual.subspace import activity_rows, project_gradient_, project_rows, residual_energy
+from engramlab.continual.subspace import Projector, activity_rows, project_rows, residual_energy
 from engramlab.errors import EngramError
 
 
@@ -86,12 +86,26 @@ def test_projection_leaves_the_update_orthogonal_to_the_subspace():
     x = torch.randn(7, 12)
     layer(x).pow(2).sum().backward()
     raw = layer.weight.grad.clone()
-    project_gradient_(layer, basis)
+    Projector(basis).project_gradient_(layer)
     assert float((layer.weight.grad @ basis.T).abs().max()) < 1e-5
     # weight-space projection = the input-space form δᵀ(x − xOᵀO) (spec §1.4)
     delta = 2 * layer(x).detach()
     torch.testing.assert_close(layer.weight.grad, delta.T @ project_rows(x, basis), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(raw, layer.weight.grad)
+
+
+@pytest.mark.parametrize("k, orthonormal", [(3, True), (9, True), (9, False)])
+def test_projector_routes_agree_with_the_formula(k, orthonormal):
+    """Thin products (k ≤ n/2), complement basis (orthonormal, k > n/2), explicit complement (literal rule)."""
+    g = torch.Generator().manual_seed(k)
+    basis = torch.linalg.qr(torch.randn(12, k, generator=g))[0].T
+    if not orthonormal:
+        basis = basis * 1.3
+    rows = torch.randn(5, 12, generator=g)
+    projector = Projector(basis)
+    assert (projector.complement_basis is not None) == (orthonormal and k > 6)
+    assert (projector.complement_matrix is not None) == (not orthonormal)
+    torch.testing.assert_close(projector(rows), rows - (rows @ basis.T) @ basis, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_projection_acts_on_unfolded_patches():
@@ -102,7 +116,7 @@ def test_conv_projection_acts_on_unfolded_patches():
     assert rows.shape == (2 * 36, 27)
     basis = torch.linalg.qr(torch.randn(27, 5))[0].T
     conv(x).sum().backward()
-    project_gradient_(conv, basis)
+    Projector(basis).project_gradient_(conv)
     assert float((conv.weight.grad.view(4, -1) @ basis.T).abs().max()) < 1e-5
 
 

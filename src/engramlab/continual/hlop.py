@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engramlab.continual.subspace import orthonormal_rows
+from engramlab.continual.subspace import Projector, orthonormal_rows
 
 CLIP = 10.0  # official hlop_module.py: ΔH clamped elementwise to [−10, 10]
 MOMENTUM = 0.9  # official: M ← 0.9·M + 0.1·ΔH
@@ -53,6 +53,7 @@ class HebbianSubspace(nn.Module):
         self.register_buffer("weight", torch.zeros(0, dim))
         self.register_buffer("momentum", torch.zeros(0, dim))
         self.register_buffer("n_frozen_buffer", torch.zeros((), dtype=torch.long))
+        self._projector: tuple[tuple, Projector] | None = None  # cached for the current frozen rows
 
     @property
     def dim(self) -> int:
@@ -69,6 +70,14 @@ class HebbianSubspace(nn.Module):
     def frozen_basis(self) -> Tensor:
         """The rows of earlier tasks [k_old, n]: the subspace the gradient projection protects (spec §1.2 "block 0")."""
         return self.weight[: self.n_frozen]
+
+    def frozen_projector(self) -> Projector:
+        """x ↦ x − (xH_oldᵀ)H_old for the frozen rows, built once per set of frozen rows (they change only when a
+        task ends or a state is loaded)."""
+        key = (self.n_frozen, self.weight.data_ptr(), self.weight.shape)
+        if self._projector is None or self._projector[0] != key:
+            self._projector = (key, Projector(self.frozen_basis()))
+        return self._projector[1]
 
     def add_rows(self, k: int, generator: torch.Generator | None = None) -> None:
         """Append k new lateral neurons, orthonormal among themselves (official: orthogonal init of the new block);
@@ -98,9 +107,9 @@ class HebbianSubspace(nn.Module):
         if self.n_rows == n_old or rows.shape[0] == 0:
             return
         x = rows.to(self.weight.dtype)
-        old, new = self.weight[:n_old], self.weight[n_old:]
+        new = self.weight[n_old:]
         # The frozen rows' part of X̂ is the same in every iteration: X − Y_old·H_old, computed once.
-        residual = x - (x @ old.T) @ old if n_old else x  # (B, n)
+        residual = self.frozen_projector()(x)  # (B, n)
         momentum = self.momentum[n_old:]
         batch = x.shape[0]
         for _ in range(self.config.iterations):

@@ -24,11 +24,10 @@ from torch import Tensor, nn
 
 from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
 from engramlab.continual.subspace import (
+    Projector,
     activity_rows,
-    complement_if_cheaper,
     layer_input_dim,
     orthonormal_rows,
-    project_gradient_,
     residual_energy,
 )
 from engramlab.errors import EngramError
@@ -111,7 +110,6 @@ class HLOP(ContinualMethod):
     def __init__(self, settings: HLOPSettings, seed: int = 2022) -> None:
         self.settings = settings
         self.subspaces: list[HebbianSubspace] = []
-        self.complements: list[Tensor | None] = []  # I − OᵀO per layer where cheaper, fixed within a task
         self.generator = torch.Generator().manual_seed(seed)
 
     def _build(self, model: nn.Module) -> None:
@@ -131,11 +129,10 @@ class HLOP(ContinualMethod):
         _check_layer_count("increments", counts, self.subspaces)
         for subspace, k in zip(self.subspaces, counts):
             subspace.add_rows(k, self.generator)
-        self.complements = [complement_if_cheaper(s.frozen_basis()) for s in self.subspaces]
 
     def after_backward(self, model: nn.Module) -> None:
-        for layer, subspace, complement in zip(model.protected_layers(), self.subspaces, self.complements):
-            project_gradient_(layer, subspace.frozen_basis(), complement)
+        for layer, subspace in zip(model.protected_layers(), self.subspaces):
+            subspace.frozen_projector().project_gradient_(layer)
 
     def observe(self, model: nn.Module) -> None:
         self._learn(model, model.presynaptic())
@@ -190,11 +187,11 @@ class GPM(ContinualMethod):
         self.n_samples = n_samples  # task inputs whose activity forms the representation matrix (GPM: 300 on PMNIST)
         self.max_rows = max_rows  # cap on activity rows per layer fed to the SVD (conv patches are many)
         self.basis: list[Tensor] = []
-        self.complements: list[Tensor | None] = []
+        self.projectors: list[Projector] = []
 
     def after_backward(self, model: nn.Module) -> None:
-        for layer, basis, complement in zip(model.protected_layers(), self.basis, self.complements):
-            project_gradient_(layer, basis, complement)
+        for layer, projector in zip(model.protected_layers(), self.projectors):
+            projector.project_gradient_(layer)
 
     @torch.no_grad()
     def end_task(self, task_id: int, model: nn.Module, samples: list[tuple[Tensor, Tensor]]) -> None:
@@ -206,7 +203,7 @@ class GPM(ContinualMethod):
         for i, (layer, activity) in enumerate(zip(layers, activities)):
             rows = activity_rows(layer, activity)[: self.max_rows]  # (R, n)
             self.basis[i] = extend_basis(self.basis[i], rows, self.threshold)
-        self.complements = [complement_if_cheaper(b) for b in self.basis]
+        self.projectors = [Projector(b) for b in self.basis]
 
     def bases(self) -> list[Tensor]:
         return self.basis
@@ -216,7 +213,7 @@ class GPM(ContinualMethod):
 
     def load_state_tensors(self, tensors: dict[str, Tensor], model: nn.Module) -> None:
         self.basis = [tensors[str(i)].clone() for i in range(len(tensors))]
-        self.complements = [complement_if_cheaper(b) for b in self.basis]
+        self.projectors = [Projector(b) for b in self.basis]
 
 
 def extend_basis(basis: Tensor, rows: Tensor, threshold: float) -> Tensor:

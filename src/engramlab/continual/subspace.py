@@ -43,28 +43,47 @@ def project_rows(rows: Tensor, basis: Tensor) -> Tensor:
     return rows - (rows @ basis.T) @ basis
 
 
-def project_gradient_(layer: ProtectedLayer, basis: Tensor, complement: Tensor | None = None) -> None:
-    """In place: G ← G − (GOᵀ)O on the layer's weight gradient (viewed as [out, n]); biases are left alone.
+class Projector:
+    """x ↦ x − (xOᵀ)O for one fixed basis O [k, n], by the cheapest exact route (chosen once, used every step):
 
-    `complement` = I − OᵀO (see `complement_if_cheaper`) gives the same result as one product instead of two.
+    - k ≤ n/2: two thin products through O (2·n·k multiply-adds per row);
+    - O orthonormal and k > n/2: x − xOᵀO = xQQᵀ with Q [n, n−k] an orthonormal basis of the orthogonal complement
+      (2·n·(n−k) per row; late in a task stream most of the input space is protected, so this is the thin side);
+    - O not orthonormal (the literal HLOP rule) and k > n/2: one product with the explicit matrix I − OᵀO.
     """
-    grad = layer.weight.grad
-    if grad is None or basis.shape[0] == 0:
-        return
-    flat = grad.view(grad.shape[0], -1)  # (out, n): conv weights (out, C, kh, kw) flattened like F.unfold's patches
-    if complement is not None:
-        flat.copy_(flat @ complement)
-    else:
-        flat.sub_((flat @ basis.T) @ basis)
 
+    def __init__(self, basis: Tensor) -> None:
+        self.basis = basis
+        k, n = basis.shape
+        self.complement_basis: Tensor | None = None
+        self.complement_matrix: Tensor | None = None
+        if 2 * k <= n:
+            return
+        eye = torch.eye(k, dtype=basis.dtype, device=basis.device)
+        if torch.linalg.matrix_norm(basis @ basis.T - eye) < 1e-4:
+            q, _ = torch.linalg.qr(basis.T, mode="complete")  # (n, n): first k columns span O's rows
+            self.complement_basis = q[:, k:].contiguous()  # (n, n − k)
+        else:
+            self.complement_matrix = torch.eye(n, dtype=basis.dtype, device=basis.device) - basis.T @ basis
 
-def complement_if_cheaper(basis: Tensor) -> Tensor | None:
-    """I − OᵀO [n, n] when projecting with it (out·n² per gradient) beats the two thin products (2·out·n·k), i.e.
-    when the basis covers more than half of the input space; None otherwise. Compute it once per basis."""
-    k, n = basis.shape
-    if 2 * k <= n:
-        return None
-    return torch.eye(n, dtype=basis.dtype, device=basis.device) - basis.T @ basis
+    def __call__(self, rows: Tensor) -> Tensor:
+        """The residual rows [R, n] − their part in span(O)."""
+        if self.basis.shape[0] == 0:
+            return rows
+        if self.complement_basis is not None:
+            return (rows @ self.complement_basis) @ self.complement_basis.T
+        if self.complement_matrix is not None:
+            return rows @ self.complement_matrix
+        return project_rows(rows, self.basis)
+
+    def project_gradient_(self, layer: ProtectedLayer) -> None:
+        """In place: G ← G − (GOᵀ)O on the layer's weight gradient viewed as [out, n] (conv weights flattened like
+        F.unfold's patches); biases are left alone."""
+        grad = layer.weight.grad
+        if grad is None or self.basis.shape[0] == 0:
+            return
+        flat = grad.view(grad.shape[0], -1)  # (out, n)
+        flat.copy_(self(flat))
 
 
 def residual_energy(rows: Tensor, basis: Tensor) -> float:
