@@ -272,6 +272,8 @@ def test_hlop_cli_runs_every_method_and_writes_its_results(tmp_path, cli):
     (["--stream", "cifar100"], "cifar-100-binary"),
     (["--stream", "imagenet"], "unknown stream"),
     (["--methods", "hlop,sgd"], "sgd"),
+    (["--lateral-neurons", "80,x"], "--lateral-neurons"),
+    (["--lateral-neurons", "80,200", "--methods", "hlop", "--tasks", "1"], "3 protected layers"),
 ])
 def test_hlop_cli_rejects_bad_input_in_one_line(tmp_path, cli, argv, needle):
     code, _, err = cli(["continual", "hlop", *argv, "--out", str(tmp_path / "o")])

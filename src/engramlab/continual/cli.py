@@ -25,6 +25,17 @@ def _csv(value: str, option: str) -> list[str]:
     return items
 
 
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in _csv(value, option)]
+    except ValueError:
+        raise EngramError(f"{option} takes comma-separated integers (one per protected layer), got {value!r}.") \
+            from None
+    if any(n < 0 for n in numbers):
+        raise EngramError(f"{option} counts must be >= 0, got {value!r}.")
+    return numbers
+
+
 @app.command()
 def hlop(
     stream: str = typer.Option("pmnist", "--stream", help="pmnist, split-mnist, cifar100 or 5datasets."),
@@ -44,6 +55,12 @@ def hlop(
                                      help="Learn H from a random subset of this many activity rows per batch."),
     consolidation_epochs: int = typer.Option(0, "--consolidation-epochs", min=0,
                                              help="Extra Hebbian-only passes over each task before freezing."),
+    lateral: str = typer.Option(None, "--lateral-neurons",
+                                help="HLOP lateral neurons per protected layer at task 0, e.g. 80,200,100 (default: "
+                                     "the spec's preset for the network)."),
+    lateral_increment: str = typer.Option(None, "--lateral-increment",
+                                          help="New lateral neurons per layer at every later task, e.g. 50,50,50 "
+                                               "(default: the spec's schedule)."),
     gpm_threshold: float = typer.Option(0.97, "--gpm-threshold", help="GPM energy threshold."),
     ewc_lambda: float = typer.Option(100.0, "--ewc-lambda", help="EWC penalty strength (stable while λ·max F·lr < 2)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 10 PMNIST tasks, 1 epoch."),
@@ -64,6 +81,10 @@ def hlop(
     preset = HLOP_PRESETS["mlp" if stream in ("pmnist", "split-mnist") else "cnn"]
     hlop_settings = replace(preset, iterations=hebbian_iterations, orthonormalise=not literal,
                             hebbian_rows=hebbian_rows, consolidation_epochs=consolidation_epochs)
+    if lateral is not None:
+        hlop_settings = replace(hlop_settings, initial=_ints(lateral, "--lateral-neurons"))
+    if lateral_increment is not None:
+        hlop_settings = replace(hlop_settings, increments=[_ints(lateral_increment, "--lateral-increment")])
     opts = HLOPStudyOptions(stream=stream, data_dir=data_dir, methods=_csv(methods, "--methods"), neuron=neuron,
                             train=train, n_tasks=tasks,
                             train_settings=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size,
