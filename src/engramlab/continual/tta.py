@@ -171,7 +171,8 @@ class CoTTA(TTAMethod):
         # Teacher and anchor: copies of the configured model (so the anchor also uses batch statistics, §1.3).
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False)
-        self.restore_source = {k: v.detach().clone() for k, v in all_weight_bias_parameters(self.model).items()}
+        self.restore_params = all_weight_bias_parameters(self.model)  # what stochastic restore resets, every step
+        self.restore_source = {k: v.detach().clone() for k, v in self.restore_params.items()}
 
     @torch.no_grad()
     def teacher_target(self, x: Tensor) -> Tensor:
@@ -195,7 +196,7 @@ class CoTTA(TTAMethod):
         loss.backward()
         self.optimizer.step()
         ema_update_(self.teacher, self.model, self.settings.ema_alpha)
-        stochastic_restore_(all_weight_bias_parameters(self.model), self.restore_source, self.settings.restore_p,
+        stochastic_restore_(self.restore_params, self.restore_source, self.settings.restore_p,
                             self.generator if x.device.type == "cpu" else None)
         return target  # the teacher's prediction made before this step's EMA update (§1.2 step 10)
 
