@@ -28,6 +28,7 @@ from engramlab.continual.subspace import (
     activity_rows,
     layer_input_dim,
     orthonormal_rows,
+    project_rows,
     residual_energy,
 )
 from engramlab.errors import EngramError
@@ -222,7 +223,7 @@ def extend_basis(basis: Tensor, rows: Tensor, threshold: float) -> Tensor:
     total = rows.pow(2).sum()
     if total == 0:
         return basis
-    residual = rows - (rows @ basis.T) @ basis if basis.shape[0] else rows  # (R, n)
+    residual = project_rows(rows, basis)  # (R, n)
     captured = total - residual.pow(2).sum()
     _, s, vh = torch.linalg.svd(residual, full_matrices=False)  # vh (r, n): directions in input space
     energy = captured + torch.cumsum(s.pow(2), 0)
