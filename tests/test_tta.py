@@ -187,3 +187,29 @@ def test_threshold_from_source_is_the_quantile_of_batch_confidence(net):
 def test_cli_threshold_must_be_a_number_or_source(tmp_path, cli):
     code, _, err = cli(["continual", "tta", "--threshold", "high", "--out", str(tmp_path / "o")])
     assert code == 2 and "--threshold" in err
+
+
+def test_cli_runs_on_a_cifar_c_folder_with_a_user_source_model(tmp_path, cli):
+    import numpy as np
+
+    from engramlab.continual.source_model import save_source
+    from engramlab.data.corruptions import CORRUPTIONS
+
+    data = tmp_path / "CIFAR-10-C"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in CORRUPTIONS:  # 5 severities x 4 images, the official layout
+        np.save(data / f"{name}.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    np.save(data / "labels.npy", rng.integers(0, 10, 20))
+    torch.manual_seed(0)
+    weights = save_source(SmallResNet(10, width=4), {"architecture": "SmallResNet", "n_classes": 10,
+                                                     "recipe": {"width": 4, "blocks_per_stage": 1}},
+                          tmp_path / "source.safetensors")
+    out = tmp_path / "run"
+    code, _, err = cli(["continual", "tta", "--data-dir", str(data), "--source", str(weights), "--method", "bn,cotta",
+                        "--augmentations", "2", "--batch-size", "4", "--out", str(out)])
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == str(data) and summary["cotta"]["threshold"] == 0.92  # paper values with --data-dir
+    assert summary["cotta"]["policy"] == "cotta" and summary["steps"] == 15
+    assert set(summary["error_mean"]) == {"bn", "cotta"}
