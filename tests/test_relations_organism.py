@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
-from engramlab.cli import main
 from engramlab.organisms.registry import shipped_organisms
 from engramlab.relations.find import FindResult
 
@@ -17,20 +17,12 @@ TINY = ["--model", "organism:base", "--relations", "country_capital,city_country
         "--k", "100", "--device", "cpu", "--batch-size", "32"]
 
 
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr()
-
-
 def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
     out = tmp_path / "rsn"
-    code, captured = run(["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6", *TINY], capsys)
-    assert code == 0, captured.err
+    code, _, err = run_cli(["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6",
+                            *TINY], capsys)
+    assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     for key in ("relations", "k", "mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
                 "mean_drop_target_heldout_templates"):
@@ -44,16 +36,16 @@ def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
     assert np.nanmax(found.ap) > 0.5  # some unit separates the relations better than chance (0.2)
 
     # --resume reuses the cached responses and gives the same scores
-    code, captured = run(["relations", "find", "--out", str(out), "--resume", *TINY], capsys)
-    assert code == 0, captured.err
+    code, _, err = run_cli(["relations", "find", "--out", str(out), "--resume", *TINY], capsys)
+    assert code == 0, err
     np.testing.assert_array_equal(FindResult.load(out).ap, found.ap)
 
 
 def test_malformed_relation_file_exits_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "rel.json"
     bad.write_text('{"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a"}]}')
-    code, captured = run(["relations", "find", "--out", str(tmp_path / "o"), "--relations", "country_capital",
+    code, _, err = run_cli(["relations", "find", "--out", str(tmp_path / "o"), "--relations", "country_capital",
                           "--relation-file", str(bad), "--device", "cpu"], capsys)
     assert code == 2
-    assert str(bad) in captured.err and "object" in captured.err
-    assert len(captured.err.strip().splitlines()) == 1
+    assert str(bad) in err and "object" in err
+    assert len(err.strip().splitlines()) == 1
