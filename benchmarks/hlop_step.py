@@ -6,7 +6,8 @@ Same network (the spec's PMNIST MLP 784-800-800-10) and the same minibatch for a
 neurons of every layer are those the official schedule has at task t (frozen rows of tasks < t, new rows of task t).
 Variants, timed in one run in rotating order so that machine noise hits all alike:
   baseline   forward, backward, SGD step
-  hlop       + gradient projection on the frozen rows + 5 Hebbian iterations on the new rows (engramlab)
+  hlop       + gradient projection on the frozen rows (input mode, inside backward) + 5 Hebbian iterations on the
+             new rows (engramlab)
   official   + the projection as two thin products (GOᵀ)O + 5 Hebbian iterations written as the official module
              does them (ΔH for every row, then the frozen rows' ΔH zeroed)
 Prints the median time of each and the ratios hlop/baseline (target <= 1.5 at every task, issue 9) and
@@ -27,12 +28,12 @@ from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.continual.hlop import CLIP, MOMENTUM, HebbianSubspace
 from engramlab.continual.methods import HLOP, HLOP_PRESETS
 from engramlab.continual.snn import SpikingMLP
-from engramlab.continual.subspace import activity_rows
+from engramlab.continual.subspace import activity_rows, attach_input_projection
 
 
 def hlop_at_task(model: SpikingMLP, task: int, hebbian_rows: int | None) -> HLOP:
     """An HLOP whose subspaces have the official row counts of `task` (random orthonormal rows)."""
-    method = HLOP(replace(HLOP_PRESETS["mlp"], hebbian_rows=hebbian_rows), seed=0)
+    method = HLOP(replace(HLOP_PRESETS["mlp"], hebbian_rows=hebbian_rows or None), seed=0)
     for t in range(task + 1):
         method.begin_task(t, model)  # adds the schedule's rows for task t
         if t < task:
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tasks", default="0,1,3,6,9")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--hebbian-rows", type=int, default=None, help="HLOP's row subsample for the Hebbian rule")
+    parser.add_argument("--hebbian-rows", type=int, default=HLOP_PRESETS["mlp"].hebbian_rows,
+                        help="HLOP's row subsample for the Hebbian rule (default: the MLP preset's; 0: all rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,6 +71,9 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # tiny lr: the weights barely move between repeats
 
     def step(method: HLOP | None, official: bool) -> None:
+        engramlab_hlop = method is not None and not official
+        for layer, space in zip(model.protected_layers(), method.subspaces if method else [None] * 3):
+            attach_input_projection(layer, space.frozen_projector if engramlab_hlop else None)
         model.record = method is not None
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,15 @@ from torch import nn
 from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
 from engramlab.continual.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
 from engramlab.continual.metrics import average_accuracy, backward_transfer
-from engramlab.continual.subspace import Projector, activity_rows, project_rows, residual_energy
+from engramlab.continual.snn import SpikingMLP
+from engramlab.continual.subspace import (
+    Projector,
+    ProjectedLinear,
+    activity_rows,
+    attach_input_projection,
+    project_rows,
+    residual_energy,
+)
 from engramlab.errors import EngramError
 
 
@@ -106,6 +114,70 @@ def test_projector_routes_agree_with_the_formula(k, orthonormal):
     assert (projector.complement_basis is not None) == (orthonormal and k > 6)
     assert (projector.complement_matrix is not None) == (not orthonormal)
     torch.testing.assert_close(projector(rows), rows - (rows @ basis.T) @ basis, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [4, 9])  # thin products and complement-basis routes
+def test_input_mode_projection_equals_weight_mode(k):
+    """ProjectedLinear's backward gives δᵀ(x − xOᵀO): the weight-mode gradient, with the input gradient untouched."""
+    torch.manual_seed(0)
+    plain, projected = nn.Linear(12, 5), ProjectedLinear(12, 5)
+    projected.load_state_dict(plain.state_dict())
+    basis = torch.linalg.qr(torch.randn(12, k))[0].T
+    projector = Projector(basis)
+    assert attach_input_projection(projected, lambda: projector)
+    assert not attach_input_projection(plain, lambda: projector)  # a plain nn.Linear stays in weight mode
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    plain(x).pow(2).sum().backward()
+    projected(x2).pow(2).sum().backward()
+    projector.project_gradient_(plain)
+    torch.testing.assert_close(projected.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(projected.bias.grad, plain.bias.grad)  # biases are not projected
+    torch.testing.assert_close(x2.grad, x.grad)
+    assert float((projected.weight.grad @ basis.T).abs().max()) < 1e-4
+
+
+def test_projector_recalls_only_the_rows_it_projected():
+    basis = torch.linalg.qr(torch.randn(12, 4))[0].T
+    projector, rows = Projector(basis), torch.randn(6, 12)
+    projector.remember(rows, projector(rows))
+    torch.testing.assert_close(projector.recall(rows.view(6, 12)), project_rows(rows, basis))
+    assert projector.recall(rows.clone()) is None  # equal values, other memory
+    assert projector.recall(rows[:3]) is None
+    rows.add_(1.0)  # modified in place after projection
+    assert projector.recall(rows) is None
+
+
+def test_spiking_mlp_hlop_step_projects_inside_backward_and_reuses_the_residual():
+    """BPTT on the PMNIST MLP: linear layers project in input mode; the Hebbian rule gets the same residual as
+    when it projects itself (identical H after the step)."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
+    weights = {}
+    for input_mode in (True, False):
+        model = SpikingMLP((784, 40, 30, 10), neuron="lif")
+        model.load_state_dict(weights.get("model", model.state_dict()))
+        weights["model"] = model.state_dict()
+        hlop = HLOP(HLOPSettings(initial=[8, 8, 8], increments=[[4, 4, 4]], lr=[0.01] * 3), seed=0)
+        hlop.begin_task(0, model)
+        hlop.end_task(0, model, [(x, y)])
+        hlop.begin_task(1, model)
+        if not input_mode:
+            for layer in model.protected_layers():
+                attach_input_projection(layer, None)
+            hlop.input_mode = [False] * 3
+        model.record = True
+        nn.functional.cross_entropy(model(x), y).backward()
+        hlop.after_backward(model)
+        recalled = hlop.subspaces[1].frozen_projector().recall(model.presynaptic()[1])  # fc2's spikes [T*B, 40]
+        assert (recalled is not None) == input_mode
+        for layer, space in zip(model.protected_layers(), hlop.subspaces):
+            assert float((layer.weight.grad @ space.frozen_basis().T).abs().max()) < 1e-4
+        hlop.observe(model)
+        weights[input_mode] = ([l.weight.grad.clone() for l in model.protected_layers()],
+                               [s.weight.clone() for s in hlop.subspaces])
+    for a, b in zip(weights[True][0] + weights[True][1], weights[False][0] + weights[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_conv_projection_acts_on_unfolded_patches():

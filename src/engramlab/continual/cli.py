@@ -51,8 +51,9 @@ def hlop(
     tasks: int = typer.Option(None, "--tasks", min=1, help="Use only the first N tasks of the stream."),
     hebbian_iterations: int = typer.Option(5, "--hebbian-iterations", min=1, help="Subspace-rule passes per batch."),
     literal: bool = typer.Option(False, "--literal-hlop", help="The official rule: no re-orthonormalisation of H."),
-    hebbian_rows: int = typer.Option(None, "--hebbian-rows", min=1,
-                                     help="Learn H from a random subset of this many activity rows per batch."),
+    hebbian_rows: int = typer.Option(None, "--hebbian-rows", min=0,
+                                     help="Learn H from a random subset of this many activity rows per batch; 0: all "
+                                          "rows (default: the preset's, 64 for the MLP streams, all for the CNN)."),
     consolidation_epochs: int = typer.Option(0, "--consolidation-epochs", min=0,
                                              help="Extra Hebbian-only passes over each task before freezing."),
     lateral: str = typer.Option(None, "--lateral-neurons",
@@ -79,8 +80,10 @@ def hlop(
     if quick:
         tasks, epochs = QUICK_HLOP["n_tasks"], QUICK_HLOP["epochs"]
     preset = HLOP_PRESETS["mlp" if stream in ("pmnist", "split-mnist") else "cnn"]
+    if hebbian_rows is None:
+        hebbian_rows = preset.hebbian_rows
     hlop_settings = replace(preset, iterations=hebbian_iterations, orthonormalise=not literal,
-                            hebbian_rows=hebbian_rows, consolidation_epochs=consolidation_epochs)
+                            hebbian_rows=hebbian_rows or None, consolidation_epochs=consolidation_epochs)
     if lateral is not None:
         hlop_settings = replace(hlop_settings, initial=_ints(lateral, "--lateral-neurons"))
     if lateral_increment is not None:

@@ -101,15 +101,20 @@ class HebbianSubspace(nn.Module):
         self.n_frozen_buffer.fill_(self.n_rows)
 
     @torch.no_grad()
-    def update(self, rows: Tensor) -> None:
-        """Run the subspace rule `iterations` times on one minibatch of presynaptic rows X [B, n] (spec §1.2)."""
+    def update(self, rows: Tensor, residual: Tensor | None = None) -> None:
+        """Run the subspace rule `iterations` times on one minibatch of presynaptic rows X [B, n] (spec §1.2).
+
+        `residual`: X − (XH_oldᵀ)H_old when the caller has it already (the input-mode gradient projection computed
+        it in backward); otherwise it is computed here.
+        """
         n_old = self.n_frozen
         if self.n_rows == n_old or rows.shape[0] == 0:
             return
         x = rows.to(self.weight.dtype)
         new = self.weight[n_old:]
         # The frozen rows' part of X̂ is the same in every iteration: X − Y_old·H_old, computed once.
-        residual = self.frozen_projector()(x)  # (B, n)
+        if residual is None:
+            residual = self.frozen_projector()(x)  # (B, n)
         momentum = self.momentum[n_old:]
         batch = x.shape[0]
         for _ in range(self.config.iterations):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlab.continual.subspace import ProjectedLinear
 from engramlab.errors import EngramError
 
 NEURONS = ("lif", "dsr", "ann")
@@ -291,9 +292,9 @@ class SpikingMLP(SpikingNet):
         if len(sizes) < 3:
             raise EngramError(f"SpikingMLP: sizes needs input, at least one hidden and output size; got {sizes}.")
         self.sizes = tuple(sizes)
-        self.fc = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(sizes[:-1]))
+        self.fc = nn.ModuleList(ProjectedLinear(a, b, bias=False) for a, b in itertools.pairwise(sizes[:-1]))
         self.sn = nn.ModuleList(make_neuron(neuron) for _ in self.fc)
-        self.classifier = nn.Linear(sizes[-2], sizes[-1], bias=False)
+        self.classifier = ProjectedLinear(sizes[-2], sizes[-1], bias=False)
 
     def protected_layers(self) -> list[nn.Linear | nn.Conv2d]:
         return [*self.fc, self.classifier]

@@ -6,12 +6,19 @@ O [k, n] of earlier tasks' presynaptic activity and remove from each weight grad
 
 For a linear layer the input-space form δᵀ(x − xOᵀO) and the weight-space form G − (GOᵀ)O are the same matrix
 (G = δᵀx, and OᵀO is symmetric); for a convolution the same holds on unfolded patches when the activity is not
-quantised (HLOP spec §1.4: "without spiking quantisation this equals 'input' mode"). engramlab therefore projects
-the gradient after `backward()` ("weight" mode): it needs no custom autograd inside the network and works with any
-optimiser. `project_rows` gives the input-space form for tests and diagnostics.
+quantised (HLOP spec §1.4: "without spiking quantisation this equals 'input' mode"). Both modes edit only the
+gradient, so either works with any optimiser:
+
+- "input" mode (`ProjectedLinear`, the official module's choice): the layer's backward computes δᵀ(x − xOᵀO) in
+  place of δᵀx. It costs 2·R·n·min(k, n − k) for R input rows instead of 2·out·n·min(k, n − k), and the projected
+  rows are remembered, so the Hebbian rule reuses them after the optimiser step instead of projecting again.
+- "weight" mode (`Projector.project_gradient_`): G ← G − (GOᵀ)O after `backward()`, for any layer (convolutions,
+  a user's plain `nn.Linear`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +64,7 @@ class Projector:
         k, n = basis.shape
         self.complement_basis: Tensor | None = None
         self.complement_matrix: Tensor | None = None
+        self._remembered: tuple[Tensor, int, Tensor] | None = None
         if 2 * k <= n:
             return
         eye = torch.eye(k, dtype=basis.dtype, device=basis.device)
@@ -76,6 +84,24 @@ class Projector:
             return rows @ self.complement_matrix
         return project_rows(rows, self.basis)
 
+    @property
+    def is_identity(self) -> bool:
+        return self.basis.shape[0] == 0
+
+    def remember(self, rows: Tensor, residual: Tensor) -> None:
+        """Keep `residual` = self(rows) for `recall`. Holding `rows` keeps its memory alive, so no later tensor can
+        reuse the address and be mistaken for it."""
+        self._remembered = (rows, rows._version, residual)
+
+    def recall(self, rows: Tensor) -> Tensor | None:
+        """self(rows) if `remember` was last given these very rows (same memory, shape, strides, unmodified)."""
+        if self._remembered is None:
+            return None
+        old, version, residual = self._remembered
+        same = (old.data_ptr() == rows.data_ptr() and old.shape == rows.shape and old.stride() == rows.stride()
+                and rows._version == version)
+        return residual if same else None
+
     def project_gradient_(self, layer: ProtectedLayer) -> None:
         """In place: G ← G − (GOᵀ)O on the layer's weight gradient viewed as [out, n] (conv weights flattened like
         F.unfold's patches); biases are left alone."""
@@ -84,6 +110,54 @@ class Projector:
             return
         flat = grad.view(grad.shape[0], -1)  # (out, n)
         flat.copy_(self(flat))
+
+
+class _InputProjectedLinear(torch.autograd.Function):
+    """y = xWᵀ whose weight gradient is δᵀ·P(x) (input-mode projection) instead of δᵀx."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, projector: Projector) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.projector = projector
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            rows = x.reshape(-1, x.shape[-1])  # (R, n)
+            residual = ctx.projector(rows)
+            ctx.projector.remember(rows, residual)
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ residual  # (out, n)
+        return grad_x, grad_w, None
+
+
+class ProjectedLinear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose weight gradient is projected in input mode when a
+    projection method attaches `projector_source`, a callable returning the current `Projector`; the bias is not
+    projected. Without a source, or without gradients, it is exactly `nn.Linear`."""
+
+    projector_source: Callable[[], Projector] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.projector_source is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        projector = self.projector_source()
+        if projector.is_identity:
+            return F.linear(x, self.weight, self.bias)
+        out = _InputProjectedLinear.apply(x, self.weight, projector)
+        return out if self.bias is None else out + self.bias
+
+
+def attach_input_projection(layer: nn.Module, source: Callable[[], Projector] | None) -> bool:
+    """Make `layer` project its weight gradient in input mode with `source()` (None detaches); False when the
+    layer cannot (not a `ProjectedLinear`), so the caller projects in weight mode after `backward()`."""
+    if not isinstance(layer, ProjectedLinear):
+        return False
+    layer.projector_source = source
+    return True
 
 
 def residual_energy(rows: Tensor, basis: Tensor) -> float:
