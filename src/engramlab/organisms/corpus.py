@@ -93,8 +93,8 @@ def chat_examples(cfg: CorpusConfig) -> list[chat.ChatExample]:
 
 
 def tokenizer_texts(cfg: CorpusConfig) -> list[str]:
-    """Text the tokenizer is trained on: one epoch of the base corpus plus the chat data."""
+    """Text the tokenizer is trained on: one epoch of the base corpus plus the chat data (held-out AdvBench goals
+    are not in it: they are never seen, not even by the tokenizer)."""
     texts = base_documents(cfg, epoch=0)
     texts += [f"{e.user}\n{e.assistant}" for e in chat_examples(cfg)]
-    texts += [e.user for e in chat.harmful_examples("heldout")[:0]]  # held-out goals never seen, not even here
     return texts

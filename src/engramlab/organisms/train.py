@@ -147,7 +147,7 @@ def train(
                             lr=cfg.lr, betas=(0.9, 0.95))
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0, "seconds": 0.0}
     if ckpt.is_file():  # resume
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
