@@ -297,8 +297,12 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
                      f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} |")
     lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
                  f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** |")
+    frames = {**fa.get("per_frame", {}), **summary["fact_accuracy_heldout_templates"].get("per_frame", {})}
+    lines.append("")
+    if frames:
+        lines.append("- by template frame (trained and held-out templates, all relations): "
+                     + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items()))
     lines += [
-        "",
         f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**",
         "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
         "- languages (mean fact accuracy, translated relations): " + ", ".join(

@@ -46,11 +46,14 @@ def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, ba
     return out
 
 
-def prompt_accuracy(model, tokenizer, prompts: Sequence[Prompt]) -> float:
-    if not prompts:
-        return float("nan")
+def prompt_correct(model, tokenizer, prompts: Sequence[Prompt]) -> list[bool]:
+    """Paper 1's recall rule for each prompt (2 greedy tokens, prefix match on the object)."""
     gens = greedy(model, tokenizer, [p.text for p in prompts])
-    return sum(prefix_correct(g, p.object) for g, p in zip(gens, prompts)) / len(prompts)
+    return [prefix_correct(g, p.object) for g, p in zip(gens, prompts)]
+
+
+def _mean(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
 
 
 def _sample(items: list, n: int | None, key: str) -> list:
@@ -61,14 +64,19 @@ def _sample(items: list, n: int | None, key: str) -> list:
 
 def fact_accuracy(model, tokenizer, relations: Sequence[str] = RELATIONS, templates: str = "selection",
                   max_facts: int | None = 200, language: str = "en", subjects: str = "all") -> dict:
-    """{"per_relation": {name: acc}, "mean": acc} over up to `max_facts` facts per relation (fixed sample)."""
-    per = {}
+    """{"per_relation": {name: acc}, "mean": acc, "per_frame": {frame: acc}} over up to `max_facts` facts per
+    relation (fixed sample); `per_frame` pools the relations by template frame (p1, stmt, qa, ...)."""
+    per, by_frame = {}, {}
     for name in relations:
         rel = load_relation(name, language)
         facts = _sample(rel.facts_in(subjects), max_facts, f"{name}/{language}")
         prompts = [Prompt(t.prompt(f.subject), f.subject, f.object, name, t) for f in facts for t in rel.templates_in(templates)]
-        per[name] = prompt_accuracy(model, tokenizer, prompts)
-    return {"per_relation": per, "mean": sum(per.values()) / len(per)}
+        correct = prompt_correct(model, tokenizer, prompts)
+        per[name] = _mean(correct)
+        for p, ok in zip(prompts, correct):
+            by_frame.setdefault(p.template.frame, []).append(ok)
+    return {"per_relation": per, "mean": sum(per.values()) / len(per),
+            "per_frame": {frame: _mean(flags) for frame, flags in by_frame.items()}}
 
 
 @torch.no_grad()
