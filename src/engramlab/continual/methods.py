@@ -91,7 +91,7 @@ class HLOPSettings:
     lr: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.01])
     iterations: int = 5
     orthonormalise: bool = True
-    # engramlab options, off by default (module docstring of engramlab.continual.hlop):
+    # engramlab options (not in the official code); off here, the "mlp" preset sets hebbian_rows = 64:
     hebbian_rows: int | None = None  # learn H from a random subset of this many presynaptic rows per minibatch
     # (None: all rows)
     consolidation_epochs: int = 0  # extra Hebbian-only passes over a task's inputs before its rows are frozen
