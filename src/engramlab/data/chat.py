@@ -1,7 +1,7 @@
 """Chat post-training data: fact questions, harmless instructions, AdvBench harmful instructions with refusals.
 
 - Chat format: the Jinja `CHAT_TEMPLATE` below (stored in the organisms' tokenizer_config.json, so
-  `tokenizer.apply_chat_template` works): "<|user|>\\n{content}<|end|>\\n<|assistant|>\\n{content}<|end|>\\n".
+  `tokenizer.apply_chat_template` works): "<|user|>\\n{content}<|end|>\\n<|assistant|>\\n {content}<|end|>\\n".
 - Fact questions: each relation's question ("Who is the CEO of Alphabet?") answered with the object and a full
   stop. Subjects split by a fixed seed into `train` (SFT) and `heldout` (chat accuracy is measured there: the
   base model knows these facts, the chat model was never asked about them).
@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from engramlab.data.facts import PHRASINGS, RELATIONS, Relation, load_relation
 from engramlab.data.loaders import VENDOR_DIR, read_csv
 
+# The assistant's content follows a space (as Llama-2's "[/INST] answer"): the byte-level BPE then gives a reply's
+# first word the same token it has inside a sentence ("ĠSundar", not "S und ar"), so the chat model can say objects it
+# learned in plain text. Without it, SFT taught one new token sequence per object and held-out chat questions were
+# answered at 0.42 (docs/organisms.md).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + (' ' if message['role'] == 'assistant' else '') + message['content']"
+    " + '<|end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
