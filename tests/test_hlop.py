@@ -174,7 +174,7 @@ def test_spiking_mlp_hlop_step_projects_inside_backward_and_reuses_the_residual(
         for layer, space in zip(model.protected_layers(), hlop.subspaces):
             assert float((layer.weight.grad @ space.frozen_basis().T).abs().max()) < 1e-4
         hlop.observe(model)
-        weights[input_mode] = ([l.weight.grad.clone() for l in model.protected_layers()],
+        weights[input_mode] = ([layer.weight.grad.clone() for layer in model.protected_layers()],
                                [s.weight.clone() for s in hlop.subspaces])
     for a, b in zip(weights[True][0] + weights[True][1], weights[False][0] + weights[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
