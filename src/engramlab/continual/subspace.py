@@ -76,7 +76,7 @@ class Projector:
 
     def __call__(self, rows: Tensor) -> Tensor:
         """The residual rows [R, n] − their part in span(O)."""
-        if self.basis.shape[0] == 0:
+        if self.is_identity:
             return rows
         if self.complement_basis is not None:
             return (rows @ self.complement_basis) @ self.complement_basis.T
@@ -106,7 +106,7 @@ class Projector:
         """In place: G ← G − (GOᵀ)O on the layer's weight gradient viewed as [out, n] (conv weights flattened like
         F.unfold's patches); biases are left alone."""
         grad = layer.weight.grad
-        if grad is None or self.basis.shape[0] == 0:
+        if grad is None or self.is_identity:
             return
         flat = grad.view(grad.shape[0], -1)  # (out, n)
         flat.copy_(self(flat))
