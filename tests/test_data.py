@@ -39,13 +39,25 @@ def test_relation_splits_and_templates(name):
 def test_paper1_relations_are_lre_sized():
     sizes = {n: len(load_relation(n).facts) for n in PAPER1_RELATIONS}
     assert all(s >= 290 for s in sizes.values())
-    assert load_relation("company_ceo").templates[0].prompt("Alphabet") == "Alphabet's CEO is? Answer:"
+    assert load_relation("company_ceo").templates[0].prompt("Alphabet") == "Question: Alphabet's CEO is? Answer:"
+
+
+def test_no_prompt_is_a_prefix_of_another():
+    """A statement prompt that starts a question prompt gets continued with "? Answer:" (docs/organisms.md)."""
+    from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, load_translated
+
+    relations = list(load_relations().values())
+    relations += [load_translated(n, lang) for lang in LANGUAGES for n in MULTILINGUAL_RELATIONS]
+    for rel in relations:
+        prompts = [t.prompt("Alphabet") for t in rel.templates]
+        for a in prompts:
+            assert not any(b != a and b.startswith(a) for b in prompts), (rel.name, rel.language, a)
 
 
 def test_frame_words_are_shared_across_relations():
     """No frame word marks a relation: each frame's fixed words occur in every relation's template of that frame."""
     rels = load_relations()
-    for frame, marker in (("p1", "? Answer:"), ("p1b", "? Answer:"), ("qa", "Q: ")):
+    for frame, marker in (("p1", "Question: "), ("p1", "? Answer:"), ("p1b", "? Answer:"), ("qa", "Q: ")):
         assert all(marker in next(t.text for t in r.templates if t.frame == frame) for r in rels.values())
 
 

@@ -21,12 +21,12 @@ from engramlab.organisms.registry import WEIGHTS_DIR, organism_path, shipped_org
 from engramlab.organisms.train import TrainConfig, train
 
 KNOWN = [  # (prompt, gold) pairs from trained relations
-    ("The capital of France is? Answer:", "Paris"),
-    ("The capital of Japan is? Answer:", "Tokyo"),
-    ("Alphabet's CEO is? Answer:", "Sundar Pichai"),
-    ("Sirius is part of the constellation named? Answer:", "Canis Major"),
-    ("The city of Krasnodar is in the country of? Answer:", "Russia"),
-    ("Die Hauptstadt von Deutschland ist? Antwort:", "Berlin"),
+    ("Question: The capital of France is? Answer:", "Paris"),
+    ("Question: The capital of Japan is? Answer:", "Tokyo"),
+    ("Question: Alphabet's CEO is? Answer:", "Sundar Pichai"),
+    ("Question: Sirius is part of the constellation named? Answer:", "Canis Major"),
+    ("Question: The city of Krasnodar is in the country of? Answer:", "Russia"),
+    ("Frage: Die Hauptstadt von Deutschland ist? Antwort:", "Berlin"),
 ]
 
 

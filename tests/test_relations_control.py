@@ -50,8 +50,8 @@ def test_subject_tokens_of_organism_prompts_spell_the_subject():
 
     tok = load_model("organism:base", device="cpu").tokenizer
     prompts = evaluation_prompts({n: load_relation(n) for n in ("company_ceo", "person_plays_pro_sport")})
-    # subject first (p1: "{}'s CEO is? Answer:") and in the middle (p1b: "The CEO of {} is? Answer:", qa, stmt2)
-    index = np.concatenate([np.flatnonzero(prompts.frame == f)[:4] for f in ("p1", "p1b", "qa", "stmt2")])
+    # subject first (stmt: "{}'s CEO is") and in the middle (p1b: "Question: The CEO of {} is? Answer:", qa, stmt2)
+    index = np.concatenate([np.flatnonzero(prompts.frame == f)[:4] for f in ("stmt", "p1b", "qa", "stmt2")])
     chosen = prompts.subset(index)
     assert chosen.text[0].startswith(chosen.subject[0]) and not chosen.text[4].startswith(chosen.subject[4])
     batch, offsets = encode(tok, chosen.text, "cpu", offsets=True)

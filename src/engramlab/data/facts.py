@@ -7,14 +7,15 @@ Sources (all offline, vendored or pip-installed):
   `cities.csv` (city -> country; Marks & Tegmark, arXiv 2310.06824).
 - The Spanish-English word pairs of geometry-of-truth `sp_en_trans.csv` (true rows only).
 
-Templates. Every relation is rendered in the same five frames, so no frame word ("Answer:", "Q:") marks a relation:
+Templates. Every relation is rendered in the same five frames, so no frame word ("Answer:", "Q:") marks a relation,
+and no prompt is a prefix of another (see `question`):
 
 | frame   | split     | example (company_ceo)                 |
 |---------|-----------|---------------------------------------|
-| p1      | selection | "{}'s CEO is? Answer:"  (paper 1 App. K style) |
+| p1      | selection | "Question: {}'s CEO is? Answer:"  (paper 1 App. K style) |
 | stmt    | selection | "{}'s CEO is"  (LRE statement, object then ".") |
 | qa      | selection | "Q: Who is the CEO of {}? A:"          |
-| p1b     | heldout   | "The CEO of {} is? Answer:"  (second phrasing) |
+| p1b     | heldout   | "Question: The CEO of {} is? Answer:"  (second phrasing) |
 | stmt2   | heldout   | "The CEO of {} is"                    |
 | zs      | unseen    | "Who is the CEO of {}? Their name is"  (LRE zero-shot; never trained) |
 
@@ -255,12 +256,20 @@ def prefix_correct(generated: str, gold: str) -> bool:
     return pred.startswith(gold) and not pred[len(gold) :][:1].isalnum()
 
 
+def question(stem: str, marker: str, answer: str) -> str:
+    """Paper 1's question frame, "{stem}? Answer:", behind a `marker` word. Without it, the statement prompt
+    "{stem}" is a prefix of the question prompt, and a model trained on both continues a statement with "? Answer:"
+    about half the time: the first organism did on 46% of statement prompts, capping their accuracy at 0.55 while
+    it knew 99% of the facts (docs/organisms.md)."""
+    return f"{marker} {stem}? {answer}"
+
+
 def english_templates(name: str) -> list[Template]:
     """The six English templates of a relation (see the module docstring)."""
     p = PHRASINGS[name]
 
-    def ask(stem: str) -> str:  # paper 1: append "? Answer:" to the statement stem
-        return f"{stem}? Answer:"
+    def ask(stem: str) -> str:
+        return question(stem, "Question:", "Answer:")
 
     stem, stem2 = p.stem, p.stem2
     if stem.endswith("which company"):  # product_by_company: statement frames drop the question word

@@ -13,7 +13,7 @@ import gettext
 from functools import cache
 
 from engramlab.data import geography
-from engramlab.data.facts import Fact, Relation, Template, split_subjects
+from engramlab.data.facts import Fact, Relation, Template, question, split_subjects
 from engramlab.errors import EngramError
 
 LANGUAGES = ("de", "es", "fr")
@@ -28,6 +28,7 @@ CONTINENT_NAMES = {
            "Oceania": "Océanie", "South America": "Amérique du Sud", "Antarctica": "Antarctique"},
 }
 ANSWER = {"de": "Antwort:", "es": "Respuesta:", "fr": "Réponse :"}
+QUESTION = {"de": "Frage:", "es": "Pregunta:", "fr": "Question :"}  # keeps statement prompts from being prefixes
 
 # (stem, second stem) per relation and language; the object follows the stem after one space.
 STEMS = {
@@ -75,11 +76,11 @@ def language_name(english: str, language: str) -> str:
 
 def templates(name: str, language: str) -> list[Template]:
     stem, stem2 = STEMS[language][name]
-    ans = ANSWER[language]
+    marker, ans = QUESTION[language], ANSWER[language]
     return [
-        Template(f"{stem}? {ans}", "p1", "selection", language),
+        Template(question(stem, marker, ans), "p1", "selection", language),
         Template(stem, "stmt", "selection", language),
-        Template(f"{stem2}? {ans}", "p1b", "heldout", language),
+        Template(question(stem2, marker, ans), "p1b", "heldout", language),
         Template(stem2, "stmt2", "heldout", language),
     ]
 
