@@ -33,7 +33,7 @@ from engramlab.continual.subspace import activity_rows, attach_input_projection
 
 def hlop_at_task(model: SpikingMLP, task: int, hebbian_rows: int | None) -> HLOP:
     """An HLOP whose subspaces have the official row counts of `task` (random orthonormal rows)."""
-    method = HLOP(replace(HLOP_PRESETS["mlp"], hebbian_rows=hebbian_rows or None), seed=0)
+    method = HLOP(replace(HLOP_PRESETS["mlp"], hebbian_rows=hebbian_rows), seed=0)
     for t in range(task + 1):
         method.begin_task(t, model)  # adds the schedule's rows for task t
         if t < task:

@@ -83,7 +83,7 @@ def hlop(
     if hebbian_rows is None:
         hebbian_rows = preset.hebbian_rows
     hlop_settings = replace(preset, iterations=hebbian_iterations, orthonormalise=not literal,
-                            hebbian_rows=hebbian_rows or None, consolidation_epochs=consolidation_epochs)
+                            hebbian_rows=hebbian_rows, consolidation_epochs=consolidation_epochs)
     if lateral is not None:
         hlop_settings = replace(hlop_settings, initial=_ints(lateral, "--lateral-neurons"))
     if lateral_increment is not None:

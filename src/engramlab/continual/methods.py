@@ -93,7 +93,7 @@ class HLOPSettings:
     orthonormalise: bool = True
     # engramlab options (not in the official code); off here, the "mlp" preset sets hebbian_rows = 64:
     hebbian_rows: int | None = None  # learn H from a random subset of this many presynaptic rows per minibatch
-    # (None: all rows)
+    # (None or 0: all rows)
     consolidation_epochs: int = 0  # extra Hebbian-only passes over a task's inputs before its rows are frozen
 
 
@@ -159,7 +159,7 @@ class HLOP(ContinualMethod):
             rows = activity_rows(layer, activity)
             residual = subspace.frozen_projector().recall(rows)  # projected in this step's backward, if it was
             limit = self.settings.hebbian_rows
-            if limit is not None and rows.shape[0] > limit:
+            if limit and rows.shape[0] > limit:
                 keep = torch.randperm(rows.shape[0], generator=self.generator)[:limit].to(rows.device)
                 rows, residual = rows[keep], None if residual is None else residual[keep]
             subspace.update(rows, residual)
