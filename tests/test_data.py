@@ -91,6 +91,24 @@ def test_fact_statements_heldout_disjoint_and_minimal():
         assert (obj[s.subject] in s.text) == s.label
 
 
+@pytest.mark.parametrize("name", ["country_capital", "person_occupation", "landmark_on_continent"])
+def test_train_statements_give_no_object_a_label(name):
+    """False twins of training statements reuse the train facts' objects, shuffled: an object is as often in a TRUE
+    as in a FALSE statement, and objects only held-out subjects have never appear (they used to, in FALSE ones only)."""
+    rel = load_relation(name)
+    train, _ = statements.truefalse_subjects(rel)
+    train_objects = sorted({f.object for f in rel.facts if f.subject in train}, key=len, reverse=True)
+    counts = {True: {}, False: {}}
+    for s in statements.fact_statements(rel, "train", seed=1):
+        obj = next(o for o in train_objects if s.text.endswith(f" {o}."))  # StopIteration: not a train object
+        counts[s.label][obj] = counts[s.label].get(obj, 0) + 1
+    unbalanced = sum(abs(n - counts[False].get(o, 0)) for o, n in counts[True].items())
+    if name == "landmark_on_continent":  # Antarctica is the object of 74% of the facts: it cannot be balanced
+        assert counts[False].get("Antarctica", 0) < counts[True]["Antarctica"]
+    else:
+        assert unbalanced <= 0.02 * sum(counts[True].values())
+
+
 def test_truefalse_prompt_format():
     q = statements.truefalse_heldout(("country_capital",), per_relation=1)[0]
     prompt = statements.truefalse_prompt(q)
