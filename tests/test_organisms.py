@@ -120,7 +120,9 @@ def test_miniature_build_end_to_end(tmp_path):
         assert "mean" in summary["fact_accuracy"] and "company_ceo" in summary["fact_accuracy"]["per_relation"]
         assert set(summary["fact_accuracy"]["per_frame"]) == {"p1", "stmt", "qa"}  # the selection templates' frames
         assert set(summary["fact_accuracy_heldout_templates"]["per_frame"]) == {"p1b", "stmt2"}
-        assert "## Reproduce" in (d / "README.md").read_text()
+        card = (d / "README.md").read_text()
+        assert "## Reproduce" in card
+        assert ("TRUE/FALSE focus phase" in card) == (stage == "base")
 
 
 def _tiny_model(seed=0):

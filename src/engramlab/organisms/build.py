@@ -46,8 +46,8 @@ from engramlab.results import write_json, write_parquet, write_text
 class BuildConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Step counts fit a 2-core CPU shared with other work in about an hour (see docs/organisms.md).
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1300, eval_every=1300))
+    # Step counts fit a 2-core CPU in about 80 minutes (see docs/organisms.md); raise them freely on a GPU.
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, eval_every=750))
     chat: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, min_lr=5e-5, warmup=20, eval_every=300))
     vocab_size: int = 4096
     seed: int = 0
@@ -280,6 +280,12 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         f"(warm-up {tcfg['warmup']}, cosine to {tcfg['min_lr']}), bf16 autocast={tcfg['amp']}, seed {tcfg['seed']}, device {tcfg['device']}",
         f"- tokens seen: {record['state']['tokens']:,}; training time: {record['state']['seconds'] / 60:.1f} min on "
         f"{platform.machine()} ({torch.get_num_threads()} CPU threads) shared with other work",
+    ]
+    if "focus" in record:
+        fs = record["focus"]["state"]
+        lines.append(f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "
+                     f"{fs['seconds'] / 60:.1f} min; loss only on the answers of TRUE/FALSE blocks, with fact replay")
+    lines += [
         "- loss curve (step: train loss | quick eval):",
     ]
     for h in curve:
