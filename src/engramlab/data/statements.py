@@ -86,7 +86,9 @@ def balanced_distractors(relation: Relation, facts: list[Fact], rng: random.Rand
         return _first_word(obj) == _first_word(facts[i].object)
 
     for i in range(len(facts)):
-        for _ in range(50 if clash(i, objects[i]) else 0):
+        if not clash(i, objects[i]):
+            continue
+        for _ in range(50):  # random partners: a valid one is found within a few tries unless none exists
             j = rng.randrange(len(facts))
             if not clash(i, objects[j]) and not clash(j, objects[i]):
                 objects[i], objects[j] = objects[j], objects[i]
@@ -102,11 +104,11 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     facts of the relation (miniature organisms).
 
     Distractors of `train` statements are the train facts' own objects, shuffled (`balanced_distractors`), so an
-    object is as often in a TRUE as in a FALSE training statement. Drawn from all
-    objects instead, an object of a held-out subject in a one-to-one relation (a capital, a CEO) appeared in
-    training only in FALSE statements, and the model learnt the object's label instead of checking the fact: it
-    judged such held-out true statements TRUE 0.22 of the time, those with objects also true in training 0.80
-    (docs/organisms.md). `heldout` and `all` statements draw from the relation's distinct objects.
+    object is as often in a TRUE as in a FALSE training statement. Drawn from all objects instead, an object of a
+    held-out subject in a one-to-one relation (a capital, a CEO) appeared in training only in FALSE statements, and
+    the model learnt the object's label instead of checking the fact: it judged such held-out true statements TRUE
+    0.22 of the time, those with objects also true in training 0.80 (docs/organisms.md). `heldout` and `all`
+    statements draw from the relation's distinct objects, so the acceptance set is the one measured before.
     """
     train, heldout = truefalse_subjects(relation)
     keep = {"train": train, "heldout": heldout, "all": train | heldout}.get(split)
