@@ -59,9 +59,10 @@ def truefalse_subjects(relation: Relation) -> tuple[frozenset, frozenset]:
 
 def distractor(relation: Relation, fact: Fact, rng: random.Random) -> str:
     """Another object of the same relation that does not share the true object's first word."""
+    first = _first_word(fact.object)
     for _ in range(100):  # rejection sampling: cheap, and every relation has several first words
         o = rng.choice(relation.objects)
-        if _first_word(o) != _first_word(fact.object):
+        if _first_word(o) != first:
             return o
     raise EngramError(f"relation {relation.name} has a single object; it cannot make false statements.")
 
@@ -121,7 +122,7 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     out = []
     for i, fact in enumerate(facts):
         t_true, t_false = rng.choice(stmts), rng.choice(stmts)
-        wrong = shuffled[i] if shuffled else distractor(relation, fact, rng)
+        wrong = shuffled[i] if shuffled is not None else distractor(relation, fact, rng)
         out.append(Statement(t_true.render(fact.subject, fact.object), True, relation.name, fact.subject))
         out.append(Statement(t_false.render(fact.subject, wrong), False, relation.name, fact.subject))
     return out

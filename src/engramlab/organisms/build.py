@@ -285,9 +285,7 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         fs = record["focus"]["state"]
         lines.append(f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "
                      f"{fs['seconds'] / 60:.1f} min; loss only on the answers of TRUE/FALSE blocks, with fact replay")
-    lines += [
-        "- loss curve (step: train loss | quick eval):",
-    ]
+    lines.append("- loss curve (step: train loss | quick eval):")
     for h in curve:
         ev = " ".join(f"{k} {v:.3f}" for k, v in h.get("eval", {}).items())
         lines.append(f"  - {h['step']}: {h['loss']:.3f}" + (f" | {ev}" if ev else ""))
