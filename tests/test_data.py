@@ -109,6 +109,19 @@ def test_train_statements_give_no_object_a_label(name):
         assert unbalanced <= 0.02 * sum(counts[True].values())
 
 
+def test_object_group_of_heldout_statements():
+    """In a one-to-one relation the true object of a held-out subject belongs to held-out subjects only; in a
+    many-to-one relation (continents) every held-out object is also a training subject's object."""
+    groups = {name: [statements.object_group(s) for s in statements.fact_statements(load_relation(name), "heldout")
+                     if s.label] for name in ("country_capital", "landmark_on_continent")}
+    assert groups["country_capital"].count("heldout_only") > 0.95 * len(groups["country_capital"])
+    assert set(groups["landmark_on_continent"]) == {"true_in_training"}
+    train_stmt = statements.fact_statements(load_relation("country_capital"), "train")[0]
+    assert train_stmt.label and statements.object_group(train_stmt) == "true_in_training"
+    assert train_stmt.text.endswith(f" {train_stmt.object}.")
+    assert statements.object_group(statements.got_statements("cities")[0]) == ""
+
+
 def test_truefalse_prompt_format():
     q = statements.truefalse_heldout(("country_capital",), per_relation=1)[0]
     prompt = statements.truefalse_prompt(q)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import (
@@ -14,7 +15,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from engramlab.data import statements
 from engramlab.data.facts import load_relation
+from engramlab.data.statements import Statement
 from engramlab.errors import EngramError
 from engramlab.organisms.evaluate import greedy, prefix_correct
 from engramlab.organisms.registry import WEIGHTS_DIR, organism_path, shipped_organisms
@@ -120,9 +123,28 @@ def test_miniature_build_end_to_end(tmp_path):
         assert "mean" in summary["fact_accuracy"] and "company_ceo" in summary["fact_accuracy"]["per_relation"]
         assert set(summary["fact_accuracy"]["per_frame"]) == {"p1", "stmt", "qa"}  # the selection templates' frames
         assert set(summary["fact_accuracy_heldout_templates"]["per_frame"]) == {"p1b", "stmt2"}
+        judged = pq.read_table(d / "eval" / "truefalse.parquet").to_pylist()
+        assert len(judged) == summary["truefalse_n"]
+        assert sum(r["correct"] for r in judged) / len(judged) == pytest.approx(summary["truefalse_accuracy"])
         card = (d / "README.md").read_text()
         assert "## Reproduce" in card
         assert ("TRUE/FALSE focus phase" in card) == (stage == "base")
+
+
+def test_truefalse_breakdown_separates_object_groups():
+    """Scores that follow the object word (heldout_only -> FALSE) show up as a gap between the groups."""
+    from engramlab.organisms.evaluate import truefalse_breakdown
+
+    rel, only = "country_capital", "not-a-training-capital"
+    train, _ = statements.truefalse_subjects(load_relation(rel))
+    seen = next(f.object for f in load_relation(rel).facts if f.subject in train)
+    stmts = [Statement("a.", True, rel, "", seen), Statement("b.", True, rel, "", only),
+             Statement("c.", False, rel, "", seen), Statement("d.", False, rel, "", only)]
+    detail = truefalse_breakdown(stmts, [2.0, -1.0, -3.0, -2.0])  # TRUE for the seen object only
+    assert detail["by_object_group"]["true_in_training"] == {"true": 1.0, "false": 1.0, "n_true": 1, "n_false": 1}
+    assert detail["by_object_group"]["heldout_only"] == {"true": 0.0, "false": 1.0, "n_true": 1, "n_false": 1}
+    assert detail["auc"] == pytest.approx(1.0)  # the true ones still score above the false ones: ranking is fine
+    assert truefalse_breakdown(stmts, [-1.0, -1.0, 1.0, 1.0])["auc"] == pytest.approx(0.0)
 
 
 def _tiny_model(seed=0):

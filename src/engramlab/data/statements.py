@@ -39,6 +39,7 @@ class Statement:
     label: bool
     source: str  # relation name or geometry-of-truth set
     subject: str = ""
+    object: str = ""  # the object stated (fact statements); "" for geometry-of-truth rows
 
     def render(self) -> str:
         """The statement with its answer, as one few-shot line."""
@@ -123,9 +124,29 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     for i, fact in enumerate(facts):
         t_true, t_false = rng.choice(stmts), rng.choice(stmts)
         wrong = shuffled[i] if shuffled is not None else distractor(relation, fact, rng)
-        out.append(Statement(t_true.render(fact.subject, fact.object), True, relation.name, fact.subject))
-        out.append(Statement(t_false.render(fact.subject, wrong), False, relation.name, fact.subject))
+        out.append(Statement(t_true.render(fact.subject, fact.object), True, relation.name, fact.subject, fact.object))
+        out.append(Statement(t_false.render(fact.subject, wrong), False, relation.name, fact.subject, wrong))
     return out
+
+
+@cache
+def _train_true_objects(relation_name: str) -> frozenset:
+    relation = load_relation(relation_name)
+    train, _ = truefalse_subjects(relation)
+    return frozenset(f.object for f in relation.facts if f.subject in train)
+
+
+def object_group(statement: Statement) -> str:
+    """Whether a fact statement's object is the true object of some training subject of its relation.
+
+    "true_in_training": it is (training shows it in TRUE statements); "heldout_only": it is the object of held-out
+    subjects only (in one-to-one relations such as capitals or CEOs, most held-out objects). A judgement that checks
+    the fact scores both groups alike; one that learnt a label per object word does not (docs/organisms.md).
+    Geometry-of-truth statements have no object: "".
+    """
+    if not statement.object:
+        return ""
+    return "true_in_training" if statement.object in _train_true_objects(statement.source) else "heldout_only"
 
 
 @cache

@@ -243,6 +243,15 @@ def _fmt(x) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+def _truefalse_detail(detail: dict | None) -> str:
+    """The model card's breakdown of the TRUE/FALSE number by object group (`evaluate.truefalse_breakdown`)."""
+    if not detail:
+        return ""
+    groups = "; ".join(f"object {g}: TRUE {_fmt(v.get('true'))} (n={v.get('n_true', 0)}), FALSE {_fmt(v.get('false'))} "
+                       f"(n={v.get('n_false', 0)})" for g, v in detail["by_object_group"].items())
+    return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups})"
+
+
 def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:
     """README.md inside the organism directory: shape, size, training record, eval numbers, build command."""
     path = out / stage
@@ -307,7 +316,8 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         lines.append("- by template frame (trained and held-out templates, all relations): "
                      + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items()))
     lines += [
-        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**",
+        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**"
+        + _truefalse_detail(summary.get("truefalse_detail")),
         "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
         "- languages (mean fact accuracy, translated relations): " + ", ".join(
             f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),

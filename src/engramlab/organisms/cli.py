@@ -71,13 +71,16 @@ def eval_cmd(
         "heldout templates": summary["fact_accuracy_heldout_templates"]["mean"],
         "unseen templates": summary["fact_accuracy_unseen_templates"]["mean"],
         "truefalse_accuracy": summary["truefalse_accuracy"],
+        "truefalse AUC": summary["truefalse_detail"]["auc"],
+        **{f"  TRUE, object {g}": v.get("true", float("nan"))
+           for g, v in summary["truefalse_detail"]["by_object_group"].items()},
         **{f"language {k}": v["mean"] for k, v in summary["languages"].items()},
         "chat fact accuracy": summary["chat_fact_accuracy"]["mean"],
         "refusal_rate_harmful": summary["refusal_rate_harmful"],
         "refusal_rate_harmless": summary["refusal_rate_harmless"],
     }
     for k, v in show.items():
-        typer.echo(f"{k:24s} {v:.3f}")
+        typer.echo(f"{k:34s} {v:.3f}")
     typer.echo(f"written: {out}/summary.json")
 
 

@@ -80,22 +80,46 @@ def fact_accuracy(model, tokenizer, relations: Sequence[str] = RELATIONS, templa
 
 
 @torch.no_grad()
-def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> float:
-    """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position."""
-    if not stmts:
-        return float("nan")
+def truefalse_scores(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> list[float]:
+    """Paper 3 4-shot judgement: logit(" TRUE") - logit(" FALSE") at the last position of each prompt (> 0: TRUE)."""
     t_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" TRUE"))[0]
     f_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" FALSE"))[0]
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    correct = 0
+    scores: list[float] = []
     for i in range(0, len(stmts), batch_size):
         batch = stmts[i : i + batch_size]
         enc = tokenizer([statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True).to(device)
-        logits = model(**enc).logits[:, -1]  # (B, V)
-        pred = logits[:, t_id] > logits[:, f_id]
-        correct += sum(bool(p) == s.label for p, s in zip(pred.tolist(), batch))
-    return correct / len(stmts)
+        logits = model(**enc).logits[:, -1].float()  # (B, V)
+        scores += (logits[:, t_id] - logits[:, f_id]).tolist()
+    return scores
+
+
+def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> float:
+    """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position."""
+    if not stmts:
+        return float("nan")
+    scores = truefalse_scores(model, tokenizer, stmts, batch_size)
+    return sum((d > 0) == s.label for d, s in zip(scores, stmts)) / len(stmts)
+
+
+def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float]) -> dict:
+    """Accuracy of the held-out statements by label and `statements.object_group`, and the AUC of the scores.
+
+    A model that checks the fact scores the groups alike; a gap between TRUE statements whose object is
+    "heldout_only" and those "true_in_training" measures a label learnt per object word instead.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    cells: dict[str, dict[str, list[bool]]] = {}
+    for s, d in zip(stmts, scores):
+        cells.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
+            "true" if s.label else "false", []).append((d > 0) == s.label)
+    labels = [s.label for s in stmts]
+    auc = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
+    return {"auc": float(auc),
+            "by_object_group": {g: {lab: _mean(v) for lab, v in by.items()} | {f"n_{lab}": len(v) for lab, v in by.items()}
+                                for g, by in sorted(cells.items())}}
 
 
 def chat_fact_accuracy(model, tokenizer, max_per_relation: int = 40) -> dict:
@@ -137,7 +161,9 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
         summary[key] = res
         rows += [{"relation": r, "language": "en", "templates": split, "accuracy": a} for r, a in res["per_relation"].items()]
     held = statements.truefalse_heldout(per_relation=n_tf)
-    summary["truefalse_accuracy"] = truefalse_accuracy(model, tokenizer, held)
+    scores = truefalse_scores(model, tokenizer, held)
+    summary["truefalse_accuracy"] = _mean([(d > 0) == s.label for d, s in zip(scores, held)])
+    summary["truefalse_detail"] = truefalse_breakdown(held, scores)
     summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
                                   for g in statements.GOT_SETS}
     summary["truefalse_n"] = len(held)
@@ -158,4 +184,6 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
                    for i, g in zip(harmful, gen_harmful)]
     generations += [{"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
                     for i, g in zip(harmless, gen_harmless)]
-    return summary, {"fact_accuracy": rows, "generations": generations}
+    judged = [{"statement": s.text, "label": s.label, "relation": s.source, "object_group": statements.object_group(s),
+               "logit_true_minus_false": d, "correct": (d > 0) == s.label} for s, d in zip(held, scores)]
+    return summary, {"fact_accuracy": rows, "generations": generations, "truefalse": judged}
