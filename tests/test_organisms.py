@@ -144,6 +144,7 @@ def test_truefalse_breakdown_separates_object_groups():
     assert detail["by_object_group"]["true_in_training"] == {"true": 1.0, "false": 1.0, "n_true": 1, "n_false": 1}
     assert detail["by_object_group"]["heldout_only"] == {"true": 0.0, "false": 1.0, "n_true": 1, "n_false": 1}
     assert detail["auc"] == pytest.approx(1.0)  # the true ones still score above the false ones: ranking is fine
+    assert detail["by_relation"] == {rel: {"accuracy": 0.75, "auc": pytest.approx(1.0)}}
     assert truefalse_breakdown(stmts, [-1.0, -1.0, 1.0, 1.0])["auc"] == pytest.approx(0.0)
 
 

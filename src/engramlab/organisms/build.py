@@ -302,14 +302,17 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         "",
         f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {cfg.eval_max_facts} facts per relation)",
         "",
-        "| relation | trained templates | held-out templates | unseen template |",
-        "|---|---|---|---|",
+        "| relation | trained templates | held-out templates | unseen template | TRUE/FALSE held-out (AUC) |",
+        "|---|---|---|---|---|",
     ]
+    tf_rel = summary.get("truefalse_detail", {}).get("by_relation", {})
     for r, a in fa["per_relation"].items():
+        judged = tf_rel.get(r)
         lines.append(f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
-                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} |")
+                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} | "
+                     + (f"{_fmt(judged['accuracy'])} ({_fmt(judged['auc'])}) |" if judged else "n/a |"))
     lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
-                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** |")
+                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** | **{_fmt(tf)}** |")
     frames = {**fa.get("per_frame", {}), **summary["fact_accuracy_heldout_templates"].get("per_frame", {})}
     lines.append("")
     if frames:

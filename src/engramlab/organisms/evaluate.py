@@ -104,7 +104,8 @@ def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], 
 
 
 def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float]) -> dict:
-    """Accuracy of the held-out statements by label and `statements.object_group`, and the AUC of the scores.
+    """Accuracy of the held-out statements by relation and by label and `statements.object_group`, and the AUC of
+    the scores (all statements and per relation).
 
     A model that checks the fact scores the groups alike; a gap between TRUE statements whose object is
     "heldout_only" and those "true_in_training" measures a label learnt per object word instead.
@@ -115,9 +116,17 @@ def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[
     for s, d in zip(stmts, scores):
         cells.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
             "true" if s.label else "false", []).append((d > 0) == s.label)
-    labels = [s.label for s in stmts]
-    auc = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
-    return {"auc": float(auc),
+
+    def auc(subset: list[int]) -> float:
+        labels = [stmts[i].label for i in subset]
+        return float(roc_auc_score(labels, [scores[i] for i in subset])) if len(set(labels)) == 2 else float("nan")
+
+    by_relation: dict[str, list[int]] = {}
+    for i, s in enumerate(stmts):
+        by_relation.setdefault(s.source, []).append(i)
+    return {"auc": auc(list(range(len(stmts)))),
+            "by_relation": {r: {"accuracy": _mean([(scores[i] > 0) == stmts[i].label for i in idx]), "auc": auc(idx)}
+                            for r, idx in by_relation.items()},
             "by_object_group": {g: {lab: _mean(v) for lab, v in by.items()} | {f"n_{lab}": len(v) for lab, v in by.items()}
                                 for g, by in sorted(cells.items())}}
 
