@@ -131,6 +131,23 @@ def test_miniature_build_end_to_end(tmp_path):
         assert ("TRUE/FALSE focus phase" in card) == (stage == "base")
 
 
+def test_object_logprobs_match_an_unbatched_forward(organism):
+    """Batched, left-padded log-probabilities of the stated object equal one plain forward pass per statement."""
+    from engramlab.organisms.evaluate import object_logprobs
+
+    _, _, model, tok = organism
+    held = statements.truefalse_heldout(("country_capital", "person_father"), per_relation=2)
+    got = statements.got_statements("cities")[0]
+    scores = object_logprobs(model, tok, [*held, got], batch_size=3)
+    assert scores[-1] != scores[-1]  # nan: a geometry-of-truth statement names no object
+    for s, score in zip(held, scores):
+        prefix = tok(s.text[: -len(s.object) - 2], return_tensors="pt")["input_ids"]
+        target = tok(s.text)["input_ids"][prefix.shape[1]]
+        with torch.no_grad():
+            expected = model(input_ids=prefix).logits[0, -1].float().log_softmax(-1)[target].item()
+        assert score == pytest.approx(expected, rel=0.01, abs=0.02)  # bf16 weights: padding moves the last digits
+
+
 def test_truefalse_breakdown_separates_object_groups():
     """Scores that follow the object word (heldout_only -> FALSE) show up as a gap between the groups."""
     from engramlab.organisms.evaluate import truefalse_breakdown

@@ -5,7 +5,9 @@
   by punctuation). Reported per relation for the trained templates (`selection`), the `heldout` templates (trained,
   kept out of neuron selection) and the `unseen` templates (never trained).
 - TRUE/FALSE (paper 3): 4-shot prompt, answer = argmax over the logits of " TRUE" and " FALSE", on held-out
-  statements about known facts; geometry-of-truth held-out parts reported per set.
+  statements about known facts, per relation and by object group (`truefalse_breakdown`); next to it the AUC of the
+  model's own probability of each stated object, i.e. whether the knowledge to judge is there; geometry-of-truth
+  held-out parts reported per set.
 - Languages: fact accuracy of each translated relation in de, es, fr (selection templates).
 - Chat: fact questions of held-out chat subjects in the chat template (8 new tokens, prefix rule on the object);
   refusal rate (paper 3's phrase list) on held-out AdvBench goals and held-out harmless instructions.
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -95,6 +98,34 @@ def truefalse_scores(model, tokenizer, stmts: Sequence[statements.Statement], ba
     return scores
 
 
+@torch.no_grad()
+def object_logprobs(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> list[float]:
+    """Log-probability of each fact statement's stated object (its first token) after the statement's own prefix.
+
+    No shots, no label: it measures whether the model's knowledge separates true from false statements at all, so
+    a weak TRUE/FALSE judgement can be told apart from missing knowledge. Statements without an object get nan.
+    """
+    device = next(model.parameters()).device
+    rows: list[tuple[int, list[int], int]] = []  # (statement index, prefix ids, first object token id)
+    for i, s in enumerate(stmts):
+        tail = f" {s.object}."
+        if not s.object or not s.text.endswith(tail):
+            continue
+        full = tokenizer(s.text)["input_ids"]
+        n_prefix = len(tokenizer(s.text[: -len(tail)])["input_ids"])
+        rows.append((i, full[:n_prefix], full[n_prefix]))
+    out = [float("nan")] * len(stmts)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        width = max(len(ids) for _, ids, _ in batch)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for _, x, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x, _ in batch], device=device)
+        logp = model(input_ids=ids, attention_mask=mask).logits[:, -1].float().log_softmax(-1)  # (B, V)
+        for (i, _, target), row in zip(batch, logp):
+            out[i] = row[target].item()
+    return out
+
+
 def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> float:
     """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position."""
     if not stmts:
@@ -103,9 +134,11 @@ def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], 
     return sum((d > 0) == s.label for d, s in zip(scores, stmts)) / len(stmts)
 
 
-def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float]) -> dict:
+def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float],
+                        object_logprob: Sequence[float] | None = None) -> dict:
     """Accuracy of the held-out statements by relation and by label and `statements.object_group`, and the AUC of
-    the scores (all statements and per relation).
+    the scores (all statements and per relation); with `object_logprob` (`object_logprobs`) also the AUC of the
+    model's own probability of the stated object, the knowledge a judgement could read.
 
     A model that checks the fact scores the groups alike; a gap between TRUE statements whose object is
     "heldout_only" and those "true_in_training" measures a label learnt per object word instead.
@@ -117,18 +150,25 @@ def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[
         cells.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
             "true" if s.label else "false", []).append((d > 0) == s.label)
 
-    def auc(subset: list[int]) -> float:
+    def auc(subset: list[int], values: Sequence[float]) -> float:
+        subset = [i for i in subset if not math.isnan(values[i])]
         labels = [stmts[i].label for i in subset]
-        return float(roc_auc_score(labels, [scores[i] for i in subset])) if len(set(labels)) == 2 else float("nan")
+        return float(roc_auc_score(labels, [values[i] for i in subset])) if len(set(labels)) == 2 else float("nan")
 
     by_relation: dict[str, list[int]] = {}
     for i, s in enumerate(stmts):
         by_relation.setdefault(s.source, []).append(i)
-    return {"auc": auc(list(range(len(stmts)))),
-            "by_relation": {r: {"accuracy": _mean([(scores[i] > 0) == stmts[i].label for i in idx]), "auc": auc(idx)}
-                            for r, idx in by_relation.items()},
-            "by_object_group": {g: {lab: _mean(v) for lab, v in by.items()} | {f"n_{lab}": len(v) for lab, v in by.items()}
-                                for g, by in sorted(cells.items())}}
+    everything = list(range(len(stmts)))
+    detail = {"auc": auc(everything, scores),
+              "by_relation": {r: {"accuracy": _mean([(scores[i] > 0) == stmts[i].label for i in idx]),
+                                  "auc": auc(idx, scores)} for r, idx in by_relation.items()},
+              "by_object_group": {g: {lab: _mean(v) for lab, v in by.items()} | {f"n_{lab}": len(v) for lab, v in by.items()}
+                                  for g, by in sorted(cells.items())}}
+    if object_logprob is not None:
+        detail["object_logprob_auc"] = auc(everything, object_logprob)
+        for r, idx in by_relation.items():
+            detail["by_relation"][r]["object_logprob_auc"] = auc(idx, object_logprob)
+    return detail
 
 
 def chat_fact_accuracy(model, tokenizer, max_per_relation: int = 40) -> dict:
@@ -172,7 +212,8 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     held = statements.truefalse_heldout(per_relation=n_tf)
     scores = truefalse_scores(model, tokenizer, held)
     summary["truefalse_accuracy"] = _mean([(d > 0) == s.label for d, s in zip(scores, held)])
-    summary["truefalse_detail"] = truefalse_breakdown(held, scores)
+    logprobs = object_logprobs(model, tokenizer, held)
+    summary["truefalse_detail"] = truefalse_breakdown(held, scores, logprobs)
     summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
                                   for g in statements.GOT_SETS}
     summary["truefalse_n"] = len(held)
@@ -194,5 +235,6 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     generations += [{"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
                     for i, g in zip(harmless, gen_harmless)]
     judged = [{"statement": s.text, "label": s.label, "relation": s.source, "object_group": statements.object_group(s),
-               "logit_true_minus_false": d, "correct": (d > 0) == s.label} for s, d in zip(held, scores)]
+               "logit_true_minus_false": d, "correct": (d > 0) == s.label, "object_logprob": lp}
+              for s, d, lp in zip(held, scores, logprobs)]
     return summary, {"fact_accuracy": rows, "generations": generations, "truefalse": judged}
