@@ -127,8 +127,15 @@ def test_miniature_build_end_to_end(tmp_path):
         assert len(judged) == summary["truefalse_n"]
         assert sum(r["correct"] for r in judged) / len(judged) == pytest.approx(summary["truefalse_accuracy"])
         card = (d / "README.md").read_text()
-        assert "## Reproduce" in card
+        assert "## Reproduce" in card and "TRUE/FALSE held-out (AUC)" in card
         assert ("TRUE/FALSE focus phase" in card) == (stage == "base")
+    from typer.testing import CliRunner
+
+    from engramlab.organisms.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "base"), "--out", str(tmp_path / "again"), "--max-facts", "2"])
+    assert res.exit_code == 0, res.output
+    assert "object log-prob AUC" in res.output and (tmp_path / "again" / "truefalse.parquet").is_file()
 
 
 def test_object_logprobs_match_an_unbatched_forward(organism):

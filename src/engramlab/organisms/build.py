@@ -249,7 +249,9 @@ def _truefalse_detail(detail: dict | None) -> str:
         return ""
     groups = "; ".join(f"object {g}: TRUE {_fmt(v.get('true'))} (n={v.get('n_true', 0)}), FALSE {_fmt(v.get('false'))} "
                        f"(n={v.get('n_false', 0)})" for g, v in detail["by_object_group"].items())
-    return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups})"
+    knowledge = (f"; the model's own probability of the stated object separates them with AUC "
+                 f"{_fmt(detail['object_logprob_auc'])}" if "object_logprob_auc" in detail else "")
+    return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups}{knowledge})"
 
 
 def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:

@@ -72,6 +72,7 @@ def eval_cmd(
         "unseen templates": summary["fact_accuracy_unseen_templates"]["mean"],
         "truefalse_accuracy": summary["truefalse_accuracy"],
         "truefalse AUC": summary["truefalse_detail"]["auc"],
+        "  object log-prob AUC (knowledge)": summary["truefalse_detail"]["object_logprob_auc"],
         **{f"  TRUE, object {g}": v.get("true", float("nan"))
            for g, v in summary["truefalse_detail"]["by_object_group"].items()},
         **{f"language {k}": v["mean"] for k, v in summary["languages"].items()},
