@@ -122,6 +122,15 @@ def test_object_group_of_heldout_statements():
     assert statements.object_group(statements.got_statements("cities")[0]) == ""
 
 
+def test_default_shots_are_true_training_statements():
+    for shot in statements.default_shots():
+        rel = load_relation(shot.source)
+        train, _ = statements.truefalse_subjects(rel)
+        truth = {f.subject: f.object for f in rel.facts}
+        assert shot.subject in train and shot.text.endswith(f" {shot.object}.")
+        assert (truth[shot.subject] == shot.object) == shot.label
+
+
 def test_truefalse_prompt_format():
     q = statements.truefalse_heldout(("country_capital",), per_relation=1)[0]
     prompt = statements.truefalse_prompt(q)

@@ -182,12 +182,20 @@ def truefalse_heldout(relations: tuple[str, ...] = RELATIONS, per_relation: int 
     return out
 
 
+# Paper 3's prompt has four fixed examples, two TRUE and two FALSE. These are training-subject statements of
+# country_capital and city_country (a test checks it), written out so that a change in how training statements are
+# drawn cannot change the prompt of every measured TRUE/FALSE number (it did once: 0.733 became 0.737).
+_DEFAULT_SHOTS = (
+    ("The capital of Afghanistan is Kabul.", True, "country_capital", "Afghanistan", "Kabul"),
+    ("Baoji is a city in the country of Argentina.", False, "city_country", "Baoji", "Argentina"),
+    ("The city of Baoji is in the country of China.", True, "city_country", "Baoji", "China"),
+    ("The capital of Afghanistan is Pago Pago.", False, "country_capital", "Afghanistan", "Pago Pago"),
+)
+
+
 def default_shots() -> list[Statement]:
-    """Four fixed few-shot examples (2 TRUE, 2 FALSE) from training statements of geography relations."""
-    a = fact_statements(load_relation("country_capital"), "train", seed=0)[:2]
-    b = fact_statements(load_relation("city_country"), "train", seed=0)[2:4]
-    shots = [a[0], b[1], b[0], a[1]]  # TRUE, FALSE, TRUE, FALSE in a fixed mixed order
-    return shots
+    """The four fixed few-shot examples (TRUE, FALSE, TRUE, FALSE) of every TRUE/FALSE prompt."""
+    return [Statement(*shot) for shot in _DEFAULT_SHOTS]
 
 
 def truefalse_prompt(statement: Statement | str, shots: list[Statement] | None = None) -> str:
