@@ -108,7 +108,7 @@ def test_chat_reply_starts_with_the_in_sentence_token(organism):
 
 
 def test_miniature_build_end_to_end(tmp_path):
-    from engramlab.organisms.build import build, quick_config
+    from engramlab.organisms.build import build, quick_config, refresh_evaluation_section
 
     build(tmp_path, quick_config())
     for stage in ("base", "chat"):
@@ -129,6 +129,8 @@ def test_miniature_build_end_to_end(tmp_path):
         card = (d / "README.md").read_text()
         assert "## Reproduce" in card and "TRUE/FALSE held-out (AUC)" in card
         assert ("TRUE/FALSE focus phase" in card) == (stage == "base")
+        refresh_evaluation_section(d / "README.md", summary, stage, quick_config().eval_max_facts)
+        assert (d / "README.md").read_text() == card  # the refreshed section is the one the build wrote
     from typer.testing import CliRunner
 
     from engramlab.organisms.cli import app

@@ -254,6 +254,50 @@ def _truefalse_detail(detail: dict | None) -> str:
     return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups}{knowledge})"
 
 
+def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list[str]:
+    """The model card's "## Evaluation" section (markdown lines) from an `organisms eval` summary."""
+    fa, tf = summary["fact_accuracy"], summary["truefalse_accuracy"]
+    lines = [
+        f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {max_facts} facts per relation)",
+        "",
+        "| relation | trained templates | held-out templates | unseen template | TRUE/FALSE held-out (AUC) |",
+        "|---|---|---|---|---|",
+    ]
+    tf_rel = summary.get("truefalse_detail", {}).get("by_relation", {})
+    for r, a in fa["per_relation"].items():
+        judged = tf_rel.get(r)
+        lines.append(f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
+                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} | "
+                     + (f"{_fmt(judged['accuracy'])} ({_fmt(judged['auc'])}) |" if judged else "n/a |"))
+    lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
+                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** | **{_fmt(tf)}** |")
+    frames = {**fa.get("per_frame", {}), **summary["fact_accuracy_heldout_templates"].get("per_frame", {})}
+    lines.append("")
+    if frames:
+        lines.append("- by template frame (trained and held-out templates, all relations): "
+                     + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items()))
+    lines += [
+        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**"
+        + _truefalse_detail(summary.get("truefalse_detail")),
+        "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
+        "- languages (mean fact accuracy, translated relations): " + ", ".join(
+            f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
+        f"- chat-template fact questions (held-out chat subjects): {_fmt(summary['chat_fact_accuracy']['mean'])}",
+        f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): {_fmt(summary['refusal_rate_harmful'])}; "
+        f"held-out harmless ({summary['refusal_n']['harmless']}): {_fmt(summary['refusal_rate_harmless'])}",
+    ]
+    return lines
+
+
+def refresh_evaluation_section(card: Path, summary: dict, stage: str, max_facts: int | None) -> None:
+    """Replace the "## Evaluation" section of an existing model card (after re-running `organisms eval` on shipped
+    weights, whose training record is not shipped); the rest of the card stays as written by the build."""
+    text = card.read_text()
+    start = text.index("## Evaluation")
+    end = text.index("\n## ", start)
+    write_text(card, text[:start] + "\n".join(evaluation_section(summary, stage, max_facts)) + "\n" + text[end:])
+
+
 def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:
     """README.md inside the organism directory: shape, size, training record, eval numbers, build command."""
     path = out / stage
@@ -269,7 +313,6 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
     hist = list({h["step"]: h for h in record["history"]}.values())  # a resumed run may log a step twice
     curve = [h for h in hist if h["step"] in {hist[0]["step"], hist[-1]["step"]} or "eval" in h] if hist else []
     tcfg = record["config"]
-    fa, tf = summary["fact_accuracy"], summary["truefalse_accuracy"]
     lines = [
         f"# organism:{stage}",
         "",
@@ -300,35 +343,8 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
     for h in curve:
         ev = " ".join(f"{k} {v:.3f}" for k, v in h.get("eval", {}).items())
         lines.append(f"  - {h['step']}: {h['loss']:.3f}" + (f" | {ev}" if ev else ""))
+    lines += ["", *evaluation_section(summary, stage, cfg.eval_max_facts)]
     lines += [
-        "",
-        f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {cfg.eval_max_facts} facts per relation)",
-        "",
-        "| relation | trained templates | held-out templates | unseen template | TRUE/FALSE held-out (AUC) |",
-        "|---|---|---|---|---|",
-    ]
-    tf_rel = summary.get("truefalse_detail", {}).get("by_relation", {})
-    for r, a in fa["per_relation"].items():
-        judged = tf_rel.get(r)
-        lines.append(f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
-                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} | "
-                     + (f"{_fmt(judged['accuracy'])} ({_fmt(judged['auc'])}) |" if judged else "n/a |"))
-    lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
-                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** | **{_fmt(tf)}** |")
-    frames = {**fa.get("per_frame", {}), **summary["fact_accuracy_heldout_templates"].get("per_frame", {})}
-    lines.append("")
-    if frames:
-        lines.append("- by template frame (trained and held-out templates, all relations): "
-                     + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items()))
-    lines += [
-        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**"
-        + _truefalse_detail(summary.get("truefalse_detail")),
-        "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
-        "- languages (mean fact accuracy, translated relations): " + ", ".join(
-            f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
-        f"- chat-template fact questions (held-out chat subjects): {_fmt(summary['chat_fact_accuracy']['mean'])}",
-        f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): {_fmt(summary['refusal_rate_harmful'])}; "
-        f"held-out harmless ({summary['refusal_n']['harmless']}): {_fmt(summary['refusal_rate_harmless'])}",
         "",
         "## Reproduce",
         "```",
