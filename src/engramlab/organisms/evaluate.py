@@ -127,11 +127,14 @@ def object_logprobs(model, tokenizer, stmts: Sequence[statements.Statement], bat
 
 
 def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], batch_size: int = 64) -> float:
-    """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position."""
-    if not stmts:
-        return float("nan")
-    scores = truefalse_scores(model, tokenizer, stmts, batch_size)
-    return sum((d > 0) == s.label for d, s in zip(scores, stmts)) / len(stmts)
+    """Paper 3 4-shot TRUE/FALSE accuracy: argmax of logit(" TRUE") vs logit(" FALSE") at the last position (nan
+    for no statements)."""
+    return _mean(judged_correct(stmts, truefalse_scores(model, tokenizer, stmts, batch_size)))
+
+
+def judged_correct(stmts: Sequence[statements.Statement], scores: Sequence[float]) -> list[bool]:
+    """Whether each judgement (score > 0: TRUE) matches the statement's label."""
+    return [(d > 0) == s.label for s, d in zip(stmts, scores)]
 
 
 def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float],
@@ -145,10 +148,7 @@ def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[
     """
     from sklearn.metrics import roc_auc_score
 
-    cells: dict[str, dict[str, list[bool]]] = {}
-    for s, d in zip(stmts, scores):
-        cells.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
-            "true" if s.label else "false", []).append((d > 0) == s.label)
+    correct = judged_correct(stmts, scores)
 
     def auc(subset: list[int], values: Sequence[float]) -> float:
         subset = [i for i in subset if not math.isnan(values[i])]
@@ -156,14 +156,17 @@ def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[
         return float(roc_auc_score(labels, [values[i] for i in subset])) if len(set(labels)) == 2 else float("nan")
 
     by_relation: dict[str, list[int]] = {}
+    by_group: dict[str, dict[str, list[int]]] = {}
     for i, s in enumerate(stmts):
         by_relation.setdefault(s.source, []).append(i)
+        by_group.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
+            "true" if s.label else "false", []).append(i)
     everything = list(range(len(stmts)))
     detail = {"auc": auc(everything, scores),
-              "by_relation": {r: {"accuracy": _mean([(scores[i] > 0) == stmts[i].label for i in idx]),
-                                  "auc": auc(idx, scores)} for r, idx in by_relation.items()},
-              "by_object_group": {g: {lab: _mean(v) for lab, v in by.items()} | {f"n_{lab}": len(v) for lab, v in by.items()}
-                                  for g, by in sorted(cells.items())}}
+              "by_relation": {r: {"accuracy": _mean([correct[i] for i in idx]), "auc": auc(idx, scores)}
+                              for r, idx in by_relation.items()},
+              "by_object_group": {g: {lab: _mean([correct[i] for i in idx]) for lab, idx in by.items()}
+                                  | {f"n_{lab}": len(idx) for lab, idx in by.items()} for g, by in sorted(by_group.items())}}
     if object_logprob is not None:
         detail["object_logprob_auc"] = auc(everything, object_logprob)
         for r, idx in by_relation.items():
@@ -211,7 +214,8 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
         rows += [{"relation": r, "language": "en", "templates": split, "accuracy": a} for r, a in res["per_relation"].items()]
     held = statements.truefalse_heldout(per_relation=n_tf)
     scores = truefalse_scores(model, tokenizer, held)
-    summary["truefalse_accuracy"] = _mean([(d > 0) == s.label for d, s in zip(scores, held)])
+    correct = judged_correct(held, scores)
+    summary["truefalse_accuracy"] = _mean(correct)
     logprobs = object_logprobs(model, tokenizer, held)
     summary["truefalse_detail"] = truefalse_breakdown(held, scores, logprobs)
     summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
@@ -235,6 +239,6 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     generations += [{"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
                     for i, g in zip(harmless, gen_harmless)]
     judged = [{"statement": s.text, "label": s.label, "relation": s.source, "object_group": statements.object_group(s),
-               "logit_true_minus_false": d, "correct": (d > 0) == s.label, "object_logprob": lp}
-              for s, d, lp in zip(held, scores, logprobs)]
+               "logit_true_minus_false": d, "correct": ok, "object_logprob": lp}
+              for s, d, ok, lp in zip(held, scores, correct, logprobs)]
     return summary, {"fact_accuracy": rows, "generations": generations, "truefalse": judged}
