@@ -224,5 +224,36 @@ def test_cli_list_and_errors(tmp_path):
     assert isinstance(res.exception, EngramError) and "cpu or cuda" in str(res.exception)
 
 
+def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
+    from dataclasses import asdict
+
+    from typer.testing import CliRunner
+
+    from engramlab.organisms.build import BuildConfig, check_same_build, with_overrides
+    from engramlab.organisms.cli import app
+    from engramlab.results import write_json
+
+    cfg = with_overrides(BuildConfig(), layers=8, hidden=384, base_steps=30000, focus_steps=0, batch_size=64)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.base.steps, cfg.focus.steps) == (8, 384, 30000, 0)
+    assert cfg.base.batch_size == cfg.focus.batch_size == cfg.chat.batch_size == 64
+    assert BuildConfig().model.n_layer == 6 and BuildConfig().base.steps == 3000  # a copy; defaults untouched
+    with pytest.raises(EngramError, match="--hidden must be a multiple"):
+        with_overrides(BuildConfig(), hidden=100)
+    with pytest.raises(EngramError, match="--base-steps must be at least 1"):
+        with_overrides(BuildConfig(), base_steps=0)
+
+    write_json(tmp_path / "build_config.json", asdict(BuildConfig()))
+    moved = BuildConfig()
+    moved.base.device = moved.chat.device = "cuda"
+    check_same_build(tmp_path, moved)  # the device may change between runs
+    with pytest.raises(EngramError, match=r"other settings: base\.batch_size 32 \(now 64\), .* and 3 more"):
+        check_same_build(tmp_path, cfg)
+    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path), "--base-steps", "10"])
+    assert isinstance(res.exception, EngramError) and "build_config.json" in str(res.exception)
+    assert "base.steps 3000 (now 10)" in str(res.exception)
+    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "new"), "--layers", "0"])
+    assert isinstance(res.exception, EngramError) and "--layers must be at least 1" in str(res.exception)
+
+
 def test_weights_dir_is_inside_package():
     assert WEIGHTS_DIR.parent.name == "organisms"

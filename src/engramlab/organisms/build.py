@@ -12,6 +12,7 @@ from its checkpoint in `out/work/`, so an interrupted build continues where it s
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -29,6 +30,7 @@ from transformers import (
 )
 
 from engramlab.data import chat
+from engramlab.errors import EngramError
 from engramlab.organisms import evaluate
 from engramlab.organisms.corpus import (
     CorpusConfig,
@@ -73,6 +75,57 @@ def quick_config(seed: int = 0) -> BuildConfig:
         eval_max_facts=3,
         eval_small=True,
     )
+
+
+def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | None = None, mlp: int | None = None,
+                   base_steps: int | None = None, focus_steps: int | None = None, chat_steps: int | None = None,
+                   batch_size: int | None = None) -> BuildConfig:
+    """A copy of `cfg` with the model shape and schedule a user asked for (`organisms build --layers 8 ...`).
+
+    None keeps the value; a value out of range raises EngramError naming the option. `batch_size` applies to the
+    base, focus and chat stages alike.
+    """
+    cfg = copy.deepcopy(cfg)
+    minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 1),
+               "--focus-steps": (focus_steps, 0), "--chat-steps": (chat_steps, 1), "--batch-size": (batch_size, 1)}
+    for option, (value, low) in minimum.items():
+        if value is not None and value < low:
+            raise EngramError(f"{option} must be at least {low}, got {value}.")
+    if hidden is not None and hidden % cfg.model.n_head:
+        raise EngramError(f"--hidden must be a multiple of the {cfg.model.n_head} attention heads, got {hidden}.")
+    for target, attr, value in ((cfg.model, "n_layer", layers), (cfg.model, "d_model", hidden), (cfg.model, "d_mlp", mlp),
+                                (cfg.base, "steps", base_steps), (cfg.focus, "steps", focus_steps),
+                                (cfg.chat, "steps", chat_steps)):
+        if value is not None:
+            setattr(target, attr, value)
+    if batch_size is not None:
+        cfg.base.batch_size = cfg.focus.batch_size = cfg.chat.batch_size = batch_size
+    return cfg
+
+
+def check_same_build(out: Path, cfg: BuildConfig) -> None:
+    """Refuse to resume a build in `out` with other settings than it was started with (the checkpoints would not
+    fit, or the schedule would silently change); the device may differ."""
+    saved_path = out / "build_config.json"
+    if not saved_path.is_file():
+        return
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items |= flat(value, f"{prefix}{key}.")
+            elif key != "device":
+                items[f"{prefix}{key}"] = value
+        return items
+
+    saved, new = flat(json.loads(saved_path.read_text())), flat(json.loads(json.dumps(asdict(cfg))))
+    changed = [k for k in sorted(saved.keys() | new.keys()) if saved.get(k) != new.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} {saved.get(k)!r} (now {new.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise EngramError(f"{saved_path}: this build was started with other settings: {shown}{more}; resume with "
+                          "the same options or use a new --out.")
 
 
 def encode_text(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[Example]:
@@ -163,6 +216,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     cfg.base.device = cfg.chat.device = device
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_same_build(out, cfg)
     write_json(out / "build_config.json", asdict(cfg))
     records: dict = {}
     tok_dir = out / "tokenizer"
@@ -298,6 +352,13 @@ def refresh_evaluation_section(card: Path, summary: dict, stage: str, max_facts:
     write_text(card, text[:start] + "\n".join(evaluation_section(summary, stage, max_facts)) + "\n" + text[end:])
 
 
+def _machine(device: str) -> str:
+    """Where a stage trained, for the model card: the GPU's name, or the CPU architecture and thread count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()} ({torch.get_num_threads()} CPU threads)"
+
+
 def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> None:
     """README.md inside the organism directory: shape, size, training record, eval numbers, build command."""
     path = out / stage
@@ -333,7 +394,7 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         f"- steps {record['state']['step']}, batch {tcfg['batch_size']} x {tcfg['block_size']} tokens, AdamW lr {tcfg['lr']} "
         f"(warm-up {tcfg['warmup']}, cosine to {tcfg['min_lr']}), bf16 autocast={tcfg['amp']}, seed {tcfg['seed']}, device {tcfg['device']}",
         f"- tokens seen: {record['state']['tokens']:,}; training time: {record['state']['seconds'] / 60:.1f} min on "
-        f"{platform.machine()} ({torch.get_num_threads()} CPU threads) shared with other work",
+        f"{_machine(tcfg['device'])}",
     ]
     if "focus" in record:
         fs = record["focus"]["state"]

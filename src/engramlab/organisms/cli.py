@@ -31,9 +31,19 @@ def build(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of model init and data order."),
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
+    layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
+    hidden: int | None = typer.Option(None, "--hidden", help="Hidden size, a multiple of the 8 heads (default 256)."),
+    mlp: int | None = typer.Option(None, "--mlp", help="SwiGLU neurons per layer (default 1536)."),
+    base_steps: int | None = typer.Option(None, "--base-steps", help="Pretraining steps (default 3000: ~1 h on 2 CPU cores)."),
+    focus_steps: int | None = typer.Option(None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."),
+    chat_steps: int | None = typer.Option(None, "--chat-steps", help="Chat SFT steps (default 300)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
 ) -> None:
-    """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards."""
-    from engramlab.organisms.build import BuildConfig, quick_config
+    """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards.
+
+    The defaults rebuild the shipped recipe; on a GPU raise the steps (and the shape) freely. A build resumes only
+    with the options it was started with."""
+    from engramlab.organisms.build import BuildConfig, quick_config, with_overrides
     from engramlab.organisms.build import build as run_build
 
     if device not in ("cpu", "cuda"):
@@ -45,9 +55,12 @@ def build(
             raise EngramError("--device cuda was asked for but torch sees no CUDA device; use --device cpu.")
     if out.exists() and any(out.iterdir()) and not (out / "build_config.json").is_file():
         raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
-    cfg = quick_config(seed) if quick else BuildConfig(seed=seed)
-    cfg.base.seed = cfg.chat.seed = seed
-    command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "")
+    overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
+                 "chat_steps": chat_steps, "batch_size": batch_size}
+    cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
+    cfg.base.seed = cfg.focus.seed = cfg.chat.seed = seed
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
+    command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags
     run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))
     typer.echo(f"organisms written to {out}/base and {out}/chat (model cards: README.md in each).")
 
