@@ -135,9 +135,18 @@ def test_miniature_build_end_to_end(tmp_path):
 
     from engramlab.organisms.cli import app
 
-    res = CliRunner().invoke(app, ["eval", str(tmp_path / "base"), "--out", str(tmp_path / "again"), "--max-facts", "2"])
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "base"), "--out", str(tmp_path / "again"), "--max-facts", "2",
+                                   "--update-card"])
     assert res.exit_code == 0, res.output
     assert "object log-prob AUC" in res.output and (tmp_path / "again" / "truefalse.parquet").is_file()
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    card = (tmp_path / "base" / "README.md").read_text()
+    assert "up to 2 facts per relation" in card and "## Reproduce" in card  # only the evaluation section changed
+    assert f"{again['truefalse_accuracy']:.3f}" in card.split("## Evaluation")[1].split("\n## ")[0]
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "README.md").write_text("# no sections\n")
+    with pytest.raises(EngramError, match="no model card with an '## Evaluation' section"):
+        refresh_evaluation_section(tmp_path / "bare" / "README.md", again, "base", 2)
 
 
 def test_object_logprobs_match_an_unbatched_forward(organism):

@@ -269,10 +269,15 @@ def load_organism(path: str | Path):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
+def is_chat_organism(path: str | Path) -> bool:
+    """A chat organism (evaluated on chat answers and refusals too): its folder is named *chat* or its config says so."""
+    return "chat" in Path(path).name or bool(json.loads((Path(path) / "config.json").read_text()).get("engramlab_chat"))
+
+
 def evaluate_dir(path: str | Path, out: str | Path, max_facts: int | None = 200, small: bool = False) -> dict:
     """Evaluate an organism directory; write summary.json, fact_accuracy.parquet, generations.parquet into `out`."""
     model, tok = load_organism(path)
-    chat_model = "chat" in Path(path).name or bool(json.loads((Path(path) / "config.json").read_text()).get("engramlab_chat"))
+    chat_model = is_chat_organism(path)
     t0 = time.time()
     summary, tables = evaluate.full_eval(model, tok, chat_model=chat_model, max_facts=max_facts, small=small)
     summary["model"] = str(path)
@@ -346,9 +351,11 @@ def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list
 def refresh_evaluation_section(card: Path, summary: dict, stage: str, max_facts: int | None) -> None:
     """Replace the "## Evaluation" section of an existing model card (after re-running `organisms eval` on shipped
     weights, whose training record is not shipped); the rest of the card stays as written by the build."""
-    text = card.read_text()
-    start = text.index("## Evaluation")
-    end = text.index("\n## ", start)
+    text = card.read_text() if card.is_file() else ""
+    start = text.find("## Evaluation")
+    end = text.find("\n## ", start)
+    if start < 0 or end < 0:
+        raise EngramError(f"{card}: no model card with an '## Evaluation' section followed by another section to rewrite.")
     write_text(card, text[:start] + "\n".join(evaluation_section(summary, stage, max_facts)) + "\n" + text[end:])
 
 

@@ -71,14 +71,19 @@ def eval_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for summary.json and tables."),
     max_facts: int = typer.Option(200, "--max-facts", help="Facts per relation evaluated."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in a non-empty --out."),
+    update_card: bool = typer.Option(False, "--update-card", help="Rewrite the '## Evaluation' section of the "
+                                     "organism's model card (its README.md) from this evaluation."),
 ) -> None:
     """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
-    from engramlab.organisms.build import evaluate_dir
+    from engramlab.organisms.build import evaluate_dir, is_chat_organism, refresh_evaluation_section
     from engramlab.results import prepare_out_dir
 
     path = resolve(ref)
     prepare_out_dir(out, overwrite)
     summary = evaluate_dir(path, out, max_facts=max_facts)
+    if update_card:
+        refresh_evaluation_section(path / "README.md", summary, "chat" if is_chat_organism(path) else "base", max_facts)
+        typer.echo(f"model card updated: {path / 'README.md'}")
     show = {
         "fact_accuracy (mean)": summary["fact_accuracy"]["mean"],
         "heldout templates": summary["fact_accuracy_heldout_templates"]["mean"],
