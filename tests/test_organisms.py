@@ -147,6 +147,9 @@ def test_miniature_build_end_to_end(tmp_path):
     (tmp_path / "bare" / "README.md").write_text("# no sections\n")
     with pytest.raises(EngramError, match="no model card with an '## Evaluation' section"):
         refresh_evaluation_section(tmp_path / "bare" / "README.md", again, "base", 2)
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "bare"), "--out", str(tmp_path / "o2"), "--update-card"])
+    assert isinstance(res.exception, EngramError) and not (tmp_path / "o2").exists()  # refused before evaluating
 
 
 def test_object_logprobs_match_an_unbatched_forward(organism):
@@ -246,8 +249,8 @@ def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.base.steps, cfg.focus.steps) == (8, 384, 30000, 0)
     assert cfg.base.batch_size == cfg.focus.batch_size == cfg.chat.batch_size == 64
     assert BuildConfig().model.n_layer == 6 and BuildConfig().base.steps == 3000  # a copy; defaults untouched
-    with pytest.raises(EngramError, match="--hidden must be a multiple"):
-        with_overrides(BuildConfig(), hidden=100)
+    with pytest.raises(EngramError, match="--hidden must be a multiple of 16"):
+        with_overrides(BuildConfig(), hidden=264)
     with pytest.raises(EngramError, match="--base-steps must be at least 1"):
         with_overrides(BuildConfig(), base_steps=0)
 

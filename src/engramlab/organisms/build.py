@@ -91,8 +91,9 @@ def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | No
     for option, (value, low) in minimum.items():
         if value is not None and value < low:
             raise EngramError(f"{option} must be at least {low}, got {value}.")
-    if hidden is not None and hidden % cfg.model.n_head:
-        raise EngramError(f"--hidden must be a multiple of the {cfg.model.n_head} attention heads, got {hidden}.")
+    if hidden is not None and hidden % (2 * cfg.model.n_head):  # rotary embeddings need an even head size
+        raise EngramError(f"--hidden must be a multiple of {2 * cfg.model.n_head} ({cfg.model.n_head} heads of an even "
+                          f"size), got {hidden}.")
     for target, attr, value in ((cfg.model, "n_layer", layers), (cfg.model, "d_model", hidden), (cfg.model, "d_mlp", mlp),
                                 (cfg.base, "steps", base_steps), (cfg.focus, "steps", focus_steps),
                                 (cfg.chat, "steps", chat_steps)):
@@ -351,12 +352,18 @@ def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list
 def refresh_evaluation_section(card: Path, summary: dict, stage: str, max_facts: int | None) -> None:
     """Replace the "## Evaluation" section of an existing model card (after re-running `organisms eval` on shipped
     weights, whose training record is not shipped); the rest of the card stays as written by the build."""
+    text, start, end = evaluation_span(card)
+    write_text(card, text[:start] + "\n".join(evaluation_section(summary, stage, max_facts)) + "\n" + text[end:])
+
+
+def evaluation_span(card: Path) -> tuple[str, int, int]:
+    """A model card's text and the character span of its "## Evaluation" section (up to the next section)."""
     text = card.read_text() if card.is_file() else ""
     start = text.find("## Evaluation")
     end = text.find("\n## ", start)
     if start < 0 or end < 0:
         raise EngramError(f"{card}: no model card with an '## Evaluation' section followed by another section to rewrite.")
-    write_text(card, text[:start] + "\n".join(evaluation_section(summary, stage, max_facts)) + "\n" + text[end:])
+    return text, start, end
 
 
 def _machine(device: str) -> str:

@@ -32,7 +32,7 @@ def build(
     seed: int = typer.Option(0, "--seed", help="Seed of model init and data order."),
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
     layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
-    hidden: int | None = typer.Option(None, "--hidden", help="Hidden size, a multiple of the 8 heads (default 256)."),
+    hidden: int | None = typer.Option(None, "--hidden", help="Hidden size, a multiple of 16 (8 heads of an even size; default 256)."),
     mlp: int | None = typer.Option(None, "--mlp", help="SwiGLU neurons per layer (default 1536)."),
     base_steps: int | None = typer.Option(None, "--base-steps", help="Pretraining steps (default 3000: ~1 h on 2 CPU cores)."),
     focus_steps: int | None = typer.Option(None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."),
@@ -75,10 +75,12 @@ def eval_cmd(
                                      "organism's model card (its README.md) from this evaluation."),
 ) -> None:
     """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
-    from engramlab.organisms.build import evaluate_dir, is_chat_organism, refresh_evaluation_section
+    from engramlab.organisms.build import evaluate_dir, evaluation_span, is_chat_organism, refresh_evaluation_section
     from engramlab.results import prepare_out_dir
 
     path = resolve(ref)
+    if update_card:
+        evaluation_span(path / "README.md")  # a card without the section fails now, not after the evaluation
     prepare_out_dir(out, overwrite)
     summary = evaluate_dir(path, out, max_facts=max_facts)
     if update_card:
