@@ -215,6 +215,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     """Run the build stages into `out` (see module docstring); returns {stage: record}."""
     cfg = cfg or BuildConfig()
     cfg.base.device = cfg.chat.device = device
+    cfg.base.seed = cfg.focus.seed = cfg.chat.seed = cfg.seed  # one seed for init, data and every stage's row order
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_same_build(out, cfg)

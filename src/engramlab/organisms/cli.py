@@ -58,7 +58,6 @@ def build(
     overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
                  "chat_steps": chat_steps, "batch_size": batch_size}
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
-    cfg.base.seed = cfg.focus.seed = cfg.chat.seed = seed
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
     command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags
     run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))
