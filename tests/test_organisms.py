@@ -267,5 +267,26 @@ def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
     assert isinstance(res.exception, EngramError) and "--layers must be at least 1" in str(res.exception)
 
 
+def test_statement_repeats_draw_every_training_statement_again_with_fresh_false_twins():
+    from engramlab.organisms.build import BuildConfig, with_overrides
+    from engramlab.organisms.corpus import CorpusConfig, truefalse_documents
+
+    def statements_of(repeats: int) -> list[str]:
+        docs = truefalse_documents(CorpusConfig(relations=("country_capital",), max_facts=40, got_sets=(),
+                                                statement_repeats=repeats), epoch=3)
+        return [line for doc in docs for line in doc.split("\n")]
+
+    once, twice = statements_of(1), statements_of(2)
+    assert len(twice) == 2 * len(once) > 0
+    assert sum(s.endswith("TRUE") for s in twice) == sum(s.endswith("FALSE") for s in twice)
+    facts = load_relation("country_capital").facts[:40]
+    false_pairs = [(f.subject, o.object) for s in twice if s.endswith("FALSE") for f in facts for o in facts
+                   if f.subject in s and o.object in s and o.object != f.object]
+    assert len(set(false_pairs)) > 0.75 * len(twice) / 2  # the same draw twice would give each pair twice
+    assert with_overrides(BuildConfig(), statement_repeats=3).corpus.statement_repeats == 3
+    with pytest.raises(EngramError, match="--statement-repeats must be at least 1"):
+        with_overrides(BuildConfig(), statement_repeats=0)
+
+
 def test_weights_dir_is_inside_package():
     assert WEIGHTS_DIR.parent.name == "organisms"

@@ -79,15 +79,16 @@ def quick_config(seed: int = 0) -> BuildConfig:
 
 def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | None = None, mlp: int | None = None,
                    base_steps: int | None = None, focus_steps: int | None = None, chat_steps: int | None = None,
-                   batch_size: int | None = None) -> BuildConfig:
+                   batch_size: int | None = None, statement_repeats: int | None = None) -> BuildConfig:
     """A copy of `cfg` with the model shape and schedule a user asked for (`organisms build --layers 8 ...`).
 
     None keeps the value; a value out of range raises EngramError naming the option. `batch_size` applies to the
-    base, focus and chat stages alike.
+    base, focus and chat stages alike; `statement_repeats` is how often each epoch holds every TRUE/FALSE statement.
     """
     cfg = copy.deepcopy(cfg)
     minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 1),
-               "--focus-steps": (focus_steps, 0), "--chat-steps": (chat_steps, 1), "--batch-size": (batch_size, 1)}
+               "--focus-steps": (focus_steps, 0), "--chat-steps": (chat_steps, 1), "--batch-size": (batch_size, 1),
+               "--statement-repeats": (statement_repeats, 1)}
     for option, (value, low) in minimum.items():
         if value is not None and value < low:
             raise EngramError(f"{option} must be at least {low}, got {value}.")
@@ -96,7 +97,7 @@ def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | No
                           f"size), got {hidden}.")
     for target, attr, value in ((cfg.model, "n_layer", layers), (cfg.model, "d_model", hidden), (cfg.model, "d_mlp", mlp),
                                 (cfg.base, "steps", base_steps), (cfg.focus, "steps", focus_steps),
-                                (cfg.chat, "steps", chat_steps)):
+                                (cfg.chat, "steps", chat_steps), (cfg.corpus, "statement_repeats", statement_repeats)):
         if value is not None:
             setattr(target, attr, value)
     if batch_size is not None:

@@ -38,6 +38,8 @@ def build(
     focus_steps: int | None = typer.Option(None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."),
     chat_steps: int | None = typer.Option(None, "--chat-steps", help="Chat SFT steps (default 300)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
+    statement_repeats: int | None = typer.Option(None, "--statement-repeats", help="Draws of every TRUE/FALSE training "
+                                                 "statement per epoch, each with fresh false twins (default 1)."),
 ) -> None:
     """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards.
 
@@ -56,7 +58,7 @@ def build(
     if out.exists() and any(out.iterdir()) and not (out / "build_config.json").is_file():
         raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
     overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
-                 "chat_steps": chat_steps, "batch_size": batch_size}
+                 "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats}
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
     command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags

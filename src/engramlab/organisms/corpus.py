@@ -30,6 +30,9 @@ class CorpusConfig:
     templates_per_fact: int = 2  # of the 5 trained English templates, drawn per fact per epoch
     translated_templates_per_fact: int = 1  # of the 4 templates of each translated relation
     block_statements: int = 5  # statements per true/false document
+    # Draws of the TRUE/FALSE statements per epoch, each with fresh false twins: judging held-out statements improves
+    # with passes over the statements, not with depth (docs/organisms.md), and facts need fewer passes.
+    statement_repeats: int = 1
     got_sets: tuple[str, ...] = statements.GOT_SETS
     got_per_epoch: int = 1500  # geometry-of-truth training statements drawn per epoch
     replay_fraction: float = 0.25  # chat corpus: base documents per chat example
@@ -65,13 +68,15 @@ def base_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[str]:
 
 
 def truefalse_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[str]:
-    """One epoch of TRUE/FALSE blocks: `block_statements` statements per document, fresh false twins per epoch."""
+    """One epoch of TRUE/FALSE blocks: `block_statements` statements per document, fresh false twins per epoch
+    (and per each of the `statement_repeats` draws)."""
     rng = random.Random(seed * 1_000_033 + epoch)
-    stmts = []
-    for name in cfg.relations:
-        stmts += statements.fact_statements(load_relation(name), "train", seed=epoch + 1, max_facts=cfg.max_facts)
     got = [s for g in cfg.got_sets for s in statements.got_statements(g, "train")]
-    stmts += rng.sample(got, min(cfg.got_per_epoch, len(got))) if cfg.max_facts is None else got[: cfg.max_facts]
+    stmts = []
+    for draw in range(epoch * cfg.statement_repeats, (epoch + 1) * cfg.statement_repeats):
+        for name in cfg.relations:
+            stmts += statements.fact_statements(load_relation(name), "train", seed=draw + 1, max_facts=cfg.max_facts)
+        stmts += rng.sample(got, min(cfg.got_per_epoch, len(got))) if cfg.max_facts is None else got[: cfg.max_facts]
     rng.shuffle(stmts)
     k = cfg.block_statements
     return ["\n".join(s.render() for s in stmts[i : i + k]) for i in range(0, len(stmts), k)]
