@@ -143,6 +143,16 @@ def test_miniature_build_end_to_end(tmp_path):
     card = (tmp_path / "base" / "README.md").read_text()
     assert "up to 2 facts per relation" in card and "## Reproduce" in card  # only the evaluation section changed
     assert f"{again['truefalse_accuracy']:.3f}" in card.split("## Evaluation")[1].split("\n## ")[0]
+    cont = quick_config()
+    cont.init_base = str(tmp_path / "base")
+    build(tmp_path / "cont", cont, stages=("tokenizer", "base", "eval"))
+    assert (tmp_path / "cont" / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "base" / "tokenizer.json").read_text()
+    assert f"continued from the weights and tokenizer of `{tmp_path / 'base'}`" in (tmp_path / "cont" / "base" / "README.md").read_text()
+    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c2"), "--quick", "--init-base", str(tmp_path / "base"),
+                                   "--layers", "3"])
+    assert isinstance(res.exception, EngramError) and "keeps the shape" in str(res.exception)
+    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c3"), "--quick", "--init-base", str(tmp_path / "again")])
+    assert isinstance(res.exception, EngramError) and "no config.json, model.safetensors, tokenizer.json" in str(res.exception)
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "README.md").write_text("# no sections\n")
     with pytest.raises(EngramError, match="no model card with an '## Evaluation' section"):

@@ -225,7 +225,9 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     tok_dir = out / "tokenizer"
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file():
         t0 = time.time()
-        tok = train_tokenizer(tokenizer_texts(cfg.corpus), cfg.vocab_size)
+        # A continued model keeps the tokenizer its embeddings were trained with.
+        tok = (_load_tokenizer(Path(cfg.init_base)) if cfg.init_base
+               else train_tokenizer(tokenizer_texts(cfg.corpus), cfg.vocab_size))
         tok.save_pretrained(str(tok_dir))
         _chat_template_into_config(tok_dir, tok)
         records["tokenizer"] = {"seconds": time.time() - t0, "vocab": len(tok)}
@@ -412,6 +414,8 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         f"- tokens seen: {record['state']['tokens']:,}; training time: {record['state']['seconds'] / 60:.1f} min on "
         f"{_machine(tcfg['device'])}",
     ]
+    if stage == "base" and cfg.init_base:
+        lines.append(f"- continued from the weights and tokenizer of `{cfg.init_base}` (its own card holds its history)")
     if "focus" in record:
         fs = record["focus"]["state"]
         lines.append(f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "

@@ -40,6 +40,8 @@ def build(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
     statement_repeats: int | None = typer.Option(None, "--statement-repeats", help="Draws of every TRUE/FALSE training "
                                                  "statement per epoch, each with fresh false twins (default 1)."),
+    init_base: Path | None = typer.Option(None, "--init-base", help="Continue pretraining from this organism "
+                                          "directory (its weights, shape and tokenizer) instead of from scratch."),
 ) -> None:
     """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards.
 
@@ -60,7 +62,15 @@ def build(
     overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
                  "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats}
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
+    if init_base is not None:
+        if layers or hidden or mlp:
+            raise EngramError("--init-base keeps the shape of the model it continues; drop --layers/--hidden/--mlp.")
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (init_base / f).is_file()]
+        if missing:
+            raise EngramError(f"--init-base {init_base} is not an organism directory: no {', '.join(missing)}.")
+        cfg.init_base = str(init_base)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
+    flags += f" --init-base {init_base}" if init_base is not None else ""
     command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags
     run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))
     typer.echo(f"organisms written to {out}/base and {out}/chat (model cards: README.md in each).")
