@@ -218,6 +218,10 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     cfg.base.device = cfg.chat.device = device
     cfg.base.seed = cfg.focus.seed = cfg.chat.seed = cfg.seed  # one seed for init, data and every stage's row order
     out = Path(out)
+    if cfg.init_base:
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(cfg.init_base) / f).is_file()]
+        if missing:
+            raise EngramError(f"--init-base {cfg.init_base} is not an organism directory: no {', '.join(missing)}.")
     out.mkdir(parents=True, exist_ok=True)
     check_same_build(out, cfg)
     write_json(out / "build_config.json", asdict(cfg))

@@ -63,11 +63,8 @@ def build(
                  "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats}
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
     if init_base is not None:
-        if layers or hidden or mlp:
+        if any(v is not None for v in (layers, hidden, mlp)):
             raise EngramError("--init-base keeps the shape of the model it continues; drop --layers/--hidden/--mlp.")
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (init_base / f).is_file()]
-        if missing:
-            raise EngramError(f"--init-base {init_base} is not an organism directory: no {', '.join(missing)}.")
         cfg.init_base = str(init_base)
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
     flags += f" --init-base {init_base}" if init_base is not None else ""
