@@ -56,7 +56,9 @@ class BuildConfig:
     ship_dtype: str = "bfloat16"  # weights are stored in this dtype (training runs in fp32 + bf16 autocast)
     eval_max_facts: int | None = 200  # facts per relation in the final eval
     eval_small: bool = False  # shrink every eval set (miniature organisms)
-    init_base: str | None = None  # continue pretraining from this HF directory (same tokenizer) instead of scratch
+    # Continue pretraining from this organism directory instead of scratch: its weights, shape and tokenizer are
+    # used (`model` and `vocab_size` are then ignored).
+    init_base: str | None = None
     # After pretraining, a short phase where TRUE/FALSE blocks carry loss only on their answer tokens (the answer is
     # 1 token of ~22 per statement, so in plain pretraining the judgement gets little gradient), with fact replay.
     focus: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9))
