@@ -4,6 +4,7 @@ end; training resumes to the same state; the CLI reports errors in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,10 +145,14 @@ def test_miniature_build_end_to_end(tmp_path):
     assert "up to 2 facts per relation" in card and "## Reproduce" in card  # only the evaluation section changed
     assert f"{again['truefalse_accuracy']:.3f}" in card.split("## Evaluation")[1].split("\n## ")[0]
     cont = quick_config()
-    cont.init_base = str(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "start")
+    cont.init_base = str(tmp_path / "start")
     build(tmp_path / "cont", cont, stages=("tokenizer", "base", "eval"))
     assert (tmp_path / "cont" / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "base" / "tokenizer.json").read_text()
-    assert f"continued from the weights and tokenizer of `{tmp_path / 'base'}`" in (tmp_path / "cont" / "base" / "README.md").read_text()
+    assert f"continued from the weights and tokenizer of `{tmp_path / 'start'}`" in (tmp_path / "cont" / "base" / "README.md").read_text()
+    shutil.rmtree(tmp_path / "start")  # a resumed build whose base is done no longer needs its start directory
+    build(tmp_path / "cont", cont, stages=("tokenizer", "base", "chat"))
+    assert (tmp_path / "cont" / "chat" / "model.safetensors").is_file()
     res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c2"), "--quick", "--init-base", str(tmp_path / "base"),
                                    "--layers", "3"])
     assert isinstance(res.exception, EngramError) and "keeps the shape" in str(res.exception)

@@ -220,7 +220,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     cfg.base.device = cfg.chat.device = device
     cfg.base.seed = cfg.focus.seed = cfg.chat.seed = cfg.seed  # one seed for init, data and every stage's row order
     out = Path(out)
-    if cfg.init_base:
+    tok_dir = out / "tokenizer"
+    # The start directory is read only by the tokenizer and base stages: a resumed build whose base is done needs none.
+    needs_start = (("tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file())
+                   or ("base" in stages and not (out / "base" / "model.safetensors").is_file()))
+    if cfg.init_base and needs_start:
         missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(cfg.init_base) / f).is_file()]
         if missing:
             raise EngramError(f"--init-base {cfg.init_base} is not an organism directory: no {', '.join(missing)}.")
@@ -228,7 +232,6 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     check_same_build(out, cfg)
     write_json(out / "build_config.json", asdict(cfg))
     records: dict = {}
-    tok_dir = out / "tokenizer"
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file():
         t0 = time.time()
         # A continued model keeps the tokenizer its embeddings were trained with.
