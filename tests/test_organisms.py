@@ -20,7 +20,7 @@ from engramlab.data import statements
 from engramlab.data.facts import load_relation
 from engramlab.data.statements import Statement
 from engramlab.errors import EngramError
-from engramlab.organisms.evaluate import greedy, prefix_correct
+from engramlab.organisms.evaluate import greedy, prefix_correct, truefalse_scores
 from engramlab.organisms.registry import WEIGHTS_DIR, organism_path, shipped_organisms
 from engramlab.organisms.train import TrainConfig, train
 
@@ -59,6 +59,15 @@ def test_shipped_organism_knows_facts(organism):
     gens = greedy(model, tok, [p for p, _ in KNOWN], max_new_tokens=3)
     correct = [prefix_correct(g, gold) for g, (_, gold) in zip(gens, KNOWN)]
     assert sum(correct) >= len(KNOWN) - 1, list(zip(gens, KNOWN))
+
+
+def test_evaluation_leaves_the_tokenizers_padding_side_alone(organism):
+    """Evaluation pads on the left per call; a build once shipped the quick eval's padding side in its tokenizer."""
+    _, _, model, tok = organism
+    assert tok.padding_side == "right"
+    greedy(model, tok, ["Question: The capital of France is? Answer:", "Hi"], max_new_tokens=1)
+    truefalse_scores(model, tok, statements.truefalse_heldout(per_relation=1))
+    assert tok.padding_side == "right"
 
 
 def test_shipped_facts_sample(organism):

@@ -29,8 +29,8 @@ from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, batch_size: int = 128,
            chat_template: bool = False) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of `prompts`, batched with left padding."""
-    tokenizer.padding_side = "left"
+    """Greedy continuations (decoded, special tokens dropped) of `prompts`, batched with left padding (per call: the
+    caller's tokenizer is left as it is, so a build does not ship the evaluation's padding side)."""
     out: list[str] = []
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch_size):
@@ -38,9 +38,9 @@ def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, ba
         if chat_template:
             batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                    add_generation_prompt=True) for p in batch]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         else:
-            enc = tokenizer(batch, return_tensors="pt", padding=True)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left")
         enc = {k: v.to(device) for k, v in enc.items()}
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>")
@@ -87,12 +87,12 @@ def truefalse_scores(model, tokenizer, stmts: Sequence[statements.Statement], ba
     """Paper 3 4-shot judgement: logit(" TRUE") - logit(" FALSE") at the last position of each prompt (> 0: TRUE)."""
     t_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" TRUE"))[0]
     f_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" FALSE"))[0]
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     scores: list[float] = []
     for i in range(0, len(stmts), batch_size):
         batch = stmts[i : i + batch_size]
-        enc = tokenizer([statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer([statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True,
+                        padding_side="left").to(device)
         logits = model(**enc).logits[:, -1].float()  # (B, V)
         scores += (logits[:, t_id] - logits[:, f_id]).tolist()
     return scores
