@@ -9,6 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -118,7 +119,7 @@ def test_chat_reply_starts_with_the_in_sentence_token(organism):
 
 
 def test_miniature_build_end_to_end(tmp_path):
-    from engramlab.organisms.build import build, quick_config, refresh_evaluation_section
+    from engramlab.organisms.build import build, quick_config, refresh_evaluation_section, with_overrides
 
     build(tmp_path, quick_config())
     for stage in ("base", "chat"):
@@ -162,6 +163,13 @@ def test_miniature_build_end_to_end(tmp_path):
     shutil.rmtree(tmp_path / "start")  # a resumed build whose base is done no longer needs its start directory
     build(tmp_path / "cont", cont, stages=("tokenizer", "base", "chat"))
     assert (tmp_path / "cont" / "chat" / "model.safetensors").is_file()
+    chat_only = with_overrides(quick_config(), base_steps=0, focus_steps=0)  # SFT on a kept base, no pretraining
+    chat_only.init_base = str(tmp_path / "base")
+    build(tmp_path / "chat_only", chat_only, stages=("tokenizer", "base", "chat"))
+    kept, again_base = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(
+        str(tmp_path / "chat_only" / "base" / "model.safetensors"))
+    assert all(torch.equal(kept[k], again_base[k]) for k in kept)
+    assert (tmp_path / "chat_only" / "chat" / "model.safetensors").is_file()
     res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c2"), "--quick", "--init-base", str(tmp_path / "base"),
                                    "--layers", "3"])
     assert isinstance(res.exception, EngramError) and "keeps the shape" in str(res.exception)
@@ -265,7 +273,7 @@ def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
 
     from typer.testing import CliRunner
 
-    from engramlab.organisms.build import BuildConfig, check_same_build, with_overrides
+    from engramlab.organisms.build import BuildConfig, build, check_same_build, with_overrides
     from engramlab.organisms.cli import app
     from engramlab.results import write_json
 
@@ -275,8 +283,10 @@ def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
     assert BuildConfig().model.n_layer == 6 and BuildConfig().base.steps == 3000  # a copy; defaults untouched
     with pytest.raises(EngramError, match="--hidden must be a multiple of 16"):
         with_overrides(BuildConfig(), hidden=264)
-    with pytest.raises(EngramError, match="--base-steps must be at least 1"):
-        with_overrides(BuildConfig(), base_steps=0)
+    with pytest.raises(EngramError, match="--base-steps must be at least 0"):
+        with_overrides(BuildConfig(), base_steps=-1)
+    with pytest.raises(EngramError, match="--base-steps 0 keeps the starting weights and needs --init-base"):
+        build(tmp_path / "untrained", with_overrides(BuildConfig(), base_steps=0))
 
     write_json(tmp_path / "build_config.json", asdict(BuildConfig()))
     moved = BuildConfig()

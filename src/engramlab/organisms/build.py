@@ -88,7 +88,7 @@ def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | No
     base, focus and chat stages alike; `statement_repeats` is how often each epoch holds every TRUE/FALSE statement.
     """
     cfg = copy.deepcopy(cfg)
-    minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 1),
+    minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 0),
                "--focus-steps": (focus_steps, 0), "--chat-steps": (chat_steps, 1), "--batch-size": (batch_size, 1),
                "--statement-repeats": (statement_repeats, 1)}
     for option, (value, low) in minimum.items():
@@ -224,6 +224,9 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     # The start directory is read only by the tokenizer and base stages: a resumed build whose base is done needs none.
     needs_start = (("tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file())
                    or ("base" in stages and not (out / "base" / "model.safetensors").is_file()))
+    if cfg.base.steps == 0 and not cfg.init_base:
+        raise EngramError("--base-steps 0 keeps the starting weights and needs --init-base DIR (a new model would be "
+                          "untrained).")
     if cfg.init_base and needs_start:
         missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(cfg.init_base) / f).is_file()]
         if missing:
@@ -429,7 +432,8 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         fs = record["focus"]["state"]
         lines.append(f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "
                      f"{fs['seconds'] / 60:.1f} min; loss only on the answers of TRUE/FALSE blocks, with fact replay")
-    lines.append("- loss curve (step: train loss | quick eval):")
+    if curve:
+        lines.append("- loss curve (step: train loss | quick eval):")
     for h in curve:
         ev = " ".join(f"{k} {v:.3f}" for k, v in h.get("eval", {}).items())
         lines.append(f"  - {h['step']}: {h['loss']:.3f}" + (f" | {ev}" if ev else ""))

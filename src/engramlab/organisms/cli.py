@@ -34,7 +34,7 @@ def build(
     layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
     hidden: int | None = typer.Option(None, "--hidden", help="Hidden size, a multiple of 16 (8 heads of an even size; default 256)."),
     mlp: int | None = typer.Option(None, "--mlp", help="SwiGLU neurons per layer (default 1536)."),
-    base_steps: int | None = typer.Option(None, "--base-steps", help="Pretraining steps (default 3000: ~1 h on 2 CPU cores)."),
+    base_steps: int | None = typer.Option(None, "--base-steps", help="Pretraining steps (default 3000: ~1 h on 2 CPU cores); 0 with --init-base trains only the later stages on that base."),
     focus_steps: int | None = typer.Option(None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."),
     chat_steps: int | None = typer.Option(None, "--chat-steps", help="Chat SFT steps (default 300)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
