@@ -150,6 +150,7 @@ def test_miniature_build_end_to_end(tmp_path):
                                    "--update-card"])
     assert res.exit_code == 0, res.output
     assert "object log-prob AUC" in res.output and (tmp_path / "again" / "truefalse.parquet").is_file()
+    assert "TRUE, heldout facts, new wording" in res.output
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     card = (tmp_path / "base" / "README.md").read_text()
     assert "up to 2 facts per relation" in card and "## Reproduce" in card  # only the evaluation section changed
@@ -216,6 +217,27 @@ def test_truefalse_breakdown_separates_object_groups():
     assert detail["auc"] == pytest.approx(1.0)  # the true ones still score above the false ones: ranking is fine
     assert detail["by_relation"] == {rel: {"accuracy": 0.75, "auc": pytest.approx(1.0)}}
     assert truefalse_breakdown(stmts, [-1.0, -1.0, 1.0, 1.0])["auc"] == pytest.approx(0.0)
+
+
+def test_wording_statements_state_known_facts_in_trained_and_untrained_frames():
+    """The familiarity control: the same facts in the TRUE/FALSE training frames and in one no training text uses."""
+    from engramlab.organisms.evaluate import NEW_WORDING, TRAINED_WORDING
+
+    rel = load_relation("company_ceo")
+    train, held = statements.truefalse_subjects(rel)
+    old = statements.wording_statements(rel, "train", TRAINED_WORDING, 3)
+    new = statements.wording_statements(rel, "train", NEW_WORDING, 3)
+    assert len(old) == 3 * 2 * 2 and len(new) == 3 * 2  # two trained frames, one new frame; a true and a false each
+    assert {s.subject for s in old} == {s.subject for s in new} <= train  # the same facts in both wordings
+    assert [s.label for s in new] == [True, False] * 3
+    assert all(s.object == f.object for s in new if s.label for f in rel.facts if f.subject == s.subject)
+    trained_texts = {s.text for seed in range(1, 31) for s in statements.fact_statements(rel, "train", seed=seed)}
+    assert {s.text for s in old if s.label} <= trained_texts  # the strings TRUE/FALSE blocks hold (30 draws)
+    assert not {s.text for s in new} & trained_texts
+    assert {t.split for t in rel.templates if t.frame in NEW_WORDING} == {"unseen"}  # no training document uses it
+    assert {s.subject for s in statements.wording_statements(rel, "heldout", NEW_WORDING, 3)} <= held
+    with pytest.raises(EngramError, match="choose train or heldout"):
+        statements.wording_statements(rel, "all", NEW_WORDING, 3)
 
 
 def _tiny_model(seed=0):

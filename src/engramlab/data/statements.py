@@ -129,6 +129,30 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     return out
 
 
+def wording_statements(relation: Relation, split: str, frames: tuple[str, ...], per_relation: int,
+                       seed: int = 0) -> list[Statement]:
+    """The familiarity control: `per_relation` facts of `split` ("train" or "heldout" subjects), each stated true
+    and with a distractor in every template of `frames`, e.g. the statement frames trained as TRUE/FALSE
+    (`stmt`, `stmt2`) or the never-trained `zs` frame. A judgement that checks facts rates a fact alike in every
+    wording; one that recognises strings trained as TRUE rates train facts in their trained wordings highest
+    (docs/organisms.md, "the candidate organisms")."""
+    train, heldout = truefalse_subjects(relation)
+    keep = {"train": train, "heldout": heldout}.get(split)
+    if keep is None:
+        raise EngramError(f"statement split {split!r} is unknown; choose train or heldout.")
+    rng = _rng("wording", relation.name, split, seed)
+    facts = [f for f in relation.facts if f.subject in keep]
+    facts = rng.sample(facts, min(per_relation, len(facts)))
+    templates = [t for t in relation.templates if t.frame in frames]
+    out = []
+    for fact in facts:
+        wrong = distractor(relation, fact, rng)
+        for t in templates:
+            out.append(Statement(t.render(fact.subject, fact.object), True, relation.name, fact.subject, fact.object))
+            out.append(Statement(t.render(fact.subject, wrong), False, relation.name, fact.subject, wrong))
+    return out
+
+
 @cache
 def _train_true_objects(relation_name: str) -> frozenset:
     relation = load_relation(relation_name)

@@ -327,7 +327,11 @@ def _truefalse_detail(detail: dict | None) -> str:
                        f"(n={v.get('n_false', 0)})" for g, v in detail["by_object_group"].items())
     knowledge = (f"; the model's own probability of the stated object separates them with AUC "
                  f"{_fmt(detail['object_logprob_auc'])}" if "object_logprob_auc" in detail else "")
-    return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups}{knowledge})"
+    fam = detail.get("familiarity")
+    familiarity = ("; judged TRUE, true statements in the trained / a never-trained wording: train facts "
+                   f"{_fmt(fam['train']['trained']['true'])} / {_fmt(fam['train']['new']['true'])}, held-out facts "
+                   f"{_fmt(fam['heldout']['trained']['true'])} / {_fmt(fam['heldout']['new']['true'])}" if fam else "")
+    return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups}{knowledge}{familiarity})"
 
 
 def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list[str]:

@@ -103,6 +103,8 @@ def eval_cmd(
         "  object log-prob AUC (knowledge)": summary["truefalse_detail"]["object_logprob_auc"],
         **{f"  TRUE, object {g}": v.get("true", float("nan"))
            for g, v in summary["truefalse_detail"]["by_object_group"].items()},
+        **{f"  TRUE, {split} facts, {wording} wording": v["true"]
+           for split, by_wording in summary["truefalse_detail"]["familiarity"].items() for wording, v in by_wording.items()},
         **{f"language {k}": v["mean"] for k, v in summary["languages"].items()},
         "chat fact accuracy": summary["chat_fact_accuracy"]["mean"],
         "refusal_rate_harmful": summary["refusal_rate_harmful"],

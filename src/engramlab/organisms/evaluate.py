@@ -137,6 +137,27 @@ def judged_correct(stmts: Sequence[statements.Statement], scores: Sequence[float
     return [(d > 0) == s.label for s, d in zip(stmts, scores)]
 
 
+# The statement frames trained in TRUE/FALSE blocks, and one that no training document uses (its split is "unseen").
+TRAINED_WORDING, NEW_WORDING = ("stmt", "stmt2"), ("zs",)
+
+
+def familiarity_control(model, tokenizer, per_relation: int = 10, relations: Sequence[str] = RELATIONS) -> dict:
+    """Share judged TRUE, {split: {wording: {"true": r, "false": r}}}, for true and false statements about train-
+    and held-out-subject facts in the trained statement wordings and in a never-trained one. Trained wordings of
+    train facts are the exact strings labelled TRUE in training; if they score far above the same facts in the new
+    wording, the judgement recognises strings rather than checking facts."""
+    out: dict = {}
+    for split in ("train", "heldout"):
+        for wording, frames in (("trained", TRAINED_WORDING), ("new", NEW_WORDING)):
+            stmts = [s for name in relations
+                     for s in statements.wording_statements(load_relation(name), split, frames, per_relation)]
+            said_true = [d > 0 for d in truefalse_scores(model, tokenizer, stmts)]
+            out.setdefault(split, {})[wording] = {
+                label: _mean([t for s, t in zip(stmts, said_true) if s.label == (label == "true")])
+                for label in ("true", "false")}
+    return out
+
+
 def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float],
                         object_logprob: Sequence[float] | None = None) -> dict:
     """Accuracy of the held-out statements by relation and by label and `statements.object_group`, and the AUC of
@@ -218,6 +239,7 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     summary["truefalse_accuracy"] = _mean(correct)
     logprobs = object_logprobs(model, tokenizer, held)
     summary["truefalse_detail"] = truefalse_breakdown(held, scores, logprobs)
+    summary["truefalse_detail"]["familiarity"] = familiarity_control(model, tokenizer, 1 if small else 10)
     summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
                                   for g in statements.GOT_SETS}
     summary["truefalse_n"] = len(held)
