@@ -46,6 +46,10 @@ class Statement:
         return f"{self.text}{SUFFIX}{LABELS[self.label]}"
 
 
+# The template frames that state a fact as a sentence: TRUE/FALSE statements are rendered with them.
+STATEMENT_FRAMES = ("stmt", "stmt2")
+
+
 def _rng(*keys) -> random.Random:
     return random.Random(zlib.crc32("/".join(map(str, keys)).encode()))
 
@@ -117,7 +121,7 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
     if keep is None:
         raise EngramError(f"statement split {split!r} is unknown; choose train, heldout or all.")
     rng = _rng("facts", relation.name, relation.language, seed)
-    stmts = [t for t in relation.templates if t.frame in ("stmt", "stmt2")]
+    stmts = [t for t in relation.templates if t.frame in STATEMENT_FRAMES]
     facts = [f for f in relation.facts[:max_facts] if f.subject in keep]
     shuffled = balanced_distractors(relation, facts, rng) if split == "train" else None
     out = []

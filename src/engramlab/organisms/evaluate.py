@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from engramlab.data import chat, statements
-from engramlab.data.facts import RELATIONS, Prompt, load_relation, prefix_correct
+from engramlab.data.facts import FRAMES, RELATIONS, Prompt, load_relation, prefix_correct
 from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
 
 
@@ -137,8 +137,9 @@ def judged_correct(stmts: Sequence[statements.Statement], scores: Sequence[float
     return [(d > 0) == s.label for s, d in zip(stmts, scores)]
 
 
-# The statement frames trained in TRUE/FALSE blocks, and one that no training document uses (its split is "unseen").
-TRAINED_WORDING, NEW_WORDING = ("stmt", "stmt2"), ("zs",)
+# The frames TRUE/FALSE statements are trained in, and those no training document uses (split "unseen").
+TRAINED_WORDING = statements.STATEMENT_FRAMES
+NEW_WORDING = tuple(frame for frame, split in FRAMES.items() if split == "unseen")
 
 
 def familiarity_control(model, tokenizer, per_relation: int = 10, relations: Sequence[str] = RELATIONS) -> dict:
