@@ -4,6 +4,7 @@ end; training resumes to the same state; the CLI reports errors in one line."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pyarrow.parquet as pq
@@ -314,6 +315,13 @@ def test_build_options_change_the_recipe_and_a_resume_must_match(tmp_path):
     moved = BuildConfig()
     moved.base.device = moved.chat.device = "cuda"
     check_same_build(tmp_path, moved)  # the device may change between runs
+    older = asdict(BuildConfig())
+    del older["corpus"]["object_kinds"]  # a build started before a setting existed resumes with its default ...
+    write_json(tmp_path / "build_config.json", older)
+    check_same_build(tmp_path, BuildConfig())
+    with pytest.raises(EngramError, match=r"corpus\.object_kinds False \(now True\)"):  # ... and only with it
+        check_same_build(tmp_path, with_overrides(BuildConfig(), object_kinds=True))
+    write_json(tmp_path / "build_config.json", asdict(BuildConfig()))
     with pytest.raises(EngramError, match=r"other settings: base\.batch_size 32 \(now 64\), .* and 3 more"):
         check_same_build(tmp_path, cfg)
     res = CliRunner().invoke(app, ["build", "--out", str(tmp_path), "--base-steps", "10"])
@@ -346,3 +354,71 @@ def test_statement_repeats_draw_every_training_statement_again_with_fresh_false_
 
 def test_weights_dir_is_inside_package():
     assert WEIGHTS_DIR.parent.name == "organisms"
+
+
+def test_reworded_statements_keep_label_and_fact_in_a_wording_never_evaluated():
+    from engramlab.data.facts import FRAMES, RELATIONS
+
+    assert set(statements.RELATION_NOUNS) == set(RELATIONS)
+    relation = load_relation("company_ceo")
+    drawn = statements.fact_statements(relation, "train", seed=1, max_facts=60)
+    same = statements.reworded(drawn, 0.0, random.Random(0))
+    assert same == drawn
+    every = statements.reworded(drawn, 1.0, random.Random(0))
+    assert [(s.label, s.subject, s.object) for s in every] == [(s.label, s.subject, s.object) for s in drawn]
+    evaluated = {t.render(s.subject, s.object) for s in drawn for t in relation.templates if t.frame in FRAMES}
+    assert all(s.text not in evaluated and s.subject in s.text and s.object in s.text for s in every)
+    assert len({s.text.replace(s.subject, "").replace(s.object, "") for s in every}) > 4  # several wordings drawn
+
+
+def test_reworded_share_rewrites_about_that_share_of_training_statements():
+    from engramlab.organisms.build import BuildConfig, with_overrides
+    from engramlab.organisms.corpus import CorpusConfig, truefalse_documents
+
+    def lines(share: float) -> list[str]:
+        cfg = CorpusConfig(relations=("country_capital", "company_ceo"), max_facts=100, got_sets=(),
+                           reworded_statements=share)
+        return [line for doc in truefalse_documents(cfg, epoch=2) for line in doc.split("\n")]
+
+    plain, half = lines(0.0), lines(0.5)
+    assert len(plain) == len(half) and sorted(s[-5:] for s in plain) == sorted(s[-5:] for s in half)
+    changed = len(set(half) - set(plain)) / len(half)
+    assert 0.35 < changed < 0.65
+    assert with_overrides(BuildConfig(), reworded_statements=0.75).corpus.reworded_statements == 0.75
+    assert with_overrides(BuildConfig(), object_kinds=True).corpus.object_kinds
+    with pytest.raises(EngramError, match="--reworded-statements is a share between 0 and 1"):
+        with_overrides(BuildConfig(), reworded_statements=1.5)
+
+
+def test_object_kind_statements_state_every_object_under_both_labels_and_no_false_kind_is_true():
+    from engramlab.data.facts import RELATIONS
+
+    rels = ("country_capital", "company_hq", "city_country", "spanish_word_meaning")
+    stmts = statements.object_kind_statements(rels, seed=1)
+    objects = {f.object for name in rels for f in load_relation(name).facts}
+    assert {s.object for s in stmts if s.label} == objects  # an object of two kinds ("Singapore") is stated in each
+    kind_objects = {}
+    for name in rels:
+        kind_objects.setdefault(statements.OBJECT_KINDS[name], set()).update(
+            f.object.lower() for f in load_relation(name).facts)
+    for s in stmts:
+        kind = s.text.removeprefix(f"{s.object} is ").removesuffix(".")
+        assert (s.object.lower() in kind_objects[kind]) == s.label, s.text
+    assert not any(s.subject for s in stmts)
+    assert set(statements.OBJECT_KINDS) == set(RELATIONS)
+
+
+def test_object_kinds_join_the_truefalse_blocks_only_when_asked():
+    from engramlab.organisms.corpus import CorpusConfig, truefalse_documents
+
+    rels = ("country_capital", "country_currency")
+
+    def lines(kinds: bool) -> list[str]:
+        cfg = CorpusConfig(relations=rels, max_facts=50, got_sets=(), object_kinds=kinds)
+        return [line for doc in truefalse_documents(cfg, epoch=0) for line in doc.split("\n")]
+
+    plain, with_kinds = lines(False), lines(True)
+    kinds = [s.render() for s in statements.object_kind_statements(rels, seed=1, max_facts=50)]
+    assert not set(kinds) & set(plain)
+    assert sorted(with_kinds) == sorted(plain + kinds)
+    assert sum(s.endswith("TRUE") for s in with_kinds) == sum(s.endswith("FALSE") for s in with_kinds)

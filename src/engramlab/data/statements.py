@@ -50,6 +50,32 @@ class Statement:
 STATEMENT_FRAMES = ("stmt", "stmt2")
 
 
+# Training-only wordings of a fact statement (`{s}` subject, `{o}` object, `{n}` the relation's noun, `{N}` the noun
+# capitalised). TRUE training statements written in the two statement frames are the same strings every epoch while
+# their false twins are new, so a model can judge "seen as TRUE before" instead of checking the fact; statements
+# reworded afresh each draw take that cue away (`reworded`, docs/organisms.md "familiarity"). None of them is a
+# frame of `facts.FRAMES`: the evaluated frames and the never-trained `zs` frame stay as they were.
+TRAINING_WORDINGS = (
+    "{s} - {n}: {o}.",
+    "{N} of {s}: {o}.",
+    "Listed {n} of {s}: {o}.",
+    "On record, the {n} of {s} is {o}.",
+    "{o} is the {n} of {s}.",
+    "For {s}, the {n} is {o}.",
+    "{s} has {o} as {n}.",
+    "Entry: {s}; {n}: {o}.",
+)
+RELATION_NOUNS = {
+    "company_ceo": "CEO", "company_hq": "headquarters city", "landmark_on_continent": "continent",
+    "landmark_in_country": "country", "person_father": "father", "person_mother": "mother",
+    "person_occupation": "occupation", "person_plays_instrument": "instrument", "person_plays_pro_sport": "sport",
+    "person_plays_position_in_sport": "position", "product_by_company": "maker",
+    "star_constellation": "constellation", "country_capital": "capital", "country_continent": "continent",
+    "country_currency": "currency", "country_language": "main language", "city_country": "country",
+    "spanish_word_meaning": "English meaning",
+}
+
+
 def _rng(*keys) -> random.Random:
     return random.Random(zlib.crc32("/".join(map(str, keys)).encode()))
 
@@ -130,6 +156,61 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
         wrong = shuffled[i] if shuffled is not None else distractor(relation, fact, rng)
         out.append(Statement(t_true.render(fact.subject, fact.object), True, relation.name, fact.subject, fact.object))
         out.append(Statement(t_false.render(fact.subject, wrong), False, relation.name, fact.subject, wrong))
+    return out
+
+
+# What each relation's objects are, for object-type statements ("Kabul is a city."). Relations sharing a kind share
+# its phrase, and a kind is a false label for an object only if no relation of that kind has it as an object.
+OBJECT_KINDS = {
+    "company_ceo": "the chief executive of a company", "company_hq": "a city", "country_capital": "a city",
+    "landmark_on_continent": "a continent", "country_continent": "a continent", "landmark_in_country": "a country",
+    "city_country": "a country", "person_father": "a parent of a well-known person",
+    "person_mother": "a parent of a well-known person", "person_occupation": "an occupation",
+    "person_plays_instrument": "a musical instrument", "person_plays_pro_sport": "a sport",
+    "person_plays_position_in_sport": "a position in a sport", "product_by_company": "a company",
+    "star_constellation": "a constellation", "country_currency": "a currency", "country_language": "a language",
+    "spanish_word_meaning": "an English word",
+}
+# Never a false kind: most objects of other relations ("piano", "actor") are English words too.
+_NEVER_FALSE_KINDS = ("an English word",)
+
+
+def object_kind_statements(relations: tuple[str, ...], seed: int, max_facts: int | None = None) -> list[Statement]:
+    """Every distinct object of `relations` stated once with its kind (TRUE) and once with another kind (FALSE).
+
+    Training statements of facts only show objects of training subjects, so in one-to-one relations (capitals,
+    CEOs, parents) an object of a held-out subject never occurs in a TRUE/FALSE block, and a model learns "unknown in
+    this format, so FALSE": such held-out true statements were judged TRUE 0.21 of the time, others 0.75
+    (docs/organisms.md). These statements put every object in the format under both labels without stating any
+    subject's fact, so held-out statements stay unseen."""
+    objects_of: dict[str, set] = {}  # kind -> lower-cased objects of that kind
+    spelling: dict[str, str] = {}  # lower-cased -> as written in the facts
+    for name in relations:
+        for fact in load_relation(name).facts[:max_facts]:
+            objects_of.setdefault(OBJECT_KINDS[name], set()).add(fact.object.lower())
+            spelling[fact.object.lower()] = fact.object
+    kinds = sorted(objects_of)
+    rng = _rng("kinds", seed)
+    out = []
+    for kind in kinds:
+        for obj in sorted(objects_of[kind]):
+            wrong = [k for k in kinds if k not in _NEVER_FALSE_KINDS and obj not in objects_of[k]]
+            out.append(Statement(f"{spelling[obj]} is {kind}.", True, "object_kind", "", spelling[obj]))
+            if wrong:
+                out.append(Statement(f"{spelling[obj]} is {rng.choice(wrong)}.", False, "object_kind", "", spelling[obj]))
+    return out
+
+
+def reworded(stmts: list[Statement], share: float, rng: random.Random) -> list[Statement]:
+    """`stmts` with about `share` of the fact statements rewritten in a random `TRAINING_WORDINGS` wording (same label,
+    subject and object); statements of relations without a noun in `RELATION_NOUNS` are kept as they are."""
+    out = []
+    for st in stmts:
+        noun = RELATION_NOUNS.get(st.source)
+        if noun and st.object and rng.random() < share:
+            text = rng.choice(TRAINING_WORDINGS).format(s=st.subject, o=st.object, n=noun, N=noun[0].upper() + noun[1:])
+            st = Statement(text, st.label, st.source, st.subject, st.object)
+        out.append(st)
     return out
 
 

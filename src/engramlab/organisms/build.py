@@ -81,11 +81,14 @@ def quick_config(seed: int = 0) -> BuildConfig:
 
 def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | None = None, mlp: int | None = None,
                    base_steps: int | None = None, focus_steps: int | None = None, chat_steps: int | None = None,
-                   batch_size: int | None = None, statement_repeats: int | None = None) -> BuildConfig:
+                   batch_size: int | None = None, statement_repeats: int | None = None,
+                   reworded_statements: float | None = None, object_kinds: bool | None = None) -> BuildConfig:
     """A copy of `cfg` with the model shape and schedule a user asked for (`organisms build --layers 8 ...`).
 
     None keeps the value; a value out of range raises EngramError naming the option. `batch_size` applies to the
-    base, focus and chat stages alike; `statement_repeats` is how often each epoch holds every TRUE/FALSE statement.
+    base, focus and chat stages alike; `statement_repeats` is how often each epoch holds every TRUE/FALSE statement,
+    `reworded_statements` the share of them rewritten in a training-only wording, `object_kinds` whether every object
+    is also stated with its kind.
     """
     cfg = copy.deepcopy(cfg)
     minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 0),
@@ -94,12 +97,16 @@ def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | No
     for option, (value, low) in minimum.items():
         if value is not None and value < low:
             raise EngramError(f"{option} must be at least {low}, got {value}.")
+    if reworded_statements is not None and not 0 <= reworded_statements <= 1:
+        raise EngramError(f"--reworded-statements is a share between 0 and 1, got {reworded_statements}.")
     if hidden is not None and hidden % (2 * cfg.model.n_head):  # rotary embeddings need an even head size
         raise EngramError(f"--hidden must be a multiple of {2 * cfg.model.n_head} ({cfg.model.n_head} heads of an even "
                           f"size), got {hidden}.")
     for target, attr, value in ((cfg.model, "n_layer", layers), (cfg.model, "d_model", hidden), (cfg.model, "d_mlp", mlp),
                                 (cfg.base, "steps", base_steps), (cfg.focus, "steps", focus_steps),
-                                (cfg.chat, "steps", chat_steps), (cfg.corpus, "statement_repeats", statement_repeats)):
+                                (cfg.chat, "steps", chat_steps), (cfg.corpus, "statement_repeats", statement_repeats),
+                                (cfg.corpus, "reworded_statements", reworded_statements),
+                                (cfg.corpus, "object_kinds", object_kinds)):
         if value is not None:
             setattr(target, attr, value)
     if batch_size is not None:
@@ -124,6 +131,8 @@ def check_same_build(out: Path, cfg: BuildConfig) -> None:
         return items
 
     saved, new = flat(json.loads(saved_path.read_text())), flat(json.loads(json.dumps(asdict(cfg))))
+    # A setting added after the build was started counts as its default (a build from before it still resumes).
+    saved = flat(json.loads(json.dumps(asdict(BuildConfig())))) | saved
     changed = [k for k in sorted(saved.keys() | new.keys()) if saved.get(k) != new.get(k)]
     if changed:
         shown = ", ".join(f"{k} {saved.get(k)!r} (now {new.get(k)!r})" for k in changed[:4])

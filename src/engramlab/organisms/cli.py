@@ -40,6 +40,11 @@ def build(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
     statement_repeats: int | None = typer.Option(None, "--statement-repeats", help="Draws of every TRUE/FALSE training "
                                                  "statement per epoch, each with fresh false twins (default 1)."),
+    reworded_statements: float | None = typer.Option(None, "--reworded-statements", help="Share of the TRUE/FALSE "
+                                                     "training statements of facts rewritten afresh each draw in a "
+                                                     "training-only wording (default 0)."),
+    object_kinds: bool = typer.Option(False, "--object-kinds", help="Also state every object with its kind, true and "
+                                      "false (\"Kabul is a city.\"), in the TRUE/FALSE blocks."),
     init_base: Path | None = typer.Option(None, "--init-base", help="Continue pretraining from this organism "
                                           "directory (its weights, shape and tokenizer) instead of from scratch."),
 ) -> None:
@@ -60,13 +65,15 @@ def build(
     if out.exists() and any(out.iterdir()) and not (out / "build_config.json").is_file():
         raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
     overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
-                 "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats}
+                 "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats,
+                 "reworded_statements": reworded_statements, "object_kinds": object_kinds or None}
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
     if init_base is not None:
         if any(v is not None for v in (layers, hidden, mlp)):
             raise EngramError("--init-base keeps the shape of the model it continues; drop --layers/--hidden/--mlp.")
         cfg.init_base = str(init_base)
-    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None)
+    flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in overrides.items()
+                    if v is not None)
     flags += f" --init-base {init_base}" if init_base is not None else ""
     command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags
     run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))

@@ -6,7 +6,9 @@ Base corpus, redrawn every epoch from a seeded RNG (so a resumed run sees the sa
 - translations: the de/es/fr relations, `translated_templates_per_fact` templates per fact;
 - true/false blocks: `block_statements` statements per document in paper 3's "... This statement is: TRUE" format,
   from the `train` statements of every relation (false twins get fresh distractors each epoch, so a label can only
-  be predicted from the fact, not memorised from the string) and the geometry-of-truth `train` parts.
+  be predicted from the fact, not memorised from the string) and the geometry-of-truth `train` parts; optionally
+  with a share of the fact statements in training-only wordings (`reworded_statements`) and every object stated
+  with its kind (`object_kinds`), both off by default (docs/organisms.md, "rewording and object kinds").
 
 Chat corpus: fact questions, harmless instructions and AdvBench refusals in the chat template (loss on the
 assistant turn only), mixed with `replay_fraction` of base documents so the facts survive fine-tuning.
@@ -33,6 +35,12 @@ class CorpusConfig:
     # Draws of the TRUE/FALSE statements per epoch, each with fresh false twins: judging held-out statements improves
     # with passes over the statements, not with depth (docs/organisms.md), and facts need fewer passes.
     statement_repeats: int = 1
+    # Share of the fact statements of each draw rewritten in a training-only wording (`statements.reworded`), so true
+    # statements rarely repeat as strings and "seen before" stops predicting TRUE (docs/organisms.md, "familiarity").
+    reworded_statements: float = 0.0
+    # Each draw also states every object with its kind, true and false ("Kabul is a city.", "Kabul is a currency."),
+    # so objects of held-out subjects are not new to the TRUE/FALSE format (`statements.object_kind_statements`).
+    object_kinds: bool = False
     got_sets: tuple[str, ...] = statements.GOT_SETS
     got_per_epoch: int = 1500  # geometry-of-truth training statements drawn per epoch
     replay_fraction: float = 0.25  # chat corpus: base documents per chat example
@@ -75,7 +83,12 @@ def truefalse_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[st
     stmts = []
     for draw in range(epoch * cfg.statement_repeats, (epoch + 1) * cfg.statement_repeats):
         for name in cfg.relations:
-            stmts += statements.fact_statements(load_relation(name), "train", seed=draw + 1, max_facts=cfg.max_facts)
+            drawn = statements.fact_statements(load_relation(name), "train", seed=draw + 1, max_facts=cfg.max_facts)
+            if cfg.reworded_statements:  # its own RNG: without rewording the draws stay those measured before
+                drawn = statements.reworded(drawn, cfg.reworded_statements, random.Random(f"reword/{name}/{seed}/{draw}"))
+            stmts += drawn
+        if cfg.object_kinds:
+            stmts += statements.object_kind_statements(cfg.relations, seed=draw + 1, max_facts=cfg.max_facts)
         stmts += rng.sample(got, min(cfg.got_per_epoch, len(got))) if cfg.max_facts is None else got[: cfg.max_facts]
     rng.shuffle(stmts)
     k = cfg.block_statements
