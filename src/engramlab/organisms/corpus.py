@@ -36,10 +36,11 @@ class CorpusConfig:
     # with passes over the statements, not with depth (docs/organisms.md), and facts need fewer passes.
     statement_repeats: int = 1
     # Share of the fact statements of each draw rewritten in a training-only wording (`statements.reworded`), so true
-    # statements rarely repeat as strings and "seen before" stops predicting TRUE (docs/organisms.md, "familiarity").
+    # statements rarely repeat as strings. Each draw can also state every object with its kind, true and false
+    # ("Kabul is a city.", "Kabul is a currency."; `statements.object_kind_statements`), so objects of held-out
+    # subjects are not new to the TRUE/FALSE format. Both aim at the familiarity bias; measured, neither raised
+    # held-out TRUE/FALSE and from scratch they slowed it (docs/organisms.md, "rewording and object kinds").
     reworded_statements: float = 0.0
-    # Each draw also states every object with its kind, true and false ("Kabul is a city.", "Kabul is a currency."),
-    # so objects of held-out subjects are not new to the TRUE/FALSE format (`statements.object_kind_statements`).
     object_kinds: bool = False
     got_sets: tuple[str, ...] = statements.GOT_SETS
     got_per_epoch: int = 1500  # geometry-of-truth training statements drawn per epoch
