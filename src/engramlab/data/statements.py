@@ -53,8 +53,9 @@ STATEMENT_FRAMES = ("stmt", "stmt2")
 # Training-only wordings of a fact statement (`{s}` subject, `{o}` object, `{n}` the relation's noun, `{N}` the noun
 # capitalised). TRUE training statements written in the two statement frames are the same strings every epoch while
 # their false twins are new, so a model can judge "seen as TRUE before" instead of checking the fact; statements
-# reworded afresh each draw take that cue away (`reworded`, docs/organisms.md "familiarity"). None of them is a
-# frame of `facts.FRAMES`: the evaluated frames and the never-trained `zs` frame stay as they were.
+# reworded afresh each draw (`reworded`) were meant to take that cue away, and measured did not (docs/organisms.md,
+# "rewording and object kinds"). None of them is a frame of `facts.FRAMES`: the evaluated frames and the
+# never-trained `zs` frame stay as they were.
 TRAINING_WORDINGS = (
     "{s} - {n}: {o}.",
     "{N} of {s}: {o}.",
