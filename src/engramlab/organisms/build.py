@@ -130,9 +130,11 @@ def check_same_build(out: Path, cfg: BuildConfig) -> None:
                 items[f"{prefix}{key}"] = value
         return items
 
-    saved, new = flat(json.loads(saved_path.read_text())), flat(json.loads(json.dumps(asdict(cfg))))
+    def settings(c: BuildConfig) -> dict:
+        return flat(json.loads(json.dumps(asdict(c))))  # through JSON, as saved (tuples become lists)
+
     # A setting added after the build was started counts as its default (a build from before it still resumes).
-    saved = flat(json.loads(json.dumps(asdict(BuildConfig())))) | saved
+    saved, new = settings(BuildConfig()) | flat(json.loads(saved_path.read_text())), settings(cfg)
     changed = [k for k in sorted(saved.keys() | new.keys()) if saved.get(k) != new.get(k)]
     if changed:
         shown = ", ".join(f"{k} {saved.get(k)!r} (now {new.get(k)!r})" for k in changed[:4])
