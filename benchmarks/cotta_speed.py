@@ -9,7 +9,7 @@ whole stream from the same start, once per seed (the two CoTTAs draw their augme
 their errors can only agree in distribution: compare the means over seeds):
   official   a faithful sequential re-implementation of qinenergy/cotta's CIFAR `forward_and_adapt`: N = 32 separate
              (augment one view -> teacher forward) calls on every batch, run even when the anchor is confident
-  engramlab  engramlab.continual.tta.CoTTA: the N views generated in one vectorised pass, teacher passes in a
+  engramlab  engramlab.tta.methods.CoTTA: the N views generated in one vectorised pass, teacher passes in a
              per-view-BN forward under no_grad, skipped when the anchor is confident (their result is unused then)
   tent, bn   for context
 Prints images/second and error (mean ± std over seeds) of each, and the speed-up engramlab/official (target >= 2x
@@ -26,10 +26,10 @@ import time
 import torch
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
-from engramlab.continual.augment import augment_one
-from engramlab.continual.source_model import load_source, mnist_rgb32_split
-from engramlab.continual.tta import CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
-from engramlab.continual.tta_streams import build_stream
+from engramlab.tta.augment import augment_one
+from engramlab.tta.source_model import load_source, mnist_rgb32_split
+from engramlab.tta.methods import CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
+from engramlab.tta.streams import build_stream
 
 
 class OfficialLoopCoTTA(CoTTA):

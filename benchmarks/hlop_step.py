@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
-from engramlab.continual.hlop import CLIP, MOMENTUM, HebbianSubspace
-from engramlab.continual.methods import HLOP, HLOP_PRESETS
-from engramlab.continual.snn import SpikingMLP
-from engramlab.continual.subspace import activity_rows, attach_input_projection
+from engramlab.hlop.hebbian import CLIP, MOMENTUM, HebbianSubspace
+from engramlab.hlop.methods import HLOP, HLOP_PRESETS
+from engramlab.hlop.snn import SpikingMLP
+from engramlab.hlop.subspace import activity_rows, attach_input_projection
 
 
 def hlop_at_task(model: SpikingMLP, task: int, hebbian_rows: int | None) -> HLOP:

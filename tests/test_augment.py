@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from engramlab.continual.augment import (
+from engramlab.tta.augment import (
     BRIGHTNESS,
     GAMMA,
     HUE,
@@ -29,7 +29,7 @@ from engramlab.continual.augment import (
     get_policy,
     sample_params,
 )
-from engramlab.continual.vision import (
+from engramlab.tta.vision import (
     SmallResNet,
     all_weight_bias_parameters,
     bn_affine_parameters,

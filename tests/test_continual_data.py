@@ -15,12 +15,12 @@ import scipy.io
 import torch
 from sklearn.utils import shuffle as sk_shuffle
 
-from engramlab.continual.streams import (
+from engramlab.data.batching import batches
+from engramlab.hlop.streams import (
     CIFAR_MEAN,
     CIFAR_STD,
     FIVE_DATASETS,
     STREAMS,
-    batches,
     cifar100_split,
     five_datasets,
     load_stream,

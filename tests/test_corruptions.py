@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engramlab.continual.tta_streams import SETTINGS, StreamBatch, build_stream, domain_sequence, stream_from_benchmark
+from engramlab.tta.streams import SETTINGS, StreamBatch, build_stream, domain_sequence, stream_from_benchmark
 from engramlab.data import corruptions as C
 from engramlab.data.corruptions import CONSTANT_SETS, CORRUPTIONS, corrupt
 from engramlab.errors import EngramError

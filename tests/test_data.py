@@ -15,7 +15,7 @@ from engramlab.data.facts import (
     load_relations,
 )
 from engramlab.data.loaders import read_csv, read_json, read_json_records
-from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
+from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in, relations_in
 from engramlab.errors import EngramError
 
 
@@ -69,7 +69,7 @@ def test_split_is_stable_across_calls():
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_translated_relations(language):
-    rels = load_relations(language=language)
+    rels = relations_in(language)
     assert set(rels) == set(MULTILINGUAL_RELATIONS) and len(rels) >= 3
     cap = {f.subject: f.object for f in rels["country_capital"].facts}
     germany = {"de": "Deutschland", "es": "Alemania", "fr": "Allemagne"}[language]
@@ -201,4 +201,4 @@ def test_unknown_names_list_choices():
     with pytest.raises(EngramError, match="company_ceo"):
         load_relation("nope")
     with pytest.raises(EngramError, match="de, es, fr"):
-        load_relation("country_capital", "it")
+        relation_in("country_capital", "it")

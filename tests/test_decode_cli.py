@@ -173,7 +173,7 @@ def _png(data: bytes) -> tuple[int, int, bytes]:
 
 def test_tour_step(saved, tmp_path):
     from engramlab.decode.tour import decode_step
-    from engramlab.tour import TourContext
+    from engramlab.report.tour import TourContext
 
     result = decode_step(TourContext(model=str(saved), out=tmp_path, device="cpu", dtype="auto", seed=0))
     assert result.name == "decode" and result.summary["n_neurons"] == LAYERS * INTERMEDIATE

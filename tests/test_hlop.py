@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
-from engramlab.continual.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
-from engramlab.continual.metrics import average_accuracy, backward_transfer
-from engramlab.continual.snn import SpikingMLP
-from engramlab.continual.subspace import (
+from engramlab.hlop.hebbian import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
+from engramlab.hlop.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
+from engramlab.hlop.metrics import average_accuracy, backward_transfer
+from engramlab.hlop.snn import SpikingMLP
+from engramlab.hlop.subspace import (
     Projector,
     ProjectedLinear,
     activity_rows,
@@ -289,7 +289,7 @@ def test_unknown_method_lists_the_valid_ones():
 
 
 def _tiny_stream(n_tasks: int = 2):
-    from engramlab.continual.streams import Task, TaskStream
+    from engramlab.hlop.streams import Task, TaskStream
 
     g = torch.Generator().manual_seed(0)
     tasks = []
@@ -302,7 +302,7 @@ def _tiny_stream(n_tasks: int = 2):
 
 @pytest.mark.parametrize("name", ["hlop", "gpm", "ewc"])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, name):
-    from engramlab.continual import runner
+    from engramlab.hlop import runner
 
     stream = _tiny_stream(3)
     settings = runner.TrainSettings(batch_size=16, leak_samples=32)
@@ -355,10 +355,10 @@ def test_hlop_cli_rejects_bad_input_in_one_line(tmp_path, cli, argv, needle):
 
 def test_hlop_on_the_spiking_cnn_with_conv_subspaces():
     """The CIFAR-100 path end to end on random images: conv activity unfolded into patches, multi-head network."""
-    from engramlab.continual import runner
-    from engramlab.continual.methods import HLOP_PRESETS
-    from engramlab.continual.snn import SpikingCNN
-    from engramlab.continual.streams import Task, TaskStream
+    from engramlab.hlop import runner
+    from engramlab.hlop.methods import HLOP_PRESETS
+    from engramlab.hlop.snn import SpikingCNN
+    from engramlab.hlop.streams import Task, TaskStream
 
     g = torch.Generator().manual_seed(0)
     tasks = [Task(f"t{t}", torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g),

@@ -1,4 +1,4 @@
-"""Spiking networks for HLOP (engramlab.continual.snn): neurons against spikingjelly and hand computations, the
+"""Spiking networks for HLOP (engramlab.hlop.snn): neurons against spikingjelly and hand computations, the
 networks' protocol (presynaptic shapes, gradients, ANN mode, fix_bn) and the time-folding shortcuts against a naive
 per-step reference."""
 
@@ -12,7 +12,7 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate as sj_surrogate
 from torch import nn
 
-from engramlab.continual.snn import (
+from engramlab.hlop.snn import (
     DEFAULT_TIMESTEPS,
     NEURONS,
     ContinualNet,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engramlab.continual.tta import (
+from engramlab.tta.methods import (
     TENT,
     CoTTA,
     CoTTASettings,
@@ -17,8 +17,8 @@ from engramlab.continual.tta import (
     soft_cross_entropy,
     stochastic_restore_,
 )
-from engramlab.continual.tta_study import TTAStudyOptions, run_tta_study
-from engramlab.continual.vision import SmallResNet
+from engramlab.tta.study import TTAStudyOptions, run_tta_study
+from engramlab.tta.vision import SmallResNet
 from engramlab.errors import EngramError
 
 
@@ -146,7 +146,7 @@ def test_cotta_settings_are_validated():
 
 
 def test_shipped_source_model_knows_clean_digits():
-    from engramlab.continual.source_model import SHIPPED, accuracy, load_source, mnist_rgb32_split
+    from engramlab.tta.source_model import SHIPPED, accuracy, load_source, mnist_rgb32_split
 
     _, _, x_test, y_test = mnist_rgb32_split()
     assert accuracy(load_source(), x_test, y_test) > 0.95
@@ -155,8 +155,8 @@ def test_shipped_source_model_knows_clean_digits():
 
 
 def test_robustbench_wrn_checkpoint_loads_with_weights_only(tmp_path):
-    from engramlab.continual.source_model import load_source
-    from engramlab.continual.wide_resnet import WideResNet
+    from engramlab.tta.source_model import load_source
+    from engramlab.tta.wide_resnet import WideResNet
 
     torch.manual_seed(0)
     original = WideResNet(28, 10).eval()
@@ -173,8 +173,8 @@ def test_robustbench_wrn_checkpoint_loads_with_weights_only(tmp_path):
 
 
 def test_threshold_from_source_is_the_quantile_of_batch_confidence(net):
-    from engramlab.continual.tta import source_confidence_threshold
-    from engramlab.continual.vision import configure_for_tta
+    from engramlab.tta.methods import source_confidence_threshold
+    from engramlab.tta.vision import configure_for_tta
 
     x = torch.rand(64, 3, 32, 32)
     value = source_confidence_threshold(net, x, batch_size=8, quantile=0.25)
@@ -192,7 +192,7 @@ def test_cli_threshold_must_be_a_number_or_source(tmp_path, cli):
 def test_cli_runs_on_a_cifar_c_folder_with_a_user_source_model(tmp_path, cli):
     import numpy as np
 
-    from engramlab.continual.source_model import save_source
+    from engramlab.tta.source_model import save_source
     from engramlab.data.corruptions import CORRUPTIONS
 
     data = tmp_path / "CIFAR-10-C"

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from engramlab.errors import EngramError
+
 DEFAULT_MODEL = "organism:base"
 
 Model = Annotated[str, typer.Option("--model", help="Local HF model directory, organism:NAME, or a Hub id.")]
@@ -20,3 +22,11 @@ TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint (off by default).")
 ]
 Download = Annotated[bool, typer.Option("--download", help="Allow fetching a Hub id that is not in the local cache.")]
+
+
+def comma_list(value: str, option: str) -> list[str]:
+    """The non-empty items of a comma-separated option value; one line naming `option` when there are none."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise EngramError(f"{option} needs at least one name.")
+    return items

@@ -326,29 +326,17 @@ def _source_pairs(name: str) -> tuple[tuple[tuple[str, str], ...], str]:
 
 
 @cache
-def load_relation(name: str, language: str = "en") -> Relation:
-    """Load one relation: facts, templates (selection / heldout / unseen) and select/eval subject sets.
+def load_relation(name: str) -> Relation:
+    """Load one English relation: facts, templates (selection / heldout / unseen) and select/eval subject sets.
 
-    `language` other than "en" returns the translated relation (see `engramlab.data.multilingual`); its subjects
-    split follows the English relation so `eval` subjects match across languages.
+    Relations in other languages: `engramlab.data.multilingual.relation_in(name, language)`.
     """
-    if language != "en":
-        from engramlab.data import multilingual
-
-        return multilingual.load_translated(name, language)
     pairs, source = _source_pairs(name)
     facts, dropped = _dedupe(list(pairs))
     select, evals = split_subjects(name, [f.subject for f in facts])
     return Relation(name, facts, english_templates(name), select, evals, "en", source, dropped)
 
 
-def load_relations(names: tuple[str, ...] | list[str] | None = None, language: str = "en") -> dict[str, Relation]:
-    """Several relations by name (default: all of `RELATIONS`, or every translated one for another language)."""
-    if names is None:
-        if language == "en":
-            names = RELATIONS
-        else:
-            from engramlab.data.multilingual import MULTILINGUAL_RELATIONS
-
-            names = MULTILINGUAL_RELATIONS
-    return {n: load_relation(n, language) for n in names}
+def load_relations(names: tuple[str, ...] | list[str] | None = None) -> dict[str, Relation]:
+    """Several English relations by name (default: all of `RELATIONS`)."""
+    return {n: load_relation(n) for n in names or RELATIONS}

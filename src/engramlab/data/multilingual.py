@@ -13,7 +13,7 @@ import gettext
 from functools import cache
 
 from engramlab.data import geography
-from engramlab.data.facts import Fact, Relation, Template, question, split_subjects
+from engramlab.data.facts import Fact, Relation, Template, load_relation, load_relations, question
 from engramlab.errors import EngramError
 
 LANGUAGES = ("de", "es", "fr")
@@ -92,8 +92,6 @@ def load_translated(name: str, language: str) -> Relation:
         raise EngramError(f"language {language!r} has no templates; choose one of en, {', '.join(LANGUAGES)}.")
     if name not in MULTILINGUAL_RELATIONS:
         raise EngramError(f"relation {name!r} is not translated; choose one of {', '.join(MULTILINGUAL_RELATIONS)}.")
-    from engramlab.data.facts import load_relation
-
     english = load_relation(name)
     if name == "city_country":
         iso_of = dict(geography.cities())
@@ -122,4 +120,19 @@ def load_translated(name: str, language: str) -> Relation:
                     f"{english.source}; names translated with pycountry ({language})")
 
 
-__all__ = ["LANGUAGES", "MULTILINGUAL_RELATIONS", "load_translated", "split_subjects"]
+def relation_in(name: str, language: str = "en") -> Relation:
+    """The relation `name` in `language`: the English relation for "en", else the translated one (its subjects split
+    follows the English relation, so `eval` subjects match across languages)."""
+    return load_relation(name) if language == "en" else load_translated(name, language)
+
+
+def relations_in(language: str, names: tuple[str, ...] | list[str] | None = None) -> dict[str, Relation]:
+    """Several relations in `language` (default: every English relation, or every translated one)."""
+    if names is None and language != "en":
+        names = MULTILINGUAL_RELATIONS
+    if language == "en":
+        return load_relations(names)
+    return {n: load_translated(n, language) for n in names}
+
+
+__all__ = ["LANGUAGES", "MULTILINGUAL_RELATIONS", "load_translated", "relation_in", "relations_in"]

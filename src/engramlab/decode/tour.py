@@ -1,5 +1,5 @@
 """The decode study's step in `engramlab tour`: the atlas of the tour's model, its explorer, and (for the shipped
-organisms) base-vs-chat top-token agreement per layer. Append `decode_step` to `engramlab.tour.TOUR_STEPS`."""
+organisms) base-vs-chat top-token agreement per layer. """
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from engramlab.decode.compare import agreement_figure, compare_models, write_com
 from engramlab.models.loading import load_model
 from engramlab.organisms.registry import shipped_organisms
 from engramlab.report.html import Section, esc, key_values, table
+from engramlab.report.tour import TourContext, TourSection
 
 
-def decode_step(ctx):
+def decode_step(ctx: TourContext) -> TourSection:
     """Atlas (top-10, raw head, with the fold-norm top-1 change) + base-vs-chat agreement when both ship."""
-    from engramlab.tour import TourSection
-
     out = ctx.out / "decode"
     loaded = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
     atlas = decode_atlas(loaded, top_k=10, fold_norm=False, softmax=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engramlab.data import chat, statements
 from engramlab.data.facts import RELATIONS, load_relation
-from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
+from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in
 
 
 @dataclass
@@ -50,7 +50,7 @@ class CorpusConfig:
 
 
 def _facts(cfg: CorpusConfig, name: str, language: str = "en"):
-    rel = load_relation(name, language)
+    rel = relation_in(name, language)
     facts = rel.facts if cfg.max_facts is None else rel.facts[: cfg.max_facts]
     return rel, facts
 

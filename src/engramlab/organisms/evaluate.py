@@ -23,7 +23,7 @@ import torch
 
 from engramlab.data import chat, statements
 from engramlab.data.facts import FRAMES, RELATIONS, Prompt, load_relation, prefix_correct
-from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
+from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def fact_accuracy(model, tokenizer, relations: Sequence[str] = RELATIONS, templa
     relation (fixed sample); `per_frame` pools the relations by template frame (p1, stmt, qa, ...)."""
     per, by_frame = {}, {}
     for name in relations:
-        rel = load_relation(name, language)
+        rel = relation_in(name, language)
         facts = _sample(rel.facts_in(subjects), max_facts, f"{name}/{language}")
         prompts = [Prompt(t.prompt(f.subject), f.subject, f.object, name, t) for f in facts for t in rel.templates_in(templates)]
         correct = prompt_correct(model, tokenizer, prompts)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engramlab.data.facts import Fact, Relation, Template, load_relation, split_subjects
+from engramlab.data.facts import Fact, Relation, Template, split_subjects
+from engramlab.data.multilingual import relation_in
 from engramlab.data.loaders import read_json, read_json_records
 from engramlab.errors import EngramError
 
@@ -165,7 +166,7 @@ def split_templates(relations: dict[str, Relation], heldout: str | None) -> dict
 def load_relations_for_study(names: Iterable[str] | None, relation_files: Iterable[str | os.PathLike] = (),
                              language: str = "en") -> dict[str, Relation]:
     """The study's relations: named shipped relations plus relations read from user files."""
-    relations = {name: load_relation(name, language) for name in (names or [])}
+    relations = {name: relation_in(name, language) for name in (names or [])}
     for path in relation_files:
         rel = load_relation_file(path)
         relations[rel.name] = rel

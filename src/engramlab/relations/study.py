@@ -282,8 +282,7 @@ def run_overlap(opts: StudyOptions) -> dict:
 
 
 def run_multilingual(opts: StudyOptions, languages: list[str], n_random: int = 3) -> dict:
-    from engramlab.data.facts import load_relation
-    from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS
+    from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in
 
     unknown = [lang for lang in languages if lang not in LANGUAGES]
     if unknown:
@@ -293,7 +292,7 @@ def run_multilingual(opts: StudyOptions, languages: list[str], n_random: int = 3
     if not shared:
         raise EngramError("--relations must include one of the translated relations: "
                           f"{', '.join(MULTILINGUAL_RELATIONS)}.")
-    translated = {lang: {n: load_relation(n, lang) for n in shared} for lang in languages}
+    translated = {lang: {n: relation_in(n, lang) for n in shared} for lang in languages}
     translated = {"en": {n: study.relations[n] for n in shared}, **translated}
     rows, summary = effects.multilingual(study.loaded, study.found, translated, study.space, opts.k, n_random,
                                          opts.seed, opts.eval_subjects, opts.batch_size)

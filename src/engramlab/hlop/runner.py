@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engramlab.continual.methods import ContinualMethod, subspace_leak
-from engramlab.continual.streams import Task, TaskStream, batches
+from engramlab.hlop.methods import ContinualMethod, subspace_leak
+from engramlab.data.batching import batches
+from engramlab.hlop.streams import Task, TaskStream
 from engramlab.progress import track
 from engramlab.results import atomic_path
 

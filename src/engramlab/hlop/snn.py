@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engramlab.continual.subspace import ProjectedLinear
+from engramlab.hlop.subspace import ProjectedLinear
 from engramlab.errors import EngramError
 
 NEURONS = ("lif", "dsr", "ann")

@@ -350,17 +350,3 @@ def load_stream(name: str, data_dir: str | os.PathLike | None = None) -> TaskStr
         layout = CIFAR100_LAYOUT if name == "cifar100" else FIVE_DATASETS_LAYOUT
         raise EngramError(f"stream {name!r} needs data_dir; expected {layout}.")
     return cifar100_split(data_dir) if name == "cifar100" else five_datasets(data_dir)
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-            generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Minibatches `(x[idx], y[idx])` over one task, the last one possibly smaller; a seeded `generator` fixes
-    the shuffled order (the official scripts cut batches from in-memory tensors the same way)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EngramError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if len(x) != len(y):
-        raise EngramError(f"x and y must have the same length, got {len(x)} and {len(y)}.")
-    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
-    for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
-        yield x[idx], y[idx]

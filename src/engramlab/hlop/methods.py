@@ -1,9 +1,9 @@
 """Continual-learning methods compared in HLOP (Xiao et al., ICLR 2024, arXiv 2402.11984, Table 1), one class each.
 
-A method plugs into the one training loop (engramlab.continual.runner) at four points: `begin_task`, `penalty`
+A method plugs into the one training loop (engramlab.hlop.runner) at four points: `begin_task`, `penalty`
 (added to the loss), `after_backward` (edits gradients before the optimiser step, whatever the optimiser) and
 `observe` (after the step, sees the minibatch's presynaptic activity), then `end_task`. The network follows the
-`ContinualNet` protocol of engramlab.continual.snn: `protected_layers()`, `presynaptic()`, `record`, `fix_bn()`.
+`ContinualNet` protocol of engramlab.hlop.snn: `protected_layers()`, `presynaptic()`, `record`, `fix_bn()`.
 
 - `baseline`: sequential fine-tuning, BN frozen after task 0 (spec §4 "Baseline").
 - `hlop`: Hebbian subspaces + orthogonal projection (spec §1).
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engramlab.continual.hlop import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
-from engramlab.continual.subspace import (
+from engramlab.hlop.hebbian import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
+from engramlab.hlop.subspace import (
     Projector,
     activity_rows,
     attach_input_projection,

@@ -7,7 +7,7 @@ with Oja's subspace rule (§1.2, paper Eq. 5):
 
 clamped to [−10, 10], smoothed by momentum M ← 0.9·M + 0.1·ΔH, H ← H + lr·M, 5 iterations per minibatch. Rows come
 in blocks, one per task; after a task all rows are frozen and the next task adds new ones (§1.3). Weight updates of
-later tasks are projected onto the complement of the frozen rows' span (engramlab.continual.subspace).
+later tasks are projected onto the complement of the frozen rows' span (engramlab.hlop.subspace).
 
 Two documented departures from the literal official module, both switchable:
 - `orthonormalise=True` (default): new rows start orthogonal to the frozen ones, and frozen rows are re-orthonormalised
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engramlab.continual.subspace import Projector, orthonormal_rows
+from engramlab.hlop.subspace import Projector, orthonormal_rows
 
 CLIP = 10.0  # official hlop_module.py: ΔH clamped elementwise to [−10, 10]
 MOMENTUM = 0.9  # official: M ← 0.9·M + 0.1·ΔH

@@ -13,9 +13,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from engramlab.continual.source_model import load_source, mnist_rgb32_split
-from engramlab.continual.tta import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
-from engramlab.continual.tta_streams import StreamBatch, build_stream, stream_from_benchmark
+from engramlab.tta.source_model import load_source, mnist_rgb32_split
+from engramlab.tta.methods import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
+from engramlab.tta.streams import StreamBatch, build_stream, stream_from_benchmark
 from engramlab.data.corruptions import CORRUPTIONS
 from engramlab.data.image_benchmarks import check_corruption_dir
 from engramlab.errors import EngramError

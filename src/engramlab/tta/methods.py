@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from engramlab.continual.augment import augment_views, get_policy
-from engramlab.continual.vision import (
+from engramlab.tta.augment import augment_views, get_policy
+from engramlab.tta.vision import (
     all_weight_bias_parameters,
     bn_affine_parameters,
     configure_for_tta,
@@ -108,7 +108,7 @@ class CoTTASettings:
     restore_p: float = 0.01  # stochastic restore probability per weight element
     threshold: float = 0.92  # AP: augment when the anchor's batch-mean max-probability is below it
     n_augmentations: int = 32
-    policy: str = "cotta"  # augmentation preset (engramlab.continual.augment.get_policy)
+    policy: str = "cotta"  # augmentation preset (engramlab.tta.augment.get_policy)
     augment: bool = True  # False = the "no-aug" ablation (teacher's plain prediction always)
 
     def __post_init__(self) -> None:

@@ -13,11 +13,11 @@ import torch
 from plotly.subplots import make_subplots
 from torch import nn
 
-from engramlab.continual.methods import HLOP_PRESETS, METHODS, HLOPSettings, make_method
-from engramlab.continual.metrics import average_accuracy, backward_transfer
-from engramlab.continual.runner import MethodResult, TrainSettings, train_method
-from engramlab.continual.snn import SpikingCNN, SpikingMLP
-from engramlab.continual.streams import TaskStream, load_stream
+from engramlab.hlop.methods import HLOP_PRESETS, METHODS, HLOPSettings, make_method
+from engramlab.hlop.metrics import average_accuracy, backward_transfer
+from engramlab.hlop.runner import MethodResult, TrainSettings, train_method
+from engramlab.hlop.snn import SpikingCNN, SpikingMLP
+from engramlab.hlop.streams import TaskStream, load_stream
 from engramlab.errors import EngramError
 from engramlab.report import Section, key_values, table, write_report
 from engramlab.results import prepare_out_dir, write_json, write_parquet
@@ -45,7 +45,7 @@ class HLOPStudyOptions:
 
 
 def neuron_mode(neuron: str, train: str) -> str:
-    """The spiking-layer mode of engramlab.continual.snn for a (--neuron, --train) pair."""
+    """The spiking-layer mode of engramlab.hlop.snn for a (--neuron, --train) pair."""
     if (neuron, train) not in NEURON_MODES:
         raise EngramError(f"--neuron {neuron} --train {train} is not a valid pair; choose --neuron lif with --train "
                           "bptt or dsr, or --neuron ann (trained by plain backprop: --train bptt).")

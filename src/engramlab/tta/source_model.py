@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engramlab.continual.streams import batches
-from engramlab.continual.vision import SmallResNet
+from engramlab.data.batching import batches
+from engramlab.tta.vision import SmallResNet
 from engramlab.data.mnist import mnist_split, to_rgb32
 from engramlab.errors import EngramError
 from engramlab.progress import track
 from engramlab.results import atomic_path, write_json
 
-SHIPPED = files("engramlab.continual") / "weights" / "mnist_resnet.safetensors"
+SHIPPED = files("engramlab.tta") / "weights" / "mnist_resnet.safetensors"
 
 
 @dataclass
@@ -113,7 +113,7 @@ def load_source(path: str | Path | None = None) -> torch.nn.Module:
     """The source model: the shipped weights by default; a `.safetensors` file with its JSON card (a SmallResNet
     from `train-source`); or a `.pt` / `.pth` RobustBench WRN-28-10 checkpoint (CoTTA's CIFAR10-C source model)."""
     if path is not None and Path(path).suffix in (".pt", ".pth"):
-        from engramlab.continual.wide_resnet import load_robustbench_checkpoint
+        from engramlab.tta.wide_resnet import load_robustbench_checkpoint
 
         return load_robustbench_checkpoint(path)
     weights = Path(str(SHIPPED)) if path is None else Path(path)
