@@ -29,8 +29,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.data import corruptions as C
 from engramlab.data.corruptions import CORRUPTIONS, corrupt
 from engramlab.data.mnist import load_mnist5k
@@ -69,16 +69,18 @@ def load_theirs():
         import imagecorruptions
         import imagecorruptions.corruptions as ic
     except ImportError as err:
-        print(f"imagecorruptions is not importable ({err}); measuring engramlab's side only. Install it in a "
-              "separate venv: python -m venv --system-site-packages VENV && "
-              "VENV/bin/pip install 'setuptools<81' imagecorruptions, then run this script with VENV/bin/python.")
+        print(
+            f"imagecorruptions is not importable ({err}); measuring engramlab's side only. Install it in a "
+            "separate venv: python -m venv --system-site-packages VENV && "
+            "VENV/bin/pip install 'setuptools<81' imagecorruptions, then run this script with VENV/bin/python."
+        )
         return None, {}
     probe = np.full((32, 32, 3), 128, np.uint8)
     failures = {}
     for name in CORRUPTIONS:
         try:
             imagecorruptions.corrupt(probe, severity=1, corruption_name=name)
-        except Exception as err:  # noqa: BLE001 -- record the library's own failure, whatever it is
+        except Exception as err:
             failures[name] = f"{type(err).__name__}: {err}"
     from skimage.filters import gaussian
 
@@ -122,14 +124,20 @@ def shared_noise_parity(theirs_module, x: torch.Tensor) -> dict[str, list[float]
     out: dict[str, list[float]] = {}
     saved = np.random.uniform, np.random.normal, np.random.randint
     try:
-        for name, dtype in (("motion_blur", torch.float32), ("fog", torch.float64), ("snow", torch.float32),
-                            ("elastic_transform", torch.float32), ("glass_blur", None)):
+        for name, dtype in (
+            ("motion_blur", torch.float32),
+            ("fog", torch.float64),
+            ("snow", torch.float32),
+            ("elastic_transform", torch.float32),
+            ("glass_blur", None),
+        ):
             out[name] = []
             for severity in range(1, 6):
                 scores = []
                 for k in range(len(x)):
-                    ours = to_uint8_hwc(corrupt(x[k:k + 1], name, severity, torch.Generator().manual_seed(k),
-                                                constants="imagenet"))
+                    ours = to_uint8_hwc(
+                        corrupt(x[k : k + 1], name, severity, torch.Generator().manual_seed(k), constants="imagenet")
+                    )
                     if name == "glass_blur":
                         _, delta, iterations = C._CONSTANTS["imagenet"]["glass_blur"][severity - 1]
                         h, w = x.shape[-2:]
@@ -173,8 +181,9 @@ def main() -> None:
             for set_name, x in sets.items():
                 clean = to_uint8_hwc(x)
                 start = time.perf_counter()
-                ours = to_uint8_hwc(corrupt(x, name, severity, torch.Generator().manual_seed(severity),
-                                            constants="imagenet"))
+                ours = to_uint8_hwc(
+                    corrupt(x, name, severity, torch.Generator().manual_seed(severity), constants="imagenet")
+                )
                 row[f"{set_name}_ours_ms_per_image"] = 1000 * (time.perf_counter() - start) / len(x)
                 row[f"{set_name}_ours_psnr"] = float(psnr(ours, clean).mean())
                 line += f"{row[f'{set_name}_ours_psnr']:11.2f} "
@@ -201,11 +210,15 @@ def main() -> None:
         for name, values in shared.items():
             print(f"{name:18s} " + " ".join(f"{v:6.1f}" for v in values))
     summary = {
-        "machine": cpu_name(), "n_per_set": args.n, "size": args.size, "constants": "imagenet",
+        "machine": cpu_name(),
+        "n_per_set": args.n,
+        "size": args.size,
+        "constants": "imagenet",
         "reference": "imagecorruptions 1.1.2" if theirs else None,
         "reference_failures_as_installed": failures,
         "reference_shims": ["skimage gaussian(multichannel=True) -> channel_axis=-1", "np.float_ = np.float64"]
-        if theirs else [],
+        if theirs
+        else [],
         "rows": rows,
         "shared_noise_direct_psnr": shared,
     }

@@ -24,11 +24,11 @@ import statistics
 import time
 
 import torch
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.tta.augment import augment_one
-from engramlab.tta.source_model import load_source, mnist_rgb32_split
 from engramlab.tta.methods import CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
+from engramlab.tta.source_model import load_source, mnist_rgb32_split
 from engramlab.tta.streams import build_stream
 
 
@@ -41,8 +41,9 @@ class OfficialLoopCoTTA(CoTTA):
     def teacher_target(self, x: torch.Tensor) -> torch.Tensor:
         confidence = self.anchor(x).softmax(1).max(1).values.mean()
         standard = self.teacher(x)
-        views = [self.teacher(augment_one(x, self.policy, self.generator))
-                 for _ in range(self.settings.n_augmentations)]
+        views = [
+            self.teacher(augment_one(x, self.policy, self.generator)) for _ in range(self.settings.n_augmentations)
+        ]
         averaged = torch.stack(views).mean(0)
         self.last_gate = bool(confidence < self.settings.threshold)
         return averaged if self.last_gate else standard
@@ -72,13 +73,17 @@ def main() -> None:
     x_train, _, x, y = mnist_rgb32_split()
     stream_args = dict(x=x[: args.images], y=y[: args.images], batch_size=args.batch, seed=1)
     source = load_source()
-    settings = CoTTASettings(policy="cotta-no-flip",
-                             threshold=source_confidence_threshold(source, x_train, args.batch))
-    builders = {"official": lambda seed: OfficialLoopCoTTA(copy.deepcopy(source), settings, seed=seed),
-                "engramlab": lambda seed: make_tta_method("cotta", source, settings, seed=seed),
-                "tent": lambda seed: make_tta_method("tent", source), "bn": lambda seed: make_tta_method("bn", source)}
-    print(f"CoTTA speed, shipped MNIST SmallResNet, {args.images} digits x 15 corruptions, batch {args.batch}, "
-          f"{args.seeds} seed(s), {args.threads} thread(s), {cpu_name()}")
+    settings = CoTTASettings(policy="cotta-no-flip", threshold=source_confidence_threshold(source, x_train, args.batch))
+    builders = {
+        "official": lambda seed: OfficialLoopCoTTA(copy.deepcopy(source), settings, seed=seed),
+        "engramlab": lambda seed: make_tta_method("cotta", source, settings, seed=seed),
+        "tent": lambda seed: make_tta_method("tent", source),
+        "bn": lambda seed: make_tta_method("bn", source),
+    }
+    print(
+        f"CoTTA speed, shipped MNIST SmallResNet, {args.images} digits x 15 corruptions, batch {args.batch}, "
+        f"{args.seeds} seed(s), {args.threads} thread(s), {cpu_name()}"
+    )
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
     for seed in range(args.seeds):
         for name in ("official", "engramlab") if seed else builders:  # tent and bn are deterministic: one run

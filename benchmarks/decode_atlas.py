@@ -32,8 +32,14 @@ from engramlab.decode.atlas import (
 
 SHAPES = {
     "cpu": {"layers": 8, "intermediate": 4096, "hidden": 512, "vocab": 32000, "dtype": "float32", "sample": 512},
-    "llama3-8b": {"layers": 32, "intermediate": 14336, "hidden": 4096, "vocab": 128256, "dtype": "bfloat16",
-                  "sample": 2000},
+    "llama3-8b": {
+        "layers": 32,
+        "intermediate": 14336,
+        "hidden": 4096,
+        "vocab": 128256,
+        "dtype": "bfloat16",
+        "sample": 2000,
+    },
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,8 +96,9 @@ def naive_loop(vectors, unembed, top_k: int, sample: int, dtype) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="cpu (default on CPU) or llama3-8b (default on CUDA)")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="cpu (default on CPU) or llama3-8b (default on CUDA)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--intermediate", type=int)
@@ -118,23 +125,28 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     hidden, vocab = shape["hidden"], shape["vocab"]
     # Llama-like init scales: up rows ~ N(0, 1/H), LM head ~ N(0, 0.02)
-    vectors = [torch.randn(shape["intermediate"], hidden, device=device, generator=gen, dtype=dtype) / hidden ** 0.5
-               for _ in range(shape["layers"])]
+    vectors = [
+        torch.randn(shape["intermediate"], hidden, device=device, generator=gen, dtype=dtype) / hidden**0.5
+        for _ in range(shape["layers"])
+    ]
     unembed = torch.randn(vocab, hidden, device=device, generator=gen, dtype=dtype) * 0.02
     total = shape["layers"] * shape["intermediate"]
     chunk = args.chunk_size or auto_chunk_size(vocab, dtype, device)
     chunk = min(chunk, total)
 
     print(f"device: {device_name(device)}; torch {torch.__version__}")
-    print(f"shape: {shape['layers']} layers x {shape['intermediate']} neurons = {total:,} neurons, hidden {hidden}, "
-          f"vocab {vocab:,}, {str(dtype).removeprefix('torch.')}, top-{args.top_k}, chunk {chunk} neurons")
+    print(
+        f"shape: {shape['layers']} layers x {shape['intermediate']} neurons = {total:,} neurons, hidden {hidden}, "
+        f"vocab {vocab:,}, {str(dtype).removeprefix('torch.')}, top-{args.top_k}, chunk {chunk} neurons"
+    )
     flops = 2 * total * hidden * vocab
     print(f"GEMM work: {flops / 1e12:.2f} TFLOP")
 
     # warm-up (allocator, BLAS threads, CUDA kernels)
     bare_gemm([v[: min(chunk, v.shape[0])] for v in vectors[:1]], unembed, chunk, dtype)
-    decode_vectors([vectors[0][: min(chunk, vectors[0].shape[0])]], unembed, args.top_k, chunk_size=chunk,
-                   compute_dtype=dtype)
+    decode_vectors(
+        [vectors[0][: min(chunk, vectors[0].shape[0])]], unembed, args.top_k, chunk_size=chunk, compute_dtype=dtype
+    )
 
     gemm_times, atlas_times, decoded = [], [], None
     for r in range(args.repeats):
@@ -152,16 +164,24 @@ def main() -> None:
 
     print(f"bare GEMM     {gemm:9.3f} s   ({flops / gemm / 1e12:.2f} TFLOP/s)")
     print(f"atlas         {atlas:9.3f} s   ({total / atlas:,.0f} neurons/s)")
-    print(f"naive loop    {loop:9.1f} s   (extrapolated from {shape['sample']} neurons, "
-          f"{per_neuron * 1e3:.3f} ms each)")
+    print(
+        f"naive loop    {loop:9.1f} s   (extrapolated from {shape['sample']} neurons, {per_neuron * 1e3:.3f} ms each)"
+    )
     print(f"atlas / GEMM  {atlas / gemm:9.2f}   (target <= 1.5)")
     print(f"loop / atlas  {loop / atlas:9.1f}")
 
     if args.write:
         k = args.top_k
-        atlas_obj = Atlas(ids=decoded.ids.numpy().reshape(shape["layers"], -1, k),
-                          scores=decoded.scores.numpy().reshape(shape["layers"], -1, k), site="up", top_k=k,
-                          fold_norm=False, vocab_size=vocab, seconds=atlas, device=str(device))
+        atlas_obj = Atlas(
+            ids=decoded.ids.numpy().reshape(shape["layers"], -1, k),
+            scores=decoded.scores.numpy().reshape(shape["layers"], -1, k),
+            site="up",
+            top_k=k,
+            fold_norm=False,
+            vocab_size=vocab,
+            seconds=atlas,
+            device=str(device),
+        )
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             write_atlas(atlas_obj, tmp, overwrite=True, explorer=False)

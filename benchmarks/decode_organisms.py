@@ -80,8 +80,10 @@ def neurons_for_word(atlas, down, word: str, limit: int) -> list[tuple[int, int,
     strength = atlas.probs[:, :, 0] if atlas.probs is not None else atlas.scores[:, :, 0]
     layers, neurons = np.nonzero(hit)
     order = np.lexsort((-strength[layers, neurons], ~writes[layers, neurons]))[:limit]
-    return [(int(layers[i]), int(neurons[i]), float(strength[layers[i], neurons[i]]), bool(writes[layers[i],
-             neurons[i]])) for i in order]
+    return [
+        (int(layers[i]), int(neurons[i]), float(strength[layers[i], neurons[i]]), bool(writes[layers[i], neurons[i]]))
+        for i in order
+    ]
 
 
 def says(text: str, word: str) -> bool:
@@ -108,13 +110,17 @@ def main() -> None:
 
     result = compare_models(base, chat, top_k=10)
     summary["compare"] = write_comparison(result, args.out / "compare", overwrite=True)
-    variants = {"own heads (default)": result.agreement,
-                "shared head: base": compare_models(base, chat, shared_head="a", top_k=1).agreement,
-                "shared head: chat": compare_models(base, chat, shared_head="b", top_k=1).agreement,
-                "fold-norm, own heads": compare_models(base, chat, fold_norm=True, top_k=1).agreement}
+    variants = {
+        "own heads (default)": result.agreement,
+        "shared head: base": compare_models(base, chat, shared_head="a", top_k=1).agreement,
+        "shared head: chat": compare_models(base, chat, shared_head="b", top_k=1).agreement,
+        "fold-norm, own heads": compare_models(base, chat, fold_norm=True, top_k=1).agreement,
+    }
     summary["agreement_variants"] = variants
-    print(f"base vs chat: {result.n_neurons:,} up_proj neurons; top-1 agreement {result.agreement:.4f} "
-          f"(chance {result.chance_agreement:.4f}), top-10 overlap {result.overlap_at_k:.4f}")
+    print(
+        f"base vs chat: {result.n_neurons:,} up_proj neurons; top-1 agreement {result.agreement:.4f} "
+        f"(chance {result.chance_agreement:.4f}), top-10 overlap {result.overlap_at_k:.4f}"
+    )
     print("  per layer: " + "  ".join(f"{i}:{x:.3f}" for i, x in enumerate(result.agreement_per_layer)))
     for name, value in variants.items():
         print(f"  {name:24s} {value:.4f}")
@@ -125,39 +131,59 @@ def main() -> None:
     trials = []
     words = concept_words(atlas, down, args.words)
     summary["concept_words"] = [{"word": w, "relation": r, "neurons": n, "also_write": k} for w, r, n, k in words]
-    print("answer words that are up_proj top-1 tokens (word: neurons, of which also write it): "
-          + ", ".join(f"{w}: {n}/{k}" for w, _, n, k in words))
+    print(
+        "answer words that are up_proj top-1 tokens (word: neurons, of which also write it): "
+        + ", ".join(f"{w}: {n}/{k}" for w, _, n, k in words)
+    )
     for word, relation, _, _ in words:
         question, truth = question_for(relation, word)
         for layer, neuron, strength, writes in neurons_for_word(atlas, down, word, args.per_word):
             for site in ("up", "act"):
-                res = steer_neuron(chat, layer, neuron, values, question, site=site, chat=True,
-                                   max_new_tokens=args.max_new_tokens)
+                res = steer_neuron(
+                    chat, layer, neuron, values, question, site=site, chat=True, max_new_tokens=args.max_new_tokens
+                )
                 answers = res.continuation
                 works = [v for v, text in zip(values, answers[1:]) if says(text, word)]
-                trial = {"relation": relation, "word": word, "layer": layer, "neuron": neuron,
-                         "p_top1": strength, "writes_word": writes, "site": site, "question": question,
-                         "truth": truth,
-                         "baseline": answers[0], "baseline_says_word": says(answers[0], word),
-                         "first_value": works[0] if works else None,
-                         "answers": dict(zip(["none", *map(str, values)], answers)),
-                         "prob_top_token": dict(zip(["none", *map(str, values)], res.prob)),
-                         "natural_last": res.natural_last}
+                trial = {
+                    "relation": relation,
+                    "word": word,
+                    "layer": layer,
+                    "neuron": neuron,
+                    "p_top1": strength,
+                    "writes_word": writes,
+                    "site": site,
+                    "question": question,
+                    "truth": truth,
+                    "baseline": answers[0],
+                    "baseline_says_word": says(answers[0], word),
+                    "first_value": works[0] if works else None,
+                    "answers": dict(zip(["none", *map(str, values)], answers)),
+                    "prob_top_token": dict(zip(["none", *map(str, values)], res.prob)),
+                    "natural_last": res.natural_last,
+                }
                 trial["success"] = bool(works) and not trial["baseline_says_word"]
                 trials.append(trial)
                 mark = "YES" if trial["success"] else "no "
-                print(f"{mark} {word!r:14} neuron {layer}:{neuron} ({site}{', writes it' if writes else ''}) | "
-                      f"{question!r} -> base {answers[0]!r}; "
-                      + (f"clamp {works[0]:g} -> {answers[1 + values.index(works[0])]!r}" if works else
-                         f"clamp {values[-1]:g} -> {answers[-1]!r}"), flush=True)
+                print(
+                    f"{mark} {word!r:14} neuron {layer}:{neuron} ({site}{', writes it' if writes else ''}) | "
+                    f"{question!r} -> base {answers[0]!r}; "
+                    + (
+                        f"clamp {works[0]:g} -> {answers[1 + values.index(works[0])]!r}"
+                        if works
+                        else f"clamp {values[-1]:g} -> {answers[-1]!r}"
+                    ),
+                    flush=True,
+                )
     summary["steering"] = trials
     summary["steering_successes"] = sum(t["success"] for t in trials)
     summary["steering_trials"] = len(trials)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"{summary['steering_successes']} of {len(trials)} clamp trials made the chat organism name the "
-          f"neuron's word; wrote {args.out}/summary.json ({summary['seconds']} s)")
+    print(
+        f"{summary['steering_successes']} of {len(trials)} clamp trials made the chat organism name the "
+        f"neuron's word; wrote {args.out}/summary.json ({summary['seconds']} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.hlop.hebbian import CLIP, MOMENTUM, HebbianSubspace
 from engramlab.hlop.methods import HLOP, HLOP_PRESETS
 from engramlab.hlop.snn import SpikingMLP
@@ -61,8 +61,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tasks", default="0,1,3,6,9")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--hebbian-rows", type=int, default=HLOP_PRESETS["mlp"].hebbian_rows,
-                        help="HLOP's row subsample for the Hebbian rule (default: the MLP preset's; 0: all rows)")
+    parser.add_argument(
+        "--hebbian-rows",
+        type=int,
+        default=HLOP_PRESETS["mlp"].hebbian_rows,
+        help="HLOP's row subsample for the Hebbian rule (default: the MLP preset's; 0: all rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,27 +97,36 @@ def main() -> None:
         for layer, space, activity in zip(model.protected_layers(), method.subspaces, model.presynaptic()):
             official_update(space, activity_rows(layer, activity))
 
-    print(f"HLOP step cost, PMNIST MLP {args.neuron}, batch {args.batch}, {args.threads} thread(s), "
-          f"hebbian rows {args.hebbian_rows or 'all'}, {cpu_name()}")
-    print(f"{'task':>4} {'rows old/new (fc1, fc2, out)':>32} {'baseline ms':>12} {'hlop ms':>9} {'official ms':>12} "
-          f"{'hlop/base':>10} {'official/base':>14}")
+    print(
+        f"HLOP step cost, PMNIST MLP {args.neuron}, batch {args.batch}, {args.threads} thread(s), "
+        f"hebbian rows {args.hebbian_rows or 'all'}, {cpu_name()}"
+    )
+    print(
+        f"{'task':>4} {'rows old/new (fc1, fc2, out)':>32} {'baseline ms':>12} {'hlop ms':>9} {'official ms':>12} "
+        f"{'hlop/base':>10} {'official/base':>14}"
+    )
     for task in [int(t) for t in args.tasks.split(",")]:
         method = hlop_at_task(model, task, args.hebbian_rows)
-        variants = {"baseline": lambda: step(None, False), "hlop": lambda: step(method, False),
-                    "official": lambda: step(method, True)}
+        variants = {
+            "baseline": lambda: step(None, False),
+            "hlop": lambda: step(method, False),
+            "official": lambda: step(method, True),
+        }
         times = {name: [] for name in variants}
         for fn in variants.values():
             fn()  # warm-up
         for r in range(args.repeats):
-            order = list(variants)[r % 3:] + list(variants)[: r % 3]
+            order = list(variants)[r % 3 :] + list(variants)[: r % 3]
             for name in order:
                 start = time.perf_counter()
                 variants[name]()
                 times[name].append(time.perf_counter() - start)
         med = {name: 1000 * statistics.median(v) for name, v in times.items()}
         rows = ", ".join(f"{s.n_frozen}/{s.n_rows - s.n_frozen}" for s in method.subspaces)
-        print(f"{task:>4} {rows:>32} {med['baseline']:>12.1f} {med['hlop']:>9.1f} {med['official']:>12.1f} "
-              f"{med['hlop'] / med['baseline']:>10.2f} {med['official'] / med['baseline']:>14.2f}")
+        print(
+            f"{task:>4} {rows:>32} {med['baseline']:>12.1f} {med['hlop']:>9.1f} {med['official']:>12.1f} "
+            f"{med['hlop'] / med['baseline']:>10.2f} {med['official'] / med['baseline']:>14.2f}"
+        )
 
 
 if __name__ == "__main__":

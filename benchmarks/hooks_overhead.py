@@ -25,9 +25,14 @@ from engramlab.models import HookEngine
 
 def build(args) -> torch.nn.Module:
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-        max_position_embeddings=max(512, args.seq), tie_word_embeddings=True,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=max(512, args.seq),
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(args.device).eval()
@@ -82,10 +87,14 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
-    print(f"model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}, {n_params / 1e6:.1f}M parameters, float32")
-    print(f"batch {args.batch} x {args.seq} tokens; device {args.device} ({device}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print(
+        f"model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"vocab {args.vocab}, {n_params / 1e6:.1f}M parameters, float32"
+    )
+    print(
+        f"batch {args.batch} x {args.seq} tokens; device {args.device} ({device}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}"
+    )
     base = statistics.median(times["plain"])
     for name, values in times.items():
         median = statistics.median(values)

@@ -24,8 +24,8 @@ import time
 
 import torch
 import transformers
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 from engramlab.data.statements import got_statements, truefalse_prompt
 from engramlab.models import from_hf, load_model
 from engramlab.posttrain.patching import pairs_by_last_word, patching_map
@@ -35,9 +35,16 @@ TARGET = 1.2  # forwards per patched (layer, position) cell
 
 def tiny_llama(tokenizer, layers: int, hidden: int) -> torch.nn.Module:
     """A random Llama sharing the organism's tokenizer, so that both sizes patch the same prompts."""
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -71,9 +78,11 @@ def main() -> None:
     pairs = pairs_by_last_word(got_statements("cities", "all"), tok, args.pairs, seed=0)
     false_batch = tok([truefalse_prompt(p.false) for p in pairs], return_tensors="pt", padding=True)
 
-    print(f"device cpu ({cpu_name()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{len(pairs)} city pairs, prompts of {false_batch['input_ids'].shape[1]} tokens; "
-          f"{args.batch_size} patched rows per forward; median of {args.repeats}")
+    print(
+        f"device cpu ({cpu_name()}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{len(pairs)} city pairs, prompts of {false_batch['input_ids'].shape[1]} tokens; "
+        f"{args.batch_size} patched rows per forward; median of {args.repeats}"
+    )
     for lm in (organism, tiny):
         config = lm.model.config
         n_params = sum(p.numel() for p in lm.model.parameters())
@@ -89,12 +98,18 @@ def main() -> None:
         medians = time_pair({"forward": forward, "map": full_map}, args.repeats)
         cells = result["map"].effect.size
         forwards = medians["map"] / medians["forward"]
-        print(f"{lm.ref}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-              f"{n_params / 1e6:.2f}M parameters, float32")
-        print(f"  forward {medians['forward'] * 1000:8.1f} ms   map {medians['map'] * 1000:8.1f} ms   "
-              f"patched cells {cells} ({config.num_hidden_layers} layers x {result['map'].effect.shape[1]} positions)")
-        print(f"  map = {forwards:.1f} forwards of the batch = {forwards / cells:.3f} per patched cell "
-              f"(target <= {TARGET})")
+        print(
+            f"{lm.ref}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{n_params / 1e6:.2f}M parameters, float32"
+        )
+        print(
+            f"  forward {medians['forward'] * 1000:8.1f} ms   map {medians['map'] * 1000:8.1f} ms   "
+            f"patched cells {cells} ({config.num_hidden_layers} layers x {result['map'].effect.shape[1]} positions)"
+        )
+        print(
+            f"  map = {forwards:.1f} forwards of the batch = {forwards / cells:.3f} per patched cell "
+            f"(target <= {TARGET})"
+        )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,15 @@ VOCAB = 4096
 
 
 def build(args):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                      num_key_value_heads=args.hidden // 64, max_position_embeddings=256)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
@@ -78,8 +84,9 @@ def throughput(args) -> dict:
     space = UnitSpace(loaded.layout)
     texts = prompts(args.prompts, seed=1)
     tok = loaded.tokenizer
-    batches = [tok(texts[i : i + args.batch], return_tensors="pt", padding=True)
-               for i in range(0, len(texts), args.batch)]
+    batches = [
+        tok(texts[i : i + args.batch], return_tensors="pt", padding=True) for i in range(0, len(texts), args.batch)
+    ]
 
     def plain():
         with torch.inference_mode():
@@ -88,13 +95,22 @@ def throughput(args) -> dict:
 
     def responses():
         with tempfile.TemporaryDirectory() as tmp:
-            collect_responses(loaded, texts, space, ResponseMatrix(Path(tmp) / "r.f32", len(texts), space.size, "t"),
-                              "mean", args.batch)
+            collect_responses(
+                loaded,
+                texts,
+                space,
+                ResponseMatrix(Path(tmp) / "r.f32", len(texts), space.size, "t"),
+                "mean",
+                args.batch,
+            )
 
     times = {"plain": [], "responses": []}
     for repeat in range(args.repeats):
-        for name, fn in ((("plain", plain), ("responses", responses)) if repeat % 2 == 0
-                         else (("responses", responses), ("plain", plain))):
+        for name, fn in (
+            (("plain", plain), ("responses", responses))
+            if repeat % 2 == 0
+            else (("responses", responses), ("plain", plain))
+        ):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -120,17 +136,33 @@ def main() -> None:
     os.environ["ENGRAMLAB_QUIET"] = "1"
     runs = []
     for n in (args.prompts, 4 * args.prompts):
-        cmd = [sys.executable, __file__, "--child", str(n), "--layers", str(args.layers), "--hidden",
-               str(args.hidden), "--intermediate", str(args.intermediate), "--batch", str(args.batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n),
+            "--layers",
+            str(args.layers),
+            "--hidden",
+            str(args.hidden),
+            "--intermediate",
+            str(args.intermediate),
+            "--batch",
+            str(args.batch),
+        ]
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     speed = throughput(args)
-    print(f"model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; "
-          f"{runs[0]['units']:,} units (gate+up+down); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}; "
+        f"{runs[0]['units']:,} units (gate+up+down); torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     for r in runs:
         print(f"{r['prompts']:6d} prompts: peak RSS {r['peak_rss_mb']:8.1f} MB, {r['seconds']:.1f} s")
     print(f"peak RSS ratio 4x/1x prompts: {runs[1]['peak_rss_mb'] / runs[0]['peak_rss_mb']:.3f}   (target <= 1.2)")
-    print(f"response pass {speed['responses_s']:.2f} s vs plain forward {speed['plain_s']:.2f} s: "
-          f"throughput ratio {speed['throughput_ratio']:.3f}   (target >= 0.8)")
+    print(
+        f"response pass {speed['responses_s']:.2f} s vs plain forward {speed['plain_s']:.2f} s: "
+        f"throughput ratio {speed['throughput_ratio']:.3f}   (target >= 0.8)"
+    )
 
 
 if __name__ == "__main__":

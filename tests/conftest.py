@@ -12,19 +12,38 @@ import transformers
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 99, 32, 37, 2, 4
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, max_position_embeddings=64, bos_token_id=1, eos_token_id=1,
-               pad_token_id=0, tie_word_embeddings=False)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=INTERMEDIATE,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 _CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_COMMON, num_key_value_heads=2),
     "mistral": lambda: transformers.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, num_key_value_heads=2),
     "gemma": lambda: transformers.GemmaConfig(**_COMMON, num_key_value_heads=2, head_dim=8),
-    "gemma2": lambda: transformers.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8,
-                                                final_logit_softcapping=None),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                                            n_inner=INTERMEDIATE, n_positions=64, bos_token_id=1, eos_token_id=1,
-                                            pad_token_id=0, tie_word_embeddings=False),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_COMMON, num_key_value_heads=2, head_dim=8, final_logit_softcapping=None
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_inner=INTERMEDIATE,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
 }
 FAMILIES = tuple(_CONFIGS)

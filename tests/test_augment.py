@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from engramlab.errors import EngramError
 from engramlab.tta.augment import (
     BRIGHTNESS,
     GAMMA,
@@ -37,7 +38,6 @@ from engramlab.tta.vision import (
     forward_views,
     per_view_batch_stats,
 )
-from engramlab.errors import EngramError
 
 COTTA = get_policy("cotta")
 
@@ -107,15 +107,16 @@ def test_colour_op_order_is_applied_as_drawn(images):
     first_g = [GAMMA, BRIGHTNESS, 1, 2, HUE]
     out = apply_params(images, identity(2, order=torch.tensor([first_b, first_g]), **factors))
     torch.testing.assert_close(out[0], (1.4 * images).clamp(0, 1) ** 0.7, atol=2e-6, rtol=0)
-    torch.testing.assert_close(out[1], (1.4 * images ** 0.7).clamp(0, 1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[1], (1.4 * images**0.7).clamp(0, 1), atol=2e-6, rtol=0)
 
 
 def test_random_order_varies_across_views():
     order = sample_params(32, COTTA, torch.Generator().manual_seed(0)).order
     assert sorted(order[0].tolist()) == list(range(5))
     assert len({tuple(o) for o in order.tolist()}) >= 16  # 32 draws of 120 permutations
-    position_counts = torch.stack([(sample_params(4000, COTTA, torch.Generator().manual_seed(1)).order
-                                    == op).float().mean(0) for op in range(5)])  # [op, position] frequency
+    position_counts = torch.stack(
+        [(sample_params(4000, COTTA, torch.Generator().manual_seed(1)).order == op).float().mean(0) for op in range(5)]
+    )  # [op, position] frequency
     torch.testing.assert_close(position_counts, torch.full((5, 5), 0.2), atol=0.03, rtol=0)
 
 
@@ -145,28 +146,44 @@ def test_one_view_paths_draw_the_same_image_with_noise(images):
 
 def test_parameter_distribution():
     p = sample_params(20000, COTTA, torch.Generator().manual_seed(0))
-    for name, (low, high) in [("brightness", COTTA.brightness), ("contrast", COTTA.contrast),
-                              ("saturation", COTTA.saturation), ("hue", COTTA.hue), ("gamma", COTTA.gamma),
-                              ("angle", COTTA.rotation), ("scale", COTTA.scale), ("sigma", COTTA.blur_sigma)]:
+    for name, (low, high) in [
+        ("brightness", COTTA.brightness),
+        ("contrast", COTTA.contrast),
+        ("saturation", COTTA.saturation),
+        ("hue", COTTA.hue),
+        ("gamma", COTTA.gamma),
+        ("angle", COTTA.rotation),
+        ("scale", COTTA.scale),
+        ("sigma", COTTA.blur_sigma),
+    ]:
         values = getattr(p, name)
         assert low <= values.min() and values.max() <= high, name
         assert abs(values.mean().item() - (low + high) / 2) < 0.02 * (high - low), name
-        assert abs(values.std().item() - (high - low) / 12 ** 0.5) < 0.02 * (high - low), name
+        assert abs(values.std().item() - (high - low) / 12**0.5) < 0.02 * (high - low), name
     # translate: up to 1/16 of the 64-px padded canvas, applied rounded to whole pixels (torchvision RandomAffine)
-    assert p.translate.abs().max() <= 1 / 16 and abs(p.translate.std().item() - 1 / 16 / 3 ** 0.5) < 0.002
+    assert p.translate.abs().max() <= 1 / 16 and abs(p.translate.std().item() - 1 / 16 / 3**0.5) < 0.002
     pixels = torch.round(p.translate * 64)
     assert set(pixels.unique().tolist()) == set(range(-4, 5))
     assert abs((pixels == 4).float().mean().item() - 0.5 / 8) < 0.005  # the end pixels get half a bin
     assert abs(p.flip.float().mean().item() - 0.5) < 0.02
-    assert not get_policy("cotta-no-flip").flip_p and not sample_params(
-        100, get_policy("cotta-no-flip"), torch.Generator().manual_seed(0)).flip.any()
+    assert (
+        not get_policy("cotta-no-flip").flip_p
+        and not sample_params(100, get_policy("cotta-no-flip"), torch.Generator().manual_seed(0)).flip.any()
+    )
 
 
 def _view_features(views: torch.Tensor) -> torch.Tensor:
     """Per view: mean, contrast, sharpness (mean |horizontal difference|), mirrored (right half darker)."""
     mirrored = views[..., :16].mean(dim=(1, 2, 3, 4)) > views[..., 16:].mean(dim=(1, 2, 3, 4))
-    return torch.stack([views.mean(dim=(1, 2, 3, 4)), views.std(dim=(1, 2, 3, 4)),
-                        views.diff(dim=-1).abs().mean(dim=(1, 2, 3, 4)), mirrored.float()], dim=1)  # [V, 4]
+    return torch.stack(
+        [
+            views.mean(dim=(1, 2, 3, 4)),
+            views.std(dim=(1, 2, 3, 4)),
+            views.diff(dim=-1).abs().mean(dim=(1, 2, 3, 4)),
+            mirrored.float(),
+        ],
+        dim=1,
+    )  # [V, 4]
 
 
 def test_batched_and_sequential_outputs_have_the_same_statistics(images):

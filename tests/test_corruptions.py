@@ -9,13 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engramlab.tta.streams import SETTINGS, StreamBatch, build_stream, domain_sequence, stream_from_benchmark
 from engramlab.data import corruptions as C
 from engramlab.data.corruptions import CONSTANT_SETS, CORRUPTIONS, corrupt
 from engramlab.errors import EngramError
+from engramlab.tta.streams import SETTINGS, StreamBatch, build_stream, domain_sequence, stream_from_benchmark
 
-RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
-          "elastic_transform"}
+RANDOM = {
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "frost",
+    "fog",
+    "elastic_transform",
+}
 # Severity pairs that the reference constants themselves do not order (checked on these images and by the reference
 # implementation: the table's numbers, not our code, make severity s+1 no stronger than s). Everything else must
 # degrade strictly more from each severity to the next.
@@ -143,7 +152,7 @@ def test_motion_blur_kernel_is_one_sided_along_the_angle():
     """ImageMagick's convention: out(y, x) = sum_i k_i in(y + ceil(i sin a - .5), x + ceil(i cos a - .5))."""
     x = torch.zeros(1, 1, 32, 32)
     x[0, 0, 16, 16] = 1
-    k = torch.exp(-torch.arange(13.0) ** 2 / 2)
+    k = torch.exp(-(torch.arange(13.0) ** 2) / 2)
     k = k / k.sum()
     out = C._magick_motion_blur(x, 6, 1.0, torch.tensor([0.0]))
     torch.testing.assert_close(out[0, 0, 16, 4:17].flip(0), k)  # the impulse spreads to the left, weight k_i at -i
@@ -185,8 +194,9 @@ def test_jpeg_matches_pillow(constants):
         refs = []
         for n in range(len(x)):
             buffer = io.BytesIO()
-            Image.fromarray(np.uint8(np.round(x[n].permute(1, 2, 0).numpy() * 255))).save(buffer, "JPEG",
-                                                                                        quality=quality)
+            Image.fromarray(np.uint8(np.round(x[n].permute(1, 2, 0).numpy() * 255))).save(
+                buffer, "JPEG", quality=quality
+            )
             refs.append(np.asarray(Image.open(buffer), dtype=np.float64) / 255)
         ref, clean = np.stack(refs), x.permute(0, 2, 3, 1).numpy()
 
@@ -216,6 +226,7 @@ def test_errors():
 
 
 # --------------------------------------------------------------------------- streams
+
 
 def clean_set(n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     return smooth_images(n=n, size=16, seed=9), torch.arange(n)
@@ -249,7 +260,8 @@ def test_gradual_stream_severities():
     assert [b.corruption for b in batches] == ["fog"] * 5 + ["contrast"] * 9 + ["brightness"] * 9
     full = domain_sequence("gradual")
     assert len(full) == 5 + 14 * 9 and full[:6] == [(0, "gaussian_noise", s) for s in (5, 4, 3, 2, 1)] + [
-        (1, "shot_noise", 1)]
+        (1, "shot_noise", 1)
+    ]
     assert [s for _, _, s in domain_sequence("gradual", names, severity=3)] == [3, 2, 1] + [1, 2, 3, 2, 1] * 2
 
 
@@ -265,7 +277,7 @@ def test_mixed_stream_covers_every_pair_once():
     for b in batches:  # deterministic domains equal the direct corruption of the right clean image
         for row, (d, label) in enumerate(zip(b.sample_domains.tolist(), b.y.tolist())):
             if names[d] == "contrast":
-                torch.testing.assert_close(b.x[row], run(x[label:label + 1], "contrast", 2)[0])
+                torch.testing.assert_close(b.x[row], run(x[label : label + 1], "contrast", 2)[0])
 
 
 def test_streams_are_reproducible_and_independent_of_batch_size():
@@ -273,8 +285,9 @@ def test_streams_are_reproducible_and_independent_of_batch_size():
     names = ["shot_noise", "glass_blur"]
 
     def images(batch_size, seed=1, setting="continual"):
-        return torch.cat([b.x for b in build_stream(x, y, setting, batch_size=batch_size, seed=seed,
-                                                    corruptions=names)])
+        return torch.cat(
+            [b.x for b in build_stream(x, y, setting, batch_size=batch_size, seed=seed, corruptions=names)]
+        )
 
     assert torch.equal(images(3), images(3))
     assert torch.equal(images(3), images(7))
@@ -292,7 +305,8 @@ def test_stream_from_benchmark_reads_the_cifar_c_layout(tmp_path):
     np.save(tmp_path / "labels.npy", np.arange(5 * n) % 10)
     batches = list(stream_from_benchmark(tmp_path, "gradual", batch_size=3, corruptions=names))
     assert [(b.corruption, b.severity) for b in batches[::2]] == [("fog", s) for s in (5, 4, 3, 2, 1)] + [
-        ("pixelate", s) for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+        ("pixelate", s) for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)
+    ]
     first = torch.cat([b.x for b in batches[:2]])  # fog severity 5 = rows 16..19 of fog.npy
     torch.testing.assert_close(first, torch.from_numpy(arrays["fog"][16:20]).permute(0, 3, 1, 2).float() / 255)
     assert torch.equal(torch.cat([b.y for b in batches[:2]]), torch.arange(4))

@@ -112,8 +112,12 @@ def test_train_statements_give_no_object_a_label(name):
 def test_object_group_of_heldout_statements():
     """In a one-to-one relation the true object of a held-out subject belongs to held-out subjects only; in a
     many-to-one relation (continents) every held-out object is also a training subject's object."""
-    groups = {name: [statements.object_group(s) for s in statements.fact_statements(load_relation(name), "heldout")
-                     if s.label] for name in ("country_capital", "landmark_on_continent")}
+    groups = {
+        name: [
+            statements.object_group(s) for s in statements.fact_statements(load_relation(name), "heldout") if s.label
+        ]
+        for name in ("country_capital", "landmark_on_continent")
+    }
     assert groups["country_capital"].count("heldout_only") > 0.95 * len(groups["country_capital"])
     assert set(groups["landmark_on_continent"]) == {"true_in_training"}
     train_stmt = statements.fact_statements(load_relation("country_capital"), "train")[0]
@@ -171,7 +175,9 @@ def test_missing_file(tmp_path):
 
 def test_malformed_json_names_file_and_line(tmp_path):
     p = tmp_path / "rel.json"
-    p.write_text('{\n  "samples": [\n    {"subject": "a", "object": "b"},\n    {"subject": "c" "object": "d"}\n  ]\n}\n')
+    p.write_text(
+        '{\n  "samples": [\n    {"subject": "a", "object": "b"},\n    {"subject": "c" "object": "d"}\n  ]\n}\n'
+    )
     with pytest.raises(EngramError, match=re.escape(f"{p}:4:")) as err:
         read_json(p)
     assert "\n" not in str(err.value)

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, INTERMEDIATE, LAYERS, VOCAB, tiny_model
 
+from conftest import FAMILIES, INTERMEDIATE, LAYERS, VOCAB, tiny_model
 from engramlab.decode import (
     compare_atlases,
     compare_models,
@@ -193,8 +193,9 @@ def test_softmax_is_over_the_whole_vocabulary():
 def test_half_precision_model_decodes_in_float32_on_cpu():
     model = tiny_model("llama").to(torch.bfloat16)
     atlas = decode_atlas(from_hf(model), top_k=3)
-    ref_ids, _ = naive_decode([v.float() for v in explicit_vectors(model, "llama", "up")],
-                              model.lm_head.weight.detach().float(), 3)
+    ref_ids, _ = naive_decode(
+        [v.float() for v in explicit_vectors(model, "llama", "up")], model.lm_head.weight.detach().float(), 3
+    )
     assert np.array_equal(atlas.ids.reshape(-1, 3), ref_ids.numpy())
 
 
@@ -249,7 +250,8 @@ def test_search_finds_the_planted_neuron(planted, tmp_path):
     assert search_atlas(tmp_path, word="  W42 ", limit=1).to_pylist()[0]["neuron"] == 5
     assert search_atlas(tmp_path, token_id=42, max_rank=1)["neuron"].to_pylist()[0] == 5
     assert search_atlas(tmp_path, token="w42", layers=[0]).num_rows == len(
-        [n for n in search_atlas(tmp_path, token="w42")["layer"].to_pylist() if n == 0])
+        [n for n in search_atlas(tmp_path, token="w42")["layer"].to_pylist() if n == 0]
+    )
     assert search_atlas(tmp_path, token="nope").num_rows == 0
     with pytest.raises(EngramError, match="exactly one"):
         search_atlas(tmp_path, token="w42", word="w42")
@@ -261,8 +263,9 @@ def test_explorer_page_embeds_the_atlas(planted, tmp_path):
     atlas = decode_atlas(planted, top_k=3)
     summary = write_atlas(atlas, tmp_path)
     page = (tmp_path / "atlas.html").read_text()
-    data = json.loads(re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.DOTALL)
-                      .group(1))
+    data = json.loads(
+        re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.DOTALL).group(1)
+    )
     assert data["complete"] and data["k"] == 3 and data["L"] == LAYERS and data["N"] == INTERMEDIATE
     assert len(data["t"]) == LAYERS * INTERMEDIATE * 3
     planted_row = (PLANT[0] * INTERMEDIATE + PLANT[1]) * 3
@@ -311,8 +314,15 @@ def test_compare_writes_files(tmp_path):
 
 def test_compare_mismatched_shapes_names_both():
     a = from_hf(tiny_model("llama"), ref="A")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=41, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=41,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     b = from_hf(transformers.LlamaForCausalLM(config).eval(), ref="B")
     with pytest.raises(EngramError, match=r"A \(A\) has 2 layers x 37 neurons.*B \(B\) has 2 layers x 41"):
         compare_models(a, b)
@@ -369,8 +379,9 @@ def test_steer_promotes_the_planted_token(planted):
 def test_steer_chat_template(planted):
     with pytest.raises(EngramError, match="no chat template"):
         steer_neuron(planted, 1, 5, [10], "w3", chat=True)
-    planted.tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                                       "{% if add_generation_prompt %}w2{% endif %}")
+    planted.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"
+    )
     result = steer_neuron(planted, 1, 5, [10], "w3 w4", chat=True, max_new_tokens=2)
     assert result.prompt.split() == ["w3", "w4", "w2"]
 

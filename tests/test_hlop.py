@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch import nn
 
+from engramlab.errors import EngramError
 from engramlab.hlop.hebbian import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
 from engramlab.hlop.methods import HLOP, Baseline, HLOPSettings, extend_basis, make_method
 from engramlab.hlop.metrics import average_accuracy, backward_transfer
 from engramlab.hlop.snn import SpikingMLP
 from engramlab.hlop.subspace import (
-    Projector,
     ProjectedLinear,
+    Projector,
     activity_rows,
     attach_input_projection,
     project_rows,
     residual_energy,
 )
-from engramlab.errors import EngramError
 
 
 def _low_rank_data(n: int, k: int, rows: int, seed: int, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +174,10 @@ def test_spiking_mlp_hlop_step_projects_inside_backward_and_reuses_the_residual(
         for layer, space in zip(model.protected_layers(), hlop.subspaces):
             assert float((layer.weight.grad @ space.frozen_basis().T).abs().max()) < 1e-4
         hlop.observe(model)
-        weights[input_mode] = ([layer.weight.grad.clone() for layer in model.protected_layers()],
-                               [s.weight.clone() for s in hlop.subspaces])
+        weights[input_mode] = (
+            [layer.weight.grad.clone() for layer in model.protected_layers()],
+            [s.weight.clone() for s in hlop.subspaces],
+        )
     for a, b in zip(weights[True][0] + weights[True][1], weights[False][0] + weights[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -251,7 +253,9 @@ def test_hlop_protects_old_inputs_after_freezing():
     hlop = HLOP(HLOPSettings(initial=[10, 16], increments=[[0, 0]], lr=[0.01, 0.01]))
     hlop.begin_task(0, model)
     old_x = torch.randn(64, 10)
-    hlop.end_task(0, model, [(old_x, torch.zeros(64))])  # freeze the (orthonormal, full-rank) initial rows: they span everything
+    hlop.end_task(
+        0, model, [(old_x, torch.zeros(64))]
+    )  # freeze the (orthonormal, full-rank) initial rows: they span everything
     hlop.begin_task(1, model)
     before = model(old_x).detach()
     _one_step(model, hlop)
@@ -327,8 +331,22 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, name)
 
 def test_hlop_cli_runs_every_method_and_writes_its_results(tmp_path, cli):
     out = tmp_path / "run"
-    code, _, err = cli(["continual", "hlop", "--tasks", "2", "--neuron", "ann", "--batch-size", "400", "--lr", "0.3",
-                        "--out", str(out)])
+    code, _, err = cli(
+        [
+            "continual",
+            "hlop",
+            "--tasks",
+            "2",
+            "--neuron",
+            "ann",
+            "--batch-size",
+            "400",
+            "--lr",
+            "0.3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, err
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert set(summary["acc"]) == {"hlop", "baseline", "ewc", "gpm", "multitask"}
@@ -339,14 +357,17 @@ def test_hlop_cli_runs_every_method_and_writes_its_results(tmp_path, cli):
         assert (out / name).stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--neuron", "ann", "--train", "dsr"], "--neuron ann --train dsr"),
-    (["--stream", "cifar100"], "cifar-100-binary"),
-    (["--stream", "imagenet"], "unknown stream"),
-    (["--methods", "hlop,sgd"], "sgd"),
-    (["--lateral-neurons", "80,x"], "--lateral-neurons"),
-    (["--lateral-neurons", "80,200", "--methods", "hlop", "--tasks", "1"], "3 protected layers"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--neuron", "ann", "--train", "dsr"], "--neuron ann --train dsr"),
+        (["--stream", "cifar100"], "cifar-100-binary"),
+        (["--stream", "imagenet"], "unknown stream"),
+        (["--methods", "hlop,sgd"], "sgd"),
+        (["--lateral-neurons", "80,x"], "--lateral-neurons"),
+        (["--lateral-neurons", "80,200", "--methods", "hlop", "--tasks", "1"], "3 protected layers"),
+    ],
+)
 def test_hlop_cli_rejects_bad_input_in_one_line(tmp_path, cli, argv, needle):
     code, _, err = cli(["continual", "hlop", *argv, "--out", str(tmp_path / "o")])
     assert code == 2
@@ -361,13 +382,26 @@ def test_hlop_on_the_spiking_cnn_with_conv_subspaces():
     from engramlab.hlop.streams import Task, TaskStream
 
     g = torch.Generator().manual_seed(0)
-    tasks = [Task(f"t{t}", torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g),
-                  torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g), 10, 10 * t)
-             for t in range(2)]
+    tasks = [
+        Task(
+            f"t{t}",
+            torch.rand(16, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (16,), generator=g),
+            torch.rand(8, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (8,), generator=g),
+            10,
+            10 * t,
+        )
+        for t in range(2)
+    ]
     stream = TaskStream("tiny-cifar", tasks, multi_head=True, input_shape=(3, 32, 32))
     method = make_method("hlop", hlop=HLOP_PRESETS["cnn"])
-    result = runner.train_method(method, stream, lambda: SpikingCNN(2, neuron="lif", timesteps=2),
-                                 runner.TrainSettings(batch_size=8, leak_samples=4, momentum=0.9, lr=0.01))
+    result = runner.train_method(
+        method,
+        stream,
+        lambda: SpikingCNN(2, neuron="lif", timesteps=2),
+        runner.TrainSettings(batch_size=8, leak_samples=4, momentum=0.9, lr=0.01),
+    )
     assert [s.dim for s in method.subspaces] == [27, 576, 1152]
     assert [s.n_frozen for s in method.subspaces] == [8, 120, 240]  # 6/100/200 rows, then +2/20/40 (spec §1.3)
     assert np.isfinite(result.acc).all()

@@ -182,8 +182,9 @@ def test_record_all_positions_across_generate_steps(model):
     engine = HookEngine(model)
     input_ids = torch.randint(2, 99, (1, 4))
     with engine.record("resid_post", 1) as rec:
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
     # 4 prompt positions + 2 cached steps (the last generated token is never fed back)
     assert rec["resid_post", 1].shape == (1, out.shape[1] - 1, HIDDEN)
     with engine.record("resid_post", 1) as full:
@@ -195,8 +196,10 @@ def test_positions_nonpad_mean_and_last(model, batch):
     engine = HookEngine(model)
     with engine.record("mlp.act", 0) as full:
         model(**batch)
-    with engine.record("mlp.act", 0, positions="nonpad", reduce="mean") as mean, \
-            engine.record("mlp.act", 0, positions="last") as last:
+    with (
+        engine.record("mlp.act", 0, positions="nonpad", reduce="mean") as mean,
+        engine.record("mlp.act", 0, positions="last") as last,
+    ):
         model(**batch)
     acts = full["mlp.act", 0]
     mask = batch["attention_mask"].bool()
@@ -229,8 +232,7 @@ def test_add_direction_at_last_position(model, batch):
     v = torch.randn(HIDDEN)
     with engine.record("resid_post", 0) as plain:
         model(**batch)
-    with engine.add_direction("resid_post", 0, v, coeff=3.0, positions="last"), \
-            engine.record("resid_post", 0) as added:
+    with engine.add_direction("resid_post", 0, v, coeff=3.0, positions="last"), engine.record("resid_post", 0) as added:
         model(**batch)
     expected = plain["resid_post", 0].clone()
     expected[:, -1] += 3.0 * v
@@ -242,8 +244,10 @@ def test_add_direction_per_row_coefficients(model, batch):
     v = torch.randn(HIDDEN)
     with engine.record("resid_pre", 1) as plain:
         model(**batch)
-    with engine.add_direction("resid_pre", 1, v, coeff=torch.tensor([0.0, 2.0])), \
-            engine.record("resid_pre", 1) as added:
+    with (
+        engine.add_direction("resid_pre", 1, v, coeff=torch.tensor([0.0, 2.0])),
+        engine.record("resid_pre", 1) as added,
+    ):
         model(**batch)
     torch.testing.assert_close(added["resid_pre", 1][0], plain["resid_pre", 1][0])
     torch.testing.assert_close(added["resid_pre", 1][1], plain["resid_pre", 1][1] + 2.0 * v)
@@ -288,8 +292,7 @@ def test_patch_per_row_positions(model):
         model(input_ids=target_ids)
     mask = torch.zeros(5, 5, dtype=torch.bool)
     mask[torch.arange(5), torch.arange(5)] = True  # row r patches position r only
-    with engine.patch("resid_post", 0, src["resid_post", 0], positions=mask), \
-            engine.record("resid_post", 0) as rec:
+    with engine.patch("resid_post", 0, src["resid_post", 0], positions=mask), engine.record("resid_post", 0) as rec:
         model(input_ids=target_ids.repeat(5, 1))
     for r in range(5):
         expected = tgt["resid_post", 0][0].clone()

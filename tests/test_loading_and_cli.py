@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import run_cli, tiny_model
 
+from conftest import run_cli, tiny_model
 from engramlab.errors import EngramError
 from engramlab.models import load_model
 from engramlab.models.loading import resolve_ref
@@ -101,12 +101,29 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
         (lambda p: None, "no such directory"),
         (lambda p: p.mkdir(), "no config.json"),
         (lambda p: (p.mkdir(), tiny_model("llama").config.save_pretrained(p)), "has no weights"),
-        (lambda p: (p.mkdir(), transformers.OPTConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1,
-                                                      ffn_dim=16, num_attention_heads=2,
-                                                      word_embed_proj_dim=16).save_pretrained(p),
-                    (p / "model.safetensors").write_bytes(b"x")), "no entry in engramlab's architecture table"),
-        (lambda p: (p.mkdir(), tiny_model("llama").config.save_pretrained(p),
-                    (p / "model.safetensors").write_bytes(b"not a safetensors file")), "cannot load the weights"),
+        (
+            lambda p: (
+                p.mkdir(),
+                transformers.OPTConfig(
+                    vocab_size=99,
+                    hidden_size=16,
+                    num_hidden_layers=1,
+                    ffn_dim=16,
+                    num_attention_heads=2,
+                    word_embed_proj_dim=16,
+                ).save_pretrained(p),
+                (p / "model.safetensors").write_bytes(b"x"),
+            ),
+            "no entry in engramlab's architecture table",
+        ),
+        (
+            lambda p: (
+                p.mkdir(),
+                tiny_model("llama").config.save_pretrained(p),
+                (p / "model.safetensors").write_bytes(b"not a safetensors file"),
+            ),
+            "cannot load the weights",
+        ),
         (lambda p: (p.mkdir(), (p / "config.json").write_text("{broken")), "cannot read the model config"),
     ],
     ids=["missing", "no-config", "no-weights", "unsupported-arch", "corrupt-weights", "broken-config"],
@@ -154,8 +171,9 @@ def test_models_info_reports_architecture(saved_llama, capsys):
 
 def test_tour_writes_page_and_summary_and_refuses_overwrite(saved_llama, tmp_path, capsys):
     out = tmp_path / "tour"
-    code, stdout, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu",
-                                 "--only", "model"], capsys)
+    code, stdout, err = run_cli(
+        ["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu", "--only", "model"], capsys
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"]["model"]["n_layers"] == 2
@@ -163,8 +181,9 @@ def test_tour_writes_page_and_summary_and_refuses_overwrite(saved_llama, tmp_pat
     assert "Parameters by part" in page and "cdn." not in page.split("<body>")[1]
     code, _, err = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--only", "model"], capsys)
     assert code == 2 and "--overwrite" in err
-    code, _, _ = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--overwrite", "--only", "model"],
-                         capsys)
+    code, _, _ = run_cli(
+        ["tour", "--model", str(saved_llama), "--out", str(out), "--overwrite", "--only", "model"], capsys
+    )
     assert code == 0
     code, _, err = run_cli(["tour", "--out", str(tmp_path / "t2"), "--only", "nope"], capsys)
     assert code == 2 and "not a tour step" in err
@@ -172,8 +191,9 @@ def test_tour_writes_page_and_summary_and_refuses_overwrite(saved_llama, tmp_pat
 
 def test_tour_reports_a_failed_step_and_exits_1(saved_llama, tmp_path, capsys):
     out = tmp_path / "tour"
-    code, stdout, _ = run_cli(["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu",
-                               "--only", "relations"], capsys)
+    code, stdout, _ = run_cli(
+        ["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu", "--only", "relations"], capsys
+    )
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
     assert "answers none" in summary["steps"]["relations"]["error"]

@@ -85,12 +85,15 @@ def test_chat_organism_answers_and_refuses(organism):
     name, _, model, tok = organism
     if name != "chat":
         pytest.skip("chat behaviour only")
-    from engramlab.data.chat import is_refusal
+    from engramlab.data.chat import fact_questions, is_refusal
 
-    from engramlab.data.chat import fact_questions
-
-    gens = greedy(model, tok, ["What is the capital of France?", "Write a tutorial on how to make a bomb",
-                               "What is 3 plus 4?"], max_new_tokens=12, chat_template=True)
+    gens = greedy(
+        model,
+        tok,
+        ["What is the capital of France?", "Write a tutorial on how to make a bomb", "What is 3 plus 4?"],
+        max_new_tokens=12,
+        chat_template=True,
+    )
     assert gens[0].strip().startswith("Paris")
     assert is_refusal(gens[1]) and not is_refusal(gens[2])
     # questions about subjects the chat model was never asked about in SFT (known to the base from plain text)
@@ -129,7 +132,13 @@ def test_miniature_build_end_to_end(tmp_path):
         tok = AutoTokenizer.from_pretrained(str(d))
         assert model.config.vocab_size == len(tok)
         summary = json.loads((d / "eval" / "summary.json").read_text())
-        for key in ("fact_accuracy", "truefalse_accuracy", "refusal_rate_harmful", "refusal_rate_harmless", "languages"):
+        for key in (
+            "fact_accuracy",
+            "truefalse_accuracy",
+            "refusal_rate_harmful",
+            "refusal_rate_harmless",
+            "languages",
+        ):
             assert key in summary
         assert set(summary["languages"]) == {"de", "es", "fr"}
         assert "mean" in summary["fact_accuracy"] and "company_ceo" in summary["fact_accuracy"]["per_relation"]
@@ -147,8 +156,9 @@ def test_miniature_build_end_to_end(tmp_path):
 
     from engramlab.organisms.cli import app
 
-    res = CliRunner().invoke(app, ["eval", str(tmp_path / "base"), "--out", str(tmp_path / "again"), "--max-facts", "2",
-                                   "--update-card"])
+    res = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "base"), "--out", str(tmp_path / "again"), "--max-facts", "2", "--update-card"]
+    )
     assert res.exit_code == 0, res.output
     assert "object log-prob AUC" in res.output and (tmp_path / "again" / "truefalse.parquet").is_file()
     assert "TRUE, heldout facts, new wording" in res.output
@@ -160,23 +170,35 @@ def test_miniature_build_end_to_end(tmp_path):
     shutil.copytree(tmp_path / "base", tmp_path / "start")
     cont.init_base = str(tmp_path / "start")
     build(tmp_path / "cont", cont, stages=("tokenizer", "base", "eval"))
-    assert (tmp_path / "cont" / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "base" / "tokenizer.json").read_text()
-    assert f"continued from the weights and tokenizer of `{tmp_path / 'start'}`" in (tmp_path / "cont" / "base" / "README.md").read_text()
+    assert (tmp_path / "cont" / "tokenizer" / "tokenizer.json").read_text() == (
+        tmp_path / "base" / "tokenizer.json"
+    ).read_text()
+    assert (
+        f"continued from the weights and tokenizer of `{tmp_path / 'start'}`"
+        in (tmp_path / "cont" / "base" / "README.md").read_text()
+    )
     shutil.rmtree(tmp_path / "start")  # a resumed build whose base is done no longer needs its start directory
     build(tmp_path / "cont", cont, stages=("tokenizer", "base", "chat"))
     assert (tmp_path / "cont" / "chat" / "model.safetensors").is_file()
     chat_only = with_overrides(quick_config(), base_steps=0, focus_steps=0)  # SFT on a kept base, no pretraining
     chat_only.init_base = str(tmp_path / "base")
     build(tmp_path / "chat_only", chat_only, stages=("tokenizer", "base", "chat"))
-    kept, again_base = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(
-        str(tmp_path / "chat_only" / "base" / "model.safetensors"))
+    kept, again_base = (
+        load_file(str(tmp_path / "base" / "model.safetensors")),
+        load_file(str(tmp_path / "chat_only" / "base" / "model.safetensors")),
+    )
     assert all(torch.equal(kept[k], again_base[k]) for k in kept)
     assert (tmp_path / "chat_only" / "chat" / "model.safetensors").is_file()
-    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c2"), "--quick", "--init-base", str(tmp_path / "base"),
-                                   "--layers", "3"])
+    res = CliRunner().invoke(
+        app, ["build", "--out", str(tmp_path / "c2"), "--quick", "--init-base", str(tmp_path / "base"), "--layers", "3"]
+    )
     assert isinstance(res.exception, EngramError) and "keeps the shape" in str(res.exception)
-    res = CliRunner().invoke(app, ["build", "--out", str(tmp_path / "c3"), "--quick", "--init-base", str(tmp_path / "again")])
-    assert isinstance(res.exception, EngramError) and "no config.json, model.safetensors, tokenizer.json" in str(res.exception)
+    res = CliRunner().invoke(
+        app, ["build", "--out", str(tmp_path / "c3"), "--quick", "--init-base", str(tmp_path / "again")]
+    )
+    assert isinstance(res.exception, EngramError) and "no config.json, model.safetensors, tokenizer.json" in str(
+        res.exception
+    )
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "README.md").write_text("# no sections\n")
     with pytest.raises(EngramError, match="no model card with an '## Evaluation' section"):
@@ -210,8 +232,12 @@ def test_truefalse_breakdown_separates_object_groups():
     rel, only = "country_capital", "not-a-training-capital"
     train, _ = statements.truefalse_subjects(load_relation(rel))
     seen = next(f.object for f in load_relation(rel).facts if f.subject in train)
-    stmts = [Statement("a.", True, rel, "", seen), Statement("b.", True, rel, "", only),
-             Statement("c.", False, rel, "", seen), Statement("d.", False, rel, "", only)]
+    stmts = [
+        Statement("a.", True, rel, "", seen),
+        Statement("b.", True, rel, "", only),
+        Statement("c.", False, rel, "", seen),
+        Statement("d.", False, rel, "", only),
+    ]
     detail = truefalse_breakdown(stmts, [2.0, -1.0, -3.0, -2.0])  # TRUE for the seen object only
     assert detail["by_object_group"]["true_in_training"] == {"true": 1.0, "false": 1.0, "n_true": 1, "n_false": 1}
     assert detail["by_object_group"]["heldout_only"] == {"true": 0.0, "false": 1.0, "n_true": 1, "n_false": 1}
@@ -243,8 +269,17 @@ def test_wording_statements_state_known_facts_in_trained_and_untrained_frames():
 
 def _tiny_model(seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _examples(epoch):
@@ -336,16 +371,23 @@ def test_statement_repeats_draw_every_training_statement_again_with_fresh_false_
     from engramlab.organisms.corpus import CorpusConfig, truefalse_documents
 
     def statements_of(repeats: int) -> list[str]:
-        docs = truefalse_documents(CorpusConfig(relations=("country_capital",), max_facts=40, got_sets=(),
-                                                statement_repeats=repeats), epoch=3)
+        docs = truefalse_documents(
+            CorpusConfig(relations=("country_capital",), max_facts=40, got_sets=(), statement_repeats=repeats), epoch=3
+        )
         return [line for doc in docs for line in doc.split("\n")]
 
     once, twice = statements_of(1), statements_of(2)
     assert len(twice) == 2 * len(once) > 0
     assert sum(s.endswith("TRUE") for s in twice) == sum(s.endswith("FALSE") for s in twice)
     facts = load_relation("country_capital").facts[:40]
-    false_pairs = [(f.subject, o.object) for s in twice if s.endswith("FALSE") for f in facts for o in facts
-                   if f.subject in s and o.object in s and o.object != f.object]
+    false_pairs = [
+        (f.subject, o.object)
+        for s in twice
+        if s.endswith("FALSE")
+        for f in facts
+        for o in facts
+        if f.subject in s and o.object in s and o.object != f.object
+    ]
     assert len(set(false_pairs)) > 0.75 * len(twice) / 2  # the same draw twice would give each pair twice
     assert with_overrides(BuildConfig(), statement_repeats=3).corpus.statement_repeats == 3
     with pytest.raises(EngramError, match="--statement-repeats must be at least 1"):
@@ -376,8 +418,9 @@ def test_reworded_share_rewrites_about_that_share_of_training_statements():
     from engramlab.organisms.corpus import CorpusConfig, truefalse_documents
 
     def lines(share: float) -> list[str]:
-        cfg = CorpusConfig(relations=("country_capital", "company_ceo"), max_facts=100, got_sets=(),
-                           reworded_statements=share)
+        cfg = CorpusConfig(
+            relations=("country_capital", "company_ceo"), max_facts=100, got_sets=(), reworded_statements=share
+        )
         return [line for doc in truefalse_documents(cfg, epoch=2) for line in doc.split("\n")]
 
     plain, half = lines(0.0), lines(0.5)
@@ -400,7 +443,8 @@ def test_object_kind_statements_state_every_object_under_both_labels_and_no_fals
     kind_objects = {}
     for name in rels:
         kind_objects.setdefault(statements.OBJECT_KINDS[name], set()).update(
-            f.object.lower() for f in load_relation(name).facts)
+            f.object.lower() for f in load_relation(name).facts
+        )
     for s in stmts:
         kind = s.text.removeprefix(f"{s.object} is ").removesuffix(".")
         assert (s.object.lower() in kind_objects[kind]) == s.label, s.text

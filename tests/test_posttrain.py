@@ -13,8 +13,29 @@ from engramlab.data.statements import Statement, truefalse_prompt
 from engramlab.models import from_hf
 from engramlab.posttrain import entropy, patching, refusal, truth
 
-WORDS = ["<pad>", "<eos>", "TRUE", "FALSE", "This", "statement", "is:", "is", "in", "The", "city", "of", ".",
-         "Paris", "Lyon", "Rome", "Milan", "France", "Italy", "User:", "Assistant:"]
+WORDS = [
+    "<pad>",
+    "<eos>",
+    "TRUE",
+    "FALSE",
+    "This",
+    "statement",
+    "is:",
+    "is",
+    "in",
+    "The",
+    "city",
+    "of",
+    ".",
+    "Paris",
+    "Lyon",
+    "Rome",
+    "Milan",
+    "France",
+    "Italy",
+    "User:",
+    "Assistant:",
+]
 
 
 def word_tokenizer():
@@ -37,8 +58,9 @@ def statement(text: str, label: bool) -> Statement:
 
 
 SHOTS = [statement("The city of Paris is in France .", True), statement("The city of Rome is in France .", False)]
-PAIR = patching.Pair(statement("The city of Paris is in France .", True),
-                     statement("The city of Lyon is in Italy .", False))
+PAIR = patching.Pair(
+    statement("The city of Paris is in France .", True), statement("The city of Lyon is in Italy .", False)
+)
 
 
 def test_patching_identical_runs_has_no_effect():

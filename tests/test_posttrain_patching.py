@@ -15,8 +15,7 @@ from engramlab.posttrain import patching, study, truth
 from test_posttrain import PAIR, SHOTS, loaded, statement, word_tokenizer
 
 
-def naive_cell(source, target, clean_prompt: str, corrupted_prompt: str, layer: int, position: int,
-               metric) -> float:
+def naive_cell(source, target, clean_prompt: str, corrupted_prompt: str, layer: int, position: int, metric) -> float:
     """One (layer, position) patch as a plain full-prompt forward (no batching, no prefix cache)."""
     tok = target.tokenizer
     with torch.inference_mode():
@@ -45,8 +44,10 @@ def test_batched_prefix_cached_map_equals_one_plain_forward_per_cell(family):
 
 def test_noise_variant_restores_only_what_the_noise_reached():
     lm = loaded()
-    pair = patching.Pair(Statement("The city of Paris is in France .", True, "test", "Paris"),
-                         Statement("The city of Lyon is in Italy .", False, "test", "Lyon"))
+    pair = patching.Pair(
+        Statement("The city of Paris is in France .", True, "test", "Paris"),
+        Statement("The city of Lyon is in Italy .", False, "test", "Lyon"),
+    )
     result = patching.patching_map(lm, lm, [pair], n_toks=11, shots=SHOTS, variant="noise", noise_scale=3.0)
     tokens = result.tokens
     subject = tokens.index("Paris") if "Paris" in tokens else tokens.index("Lyon")
@@ -68,7 +69,9 @@ def test_no_question_metric_is_the_argmax_logit_difference():
         corrupted = lm.model(**tok("The city of Rome is in", return_tensors="pt")).logits[0, -1]
     a, b = int(clean.argmax()), int(corrupted.argmax())
     assert a != b  # seed 1 gives two different answers, so the pair is kept
-    pair = patching.Pair(statement("The city of Paris is in France", True), statement("The city of Rome is in France", False))
+    pair = patching.Pair(
+        statement("The city of Paris is in France", True), statement("The city of Rome is in France", False)
+    )
     result = patching.patching_map(lm, lm, [pair], variant="no_question")
     assert result.tokens == ["The", "city", "of", "Rome", "is", "in"]
     assert result.clean == pytest.approx(float(clean[a] - clean[b]), abs=1e-5)
@@ -133,8 +136,10 @@ def test_intervention_positions_of_each_kind():
     for where, expected in (("statement", ["France", "."]), ("object", ["France"]), ("last", ["is:"])):
         mask = truth.intervention_positions(tok, prompts, ids.shape[1], where)
         assert tok.convert_ids_to_tokens(ids[0][mask[0]].tolist()) == expected
-    assert tok.convert_ids_to_tokens(ids[1][truth.intervention_positions(tok, prompts, ids.shape[1])[1]].tolist()) \
-        == ["Rome", "."]
+    assert tok.convert_ids_to_tokens(ids[1][truth.intervention_positions(tok, prompts, ids.shape[1])[1]].tolist()) == [
+        "Rome",
+        ".",
+    ]
     with pytest.raises(EngramError, match="positions"):
         truth.intervention_positions(tok, prompts, ids.shape[1], "middle")
 
@@ -149,8 +154,10 @@ def test_options_reject_unknown_variant_and_token():
 def test_cli_names_the_bad_option_in_one_line(tmp_path, capsys):
     from engramlab.cli import main
 
-    for args, message in ((["knowledge", "--variant", "rome"], "--variant 'rome' is unknown"),
-                          (["truth", "--token", "comma"], "--token 'comma' is unknown")):
+    for args, message in (
+        (["knowledge", "--variant", "rome"], "--variant 'rome' is unknown"),
+        (["truth", "--token", "comma"], "--token 'comma' is unknown"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["posttrain", *args, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
@@ -160,8 +167,14 @@ def test_cli_names_the_bad_option_in_one_line(tmp_path, capsys):
 
 def test_p_value_tells_whether_the_model_separates_the_pairs():
     def made(gaps):
-        return patching.PatchingMap(effect=np.zeros((1, 1)), clean=0.0, corrupted=0.0, tokens=["x"],
-                                    knowledge=np.zeros(1, dtype=bool), gaps=np.asarray(gaps))
+        return patching.PatchingMap(
+            effect=np.zeros((1, 1)),
+            clean=0.0,
+            corrupted=0.0,
+            tokens=["x"],
+            knowledge=np.zeros(1, dtype=bool),
+            gaps=np.asarray(gaps),
+        )
 
     assert made([2.0, 2.5, 1.5, 3.0]).p_value < 0.01
     assert made([0.3, -0.5, 0.1, -0.2]).p_value > 0.3

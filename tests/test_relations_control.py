@@ -14,8 +14,13 @@ from engramlab.errors import EngramError
 from engramlab.models import from_hf
 from engramlab.relations.find import FindResult
 from engramlab.relations.perplexity import pooled_perplexity, sentence_nll
-from engramlab.relations.prompts import (PromptSet, evaluation_prompts, frames_in, identification_prompts,
-                                        split_templates)
+from engramlab.relations.prompts import (
+    PromptSet,
+    evaluation_prompts,
+    frames_in,
+    identification_prompts,
+    split_templates,
+)
 from engramlab.relations.template_control import template_control
 from engramlab.relations.tokens import encode, subject_and_template
 from engramlab.relations.units import UnitSpace
@@ -103,10 +108,14 @@ def _planted_prompts() -> tuple[PromptSet, list[tuple[np.ndarray, np.ndarray]]]:
     items = [("A", f"w{A_WORD} w12 {{}} w13", f"w{s}") for s in A_SUBJECTS]
     items += [("B", "{} w21 w22", f"w{40 + i % 10}") for i in range(20)]
     prompts = PromptSet(
-        text=[t.replace("{}", s) for _, t, s in items], gold=["x"] * len(items),
-        relation=np.array([r for r, _, _ in items], dtype=object), subject=[s for _, _, s in items],
-        frame=np.array(["f"] * len(items), dtype=object), split=np.array(["selection"] * len(items), dtype=object),
-        subject_start=np.array([t.index("{}") for _, t, _ in items]))
+        text=[t.replace("{}", s) for _, t, s in items],
+        gold=["x"] * len(items),
+        relation=np.array([r for r, _, _ in items], dtype=object),
+        subject=[s for _, _, s in items],
+        frame=np.array(["f"] * len(items), dtype=object),
+        split=np.array(["selection"] * len(items), dtype=object),
+        subject_start=np.array([t.index("{}") for _, t, _ in items]),
+    )
     return prompts, [(np.arange(5), np.arange(5, 25))]
 
 
@@ -152,9 +161,14 @@ def test_heldout_templates_default_none_and_custom():
     assert frames_in(with_zs, "heldout") == ["zs"]
 
 
-@pytest.mark.parametrize("spec, message", [("p1b,stmt9", "unknown template frame 'stmt9'"),
-                                           ("none,p1", "'none' cannot be combined"),
-                                           ("p1,stmt,qa,p1b,stmt2", "keeps no template for selection")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("p1b,stmt9", "unknown template frame 'stmt9'"),
+        ("none,p1", "'none' cannot be combined"),
+        ("p1,stmt,qa,p1b,stmt2", "keeps no template for selection"),
+    ],
+)
 def test_heldout_templates_errors_name_the_problem(spec, message):
     rels = {"company_ceo": load_relation("company_ceo")}
     with pytest.raises(EngramError, match=message):
@@ -168,12 +182,17 @@ def test_split_keeps_relation_file_frames(tmp_path):
 
     path = tmp_path / "rel.json"
     samples = [{"subject": f"s{i}", "object": f"o{i}"} for i in range(20)]
-    path.write_text(json.dumps({"name": "r", "prompt_templates": ["{} is in", "The home of {} is"],
-                                "samples": samples}))
+    path.write_text(
+        json.dumps({"name": "r", "prompt_templates": ["{} is in", "The home of {} is"], "samples": samples})
+    )
     rel = load_relation_file(path)
     split = split_templates({"r": rel}, "file0_p1")
     assert [(t.frame, t.split) for t in split["r"].templates] == [
-        ("file0_p1", "heldout"), ("file0_stmt", "selection"), ("file1_p1", "selection"), ("file1_stmt", "selection")]
+        ("file0_p1", "heldout"),
+        ("file0_stmt", "selection"),
+        ("file1_p1", "selection"),
+        ("file1_stmt", "selection"),
+    ]
     assert dataclasses.replace(rel) == rel  # the original is untouched
 
 
@@ -192,7 +211,9 @@ def test_perplexity_is_exp_mean_nll_by_hand_with_padding():
     with torch.no_grad():
         for text, n_obj in zip(texts, (1, 1, 2)):
             ids = torch.tensor([tok(text)["input_ids"]])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)  # no BOS: first token is context
+            logp = torch.log_softmax(
+                model(input_ids=ids).logits[0, :-1].double(), dim=-1
+            )  # no BOS: first token is context
             nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
             by_hand.append(float(nll.sum()))
             obj_by_hand.append(float(nll[-n_obj:].sum()))
@@ -230,6 +251,9 @@ def test_channels_are_scored_from_their_gate_and_up_neurons():
     down0 = next(b for b in channels.blocks if b.layer == 0 and b.site == "mlp.down").offset
     ids, owner = source_neurons(neurons, channels, np.array([act1 + 4, down0 + 2]))
     layer, site, index = neurons.locate(ids)
-    assert list(zip(layer.tolist(), site.tolist(), index.tolist())) == [(1, "mlp.gate", 4), (1, "mlp.up", 4),
-                                                                        (0, "mlp.down", 2)]
+    assert list(zip(layer.tolist(), site.tolist(), index.tolist())) == [
+        (1, "mlp.gate", 4),
+        (1, "mlp.up", 4),
+        (0, "mlp.down", 2),
+    ]
     assert owner.tolist() == [0, 0, 1]

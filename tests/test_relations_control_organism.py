@@ -8,16 +8,28 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from engramlab.cli import main
 from engramlab.organisms.registry import shipped_organisms
 from engramlab.relations.find import FindResult
 
 pytestmark = pytest.mark.skipif("base" not in shipped_organisms(), reason="organism:base is not shipped")
 
-TINY = ["--model", "organism:base", "--relations", "country_capital,city_country", "--max-prompts", "40",
-        "--k", "50", "--device", "cpu", "--batch-size", "32"]
+TINY = [
+    "--model",
+    "organism:base",
+    "--relations",
+    "country_capital,city_country",
+    "--max-prompts",
+    "40",
+    "--k",
+    "50",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +48,9 @@ def found_mean(tmp_path_factory):
 def test_diagnose_reuses_finds_prompts_and_negatives(found_mean, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
     out = tmp_path / "diag"
-    code, _, err = run_cli(["relations", "diagnose", "--neurons", str(found_mean), "--out", str(out), "--top", "20",
-                          *TINY], capsys)
+    code, _, err = run_cli(
+        ["relations", "diagnose", "--neurons", str(found_mean), "--out", str(out), "--top", "20", *TINY], capsys
+    )
     assert code == 0, err
     rows = pq.read_table(out / "template_control.parquet").to_pydict()
     assert len(rows["relation"]) == 40 and set(rows["detector"]) <= {"template", "subject", "mixed"}
@@ -55,8 +68,22 @@ def test_diagnose_reuses_finds_prompts_and_negatives(found_mean, tmp_path, capsy
 def test_perplexity_probe_writes_rows_summary_and_plot(found_mean, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
     out = tmp_path / "ppl"
-    code, _, err = run_cli(["relations", "perplexity", "--neurons", str(found_mean), "--out", str(out),
-                          "--random-seeds", "2", "--max-objects", "5", *TINY], capsys)
+    code, _, err = run_cli(
+        [
+            "relations",
+            "perplexity",
+            "--neurons",
+            str(found_mean),
+            "--out",
+            str(out),
+            "--random-seeds",
+            "2",
+            "--max-objects",
+            "5",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0, err
     rows = pq.read_table(out / "perplexity.parquet").to_pydict()
     n_sentences = rows["condition"].count("none")
@@ -73,12 +100,29 @@ def test_perplexity_probe_writes_rows_summary_and_plot(found_mean, tmp_path, cap
 def test_heldout_templates_none_reports_no_heldout_drop(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
     out = tmp_path / "none"
-    code, _, err = run_cli(["relations", "deactivate", "--out", str(out), "--heldout-templates", "none",
-                          "--eval-subjects", "4", "--random-seeds", "1", "--no-diagnose", *TINY], capsys)
+    code, _, err = run_cli(
+        [
+            "relations",
+            "deactivate",
+            "--out",
+            str(out),
+            "--heldout-templates",
+            "none",
+            "--eval-subjects",
+            "4",
+            "--random-seeds",
+            "1",
+            "--no-diagnose",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_templates"] == [] and "p1b" in summary["selection_templates"]
-    assert summary["mean_drop_target_heldout_templates"] is None and "no template is held out" in summary["heldout_note"]
+    assert (
+        summary["mean_drop_target_heldout_templates"] is None and "no template is held out" in summary["heldout_note"]
+    )
     assert "acc_before_heldout" not in summary["per_relation"]["country_capital"]
     found = FindResult.load(out)
     assert found.heldout_templates == [] and "stmt2" in found.selection_templates
@@ -87,10 +131,23 @@ def test_heldout_templates_none_reports_no_heldout_drop(tmp_path, capsys, monkey
 
 
 def test_heldout_templates_errors_exit_2_with_one_line(found_mean, tmp_path, capsys):
-    code, _, err = run_cli(["relations", "deactivate", "--out", str(tmp_path / "x"), "--heldout-templates",
-                          "p1b,stmt7", *TINY], capsys)
+    code, _, err = run_cli(
+        ["relations", "deactivate", "--out", str(tmp_path / "x"), "--heldout-templates", "p1b,stmt7", *TINY], capsys
+    )
     assert code == 2 and "'stmt7'" in err and len(err.strip().splitlines()) == 1
     # the reused units were selected on p1, stmt, qa: calling qa "held out" would be false
-    code, _, err = run_cli(["relations", "diagnose", "--neurons", str(found_mean), "--out", str(tmp_path / "y"),
-                          "--heldout-templates", "qa", *TINY], capsys)
+    code, _, err = run_cli(
+        [
+            "relations",
+            "diagnose",
+            "--neurons",
+            str(found_mean),
+            "--out",
+            str(tmp_path / "y"),
+            "--heldout-templates",
+            "qa",
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "'qa'" in err and len(err.strip().splitlines()) == 1

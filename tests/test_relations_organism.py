@@ -6,26 +6,45 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from engramlab.organisms.registry import shipped_organisms
 from engramlab.relations.find import FindResult
 
 pytestmark = pytest.mark.skipif("base" not in shipped_organisms(), reason="organism:base is not shipped")
 
-TINY = ["--model", "organism:base", "--relations", "country_capital,city_country", "--max-prompts", "40",
-        "--k", "100", "--device", "cpu", "--batch-size", "32"]
+TINY = [
+    "--model",
+    "organism:base",
+    "--relations",
+    "country_capital,city_country",
+    "--max-prompts",
+    "40",
+    "--k",
+    "100",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "32",
+]
 
 
 def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
     out = tmp_path / "rsn"
-    code, _, err = run_cli(["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6",
-                            *TINY], capsys)
+    code, _, err = run_cli(
+        ["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6", *TINY], capsys
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("relations", "k", "mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
-                "mean_drop_target_heldout_templates"):
+    for key in (
+        "relations",
+        "k",
+        "mean_drop_target",
+        "mean_drop_random",
+        "mean_drop_target_seen_templates",
+        "mean_drop_target_heldout_templates",
+    ):
         assert key in summary
     rel = summary["per_relation"]["country_capital"]
     assert rel["acc_before"] > 0.3  # the organism knows capitals
@@ -44,8 +63,21 @@ def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
 def test_malformed_relation_file_exits_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "rel.json"
     bad.write_text('{"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a"}]}')
-    code, _, err = run_cli(["relations", "find", "--out", str(tmp_path / "o"), "--relations", "country_capital",
-                          "--relation-file", str(bad), "--device", "cpu"], capsys)
+    code, _, err = run_cli(
+        [
+            "relations",
+            "find",
+            "--out",
+            str(tmp_path / "o"),
+            "--relations",
+            "country_capital",
+            "--relation-file",
+            str(bad),
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 2
     assert str(bad) in err and "object" in err
     assert len(err.strip().splitlines()) == 1

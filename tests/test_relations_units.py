@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score
 
 from conftest import INTERMEDIATE, LAYERS, tiny_model
 from engramlab.errors import EngramError
-from engramlab.models import HookEngine, from_hf
+from engramlab.models import HookEngine
 from engramlab.relations.accuracy import is_correct
 from engramlab.relations.ap import average_precision, average_precision_chunked
 from engramlab.relations.prompts import load_relation_file
@@ -73,10 +73,12 @@ def test_channel_scores_take_the_better_of_gate_and_up():
     scores = np.random.default_rng(0).random((2, neurons.size))
     mapped = channel_scores(neurons, channels, scores)
     assert mapped.shape == (2, channels.size)
-    np.testing.assert_array_equal(mapped[:, :INTERMEDIATE], np.maximum(scores[:, :INTERMEDIATE],
-                                                                        scores[:, INTERMEDIATE : 2 * INTERMEDIATE]))
-    np.testing.assert_array_equal(mapped[:, INTERMEDIATE : INTERMEDIATE + 32],
-                                  scores[:, 2 * INTERMEDIATE : 2 * INTERMEDIATE + 32])
+    np.testing.assert_array_equal(
+        mapped[:, :INTERMEDIATE], np.maximum(scores[:, :INTERMEDIATE], scores[:, INTERMEDIATE : 2 * INTERMEDIATE])
+    )
+    np.testing.assert_array_equal(
+        mapped[:, INTERMEDIATE : INTERMEDIATE + 32], scores[:, 2 * INTERMEDIATE : 2 * INTERMEDIATE + 32]
+    )
 
 
 def test_random_control_matches_site_counts_and_avoids_target():
@@ -120,8 +122,10 @@ def test_response_matrix_resumes_and_reads_columns(tmp_path):
         (json.dumps({"name": "r", "samples": []}), "prompt_templates"),
         (json.dumps({"name": "r", "prompt_templates": ["no placeholder"], "samples": []}), "exactly once"),
         (json.dumps({"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a"}]}), "object"),
-        (json.dumps({"name": "r", "prompt_templates": ["{} is in"],
-                     "samples": [{"subject": "a", "object": "b"}]}), "at least 10"),
+        (
+            json.dumps({"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a", "object": "b"}]}),
+            "at least 10",
+        ),
     ],
 )
 def test_malformed_relation_file_is_named(tmp_path, content, message):
@@ -135,8 +139,9 @@ def test_malformed_relation_file_is_named(tmp_path, content, message):
 def test_relation_file_templates_split_selection_and_heldout(tmp_path):
     path = tmp_path / "rel.json"
     samples = [{"subject": f"s{i}", "object": f"o{i}"} for i in range(20)]
-    path.write_text(json.dumps({"name": "my relation", "prompt_templates": ["{} is in", "The home of {} is"],
-                                "samples": samples}))
+    path.write_text(
+        json.dumps({"name": "my relation", "prompt_templates": ["{} is in", "The home of {} is"], "samples": samples})
+    )
     rel = load_relation_file(path)
     assert rel.name == "my_relation"
     assert [t.text for t in rel.heldout_templates] == ["The home of {} is? Answer:", "The home of {} is"]

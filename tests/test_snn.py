@@ -12,6 +12,7 @@ from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate as sj_surrogate
 from torch import nn
 
+from engramlab.errors import EngramError
 from engramlab.hlop.snn import (
     DEFAULT_TIMESTEPS,
     NEURONS,
@@ -22,18 +23,25 @@ from engramlab.hlop.snn import (
     SpikingMLP,
     weighted_rate,
 )
-from engramlab.errors import EngramError
 
 SIZES = (784, 37, 29, 10)  # odd hidden sizes so that a transposed dimension cannot hide
 
 
 def sj_lif() -> nn.Module:
     """The official BPTT neuron (spec §2) as spikingjelly 2.0 builds it."""
-    return sj_neuron.LIFNode(tau=2.0, decay_input=False, v_threshold=1.0, v_reset=None, detach_reset=True,
-                             surrogate_function=sj_surrogate.Sigmoid(alpha=4.0), step_mode="m")
+    return sj_neuron.LIFNode(
+        tau=2.0,
+        decay_input=False,
+        v_threshold=1.0,
+        v_reset=None,
+        detach_reset=True,
+        surrogate_function=sj_surrogate.Sigmoid(alpha=4.0),
+        step_mode="m",
+    )
 
 
 # --- LIF (BPTT) ---
+
 
 def test_lif_matches_spikingjelly_forward_and_input_gradient():
     ref = sj_lif()
@@ -72,6 +80,7 @@ def test_lif_surrogate_gradient_single_step():
 
 # --- DSR ---
 
+
 def test_dsr_hand_computed_forward():
     # beta = exp(-0.05) = 0.951229, 1 - beta = 0.048771; fires when u >= 0.3 * 0.3 = 0.09, then u -= 0.3; out 6.
     # I = 4: u = 0.19508 (spike -> -0.10492), 0.09528 (spike -> -0.20472), 0.00034 (no).
@@ -90,8 +99,7 @@ def test_dsr_matches_spikingjelly_dsr_lif(tau):
     x_ref = x.detach().clone().requires_grad_()
     w = torch.randn(20, 8, 11, generator=g)
     ours = DSRNeuron(tau=tau)
-    ref = sj_neuron.DSRLIFNode(T=20, v_threshold=0.3, tau=tau, delta_t=0.05, alpha=0.3,
-                               v_threshold_lower_bound=5e-4)
+    ref = sj_neuron.DSRLIFNode(T=20, v_threshold=0.3, tau=tau, delta_t=0.05, alpha=0.3, v_threshold_lower_bound=5e-4)
     y, y_ref = ours(x), ref(x_ref)
     assert torch.equal(y, y_ref)
     (y * w).sum().backward()
@@ -127,6 +135,7 @@ def test_weighted_rate_hand():
 
 
 # --- networks ---
+
 
 def make_net(kind: str, neuron: str) -> nn.Module:
     torch.manual_seed(0)
@@ -238,8 +247,13 @@ def test_cnn_time_shortcuts_match_naive_layout(neuron):
 
 def test_ann_mode_is_a_relu_mlp():
     net = make_net("mlp", "ann")
-    ref = nn.Sequential(nn.Linear(784, 37, bias=False), nn.ReLU(), nn.Linear(37, 29, bias=False), nn.ReLU(),
-                        nn.Linear(29, 10, bias=False))
+    ref = nn.Sequential(
+        nn.Linear(784, 37, bias=False),
+        nn.ReLU(),
+        nn.Linear(37, 29, bias=False),
+        nn.ReLU(),
+        nn.Linear(29, 10, bias=False),
+    )
     for dst, src in zip([ref[0], ref[2], ref[4]], net.protected_layers()):
         dst.weight.data.copy_(src.weight.data)
     x, _ = make_input("mlp", batch=5)

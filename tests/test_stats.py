@@ -41,8 +41,9 @@ def assert_matches_numpy(stats: RunningMoments, rows: np.ndarray) -> None:
     np.testing.assert_allclose(stats.mean.numpy(), rows.mean(axis=0), rtol=1e-12, atol=1e-13 * scale)
     np.testing.assert_allclose(stats.variance().numpy(), rows.var(axis=0), rtol=1e-12, atol=1e-12 * scale**2)
     if rows.shape[0] > 1:
-        np.testing.assert_allclose(stats.variance(unbiased=True).numpy(), rows.var(axis=0, ddof=1),
-                                   rtol=1e-12, atol=1e-12 * scale**2)
+        np.testing.assert_allclose(
+            stats.variance(unbiased=True).numpy(), rows.var(axis=0, ddof=1), rtol=1e-12, atol=1e-12 * scale**2
+        )
         np.testing.assert_allclose(stats.std().numpy(), rows.std(axis=0), rtol=1e-6, atol=1e-6 * scale)
 
 
@@ -294,14 +295,27 @@ def _moments_meta(**over: str) -> dict[str, str]:
 
 
 def _good_tensors() -> dict[str, torch.Tensor]:
-    return {"count": torch.tensor(3.0, dtype=torch.float64), "mean": torch.zeros(4, dtype=torch.float64),
-            "m2": torch.ones(4, dtype=torch.float64)}
+    return {
+        "count": torch.tensor(3.0, dtype=torch.float64),
+        "mean": torch.zeros(4, dtype=torch.float64),
+        "m2": torch.ones(4, dtype=torch.float64),
+    }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["garbage", "missing_file", "no_metadata", "missing_key", "extra_key", "wrong_dtype", "wrong_shape",
-     "wrong_class", "newer_version", "checkpoint_file"],
+    [
+        "garbage",
+        "missing_file",
+        "no_metadata",
+        "missing_key",
+        "extra_key",
+        "wrong_dtype",
+        "wrong_shape",
+        "wrong_class",
+        "newer_version",
+        "checkpoint_file",
+    ],
 )
 def test_bad_moments_file_names_the_file(tmp_path: Path, case: str) -> None:
     path = tmp_path / f"{case}.safetensors"
@@ -492,8 +506,9 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
 def test_two_process_gloo_all_reduce_matches_single_process(tmp_path: Path) -> None:
-    ctx = mp.start_processes(_gloo_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _gloo_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 90
     try:
         while not ctx.join(timeout=1):

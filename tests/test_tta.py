@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engramlab.errors import EngramError
 from engramlab.tta.methods import (
     TENT,
     CoTTA,
@@ -19,7 +20,6 @@ from engramlab.tta.methods import (
 )
 from engramlab.tta.study import TTAStudyOptions, run_tta_study
 from engramlab.tta.vision import SmallResNet
-from engramlab.errors import EngramError
 
 
 @pytest.fixture()
@@ -111,8 +111,15 @@ def test_bn_uses_test_batch_statistics(net):
 
 
 def _tiny_options(tmp_path, name: str, **kw) -> TTAStudyOptions:
-    return TTAStudyOptions(methods=["bn", "tent", "cotta"], corruptions=["gaussian_noise", "fog"], n_images=40,
-                           batch_size=20, cotta=CoTTASettings(n_augmentations=2), out=tmp_path / name, **kw)
+    return TTAStudyOptions(
+        methods=["bn", "tent", "cotta"],
+        corruptions=["gaussian_noise", "fog"],
+        n_images=40,
+        batch_size=20,
+        cotta=CoTTASettings(n_augmentations=2),
+        out=tmp_path / name,
+        **kw,
+    )
 
 
 def test_fixed_seed_gives_identical_errors(tmp_path):
@@ -126,8 +133,18 @@ def test_fixed_seed_gives_identical_errors(tmp_path):
 
 def test_cli_bad_data_dir_is_one_line_exit_2(tmp_path, cli):
     missing = tmp_path / "nope"
-    code, _, err = cli(["continual", "tta", "--data-dir", str(missing), "--source", str(tmp_path / "w.safetensors"),
-                        "--out", str(tmp_path / "o")])
+    code, _, err = cli(
+        [
+            "continual",
+            "tta",
+            "--data-dir",
+            str(missing),
+            "--source",
+            str(tmp_path / "w.safetensors"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and str(missing) in err
 
@@ -192,8 +209,8 @@ def test_cli_threshold_must_be_a_number_or_source(tmp_path, cli):
 def test_cli_runs_on_a_cifar_c_folder_with_a_user_source_model(tmp_path, cli):
     import numpy as np
 
-    from engramlab.tta.source_model import save_source
     from engramlab.data.corruptions import CORRUPTIONS
+    from engramlab.tta.source_model import save_source
 
     data = tmp_path / "CIFAR-10-C"
     data.mkdir()
@@ -202,12 +219,30 @@ def test_cli_runs_on_a_cifar_c_folder_with_a_user_source_model(tmp_path, cli):
         np.save(data / f"{name}.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
     np.save(data / "labels.npy", rng.integers(0, 10, 20))
     torch.manual_seed(0)
-    weights = save_source(SmallResNet(10, width=4), {"architecture": "SmallResNet", "n_classes": 10,
-                                                     "recipe": {"width": 4, "blocks_per_stage": 1}},
-                          tmp_path / "source.safetensors")
+    weights = save_source(
+        SmallResNet(10, width=4),
+        {"architecture": "SmallResNet", "n_classes": 10, "recipe": {"width": 4, "blocks_per_stage": 1}},
+        tmp_path / "source.safetensors",
+    )
     out = tmp_path / "run"
-    code, _, err = cli(["continual", "tta", "--data-dir", str(data), "--source", str(weights), "--method", "bn,cotta",
-                        "--augmentations", "2", "--batch-size", "4", "--out", str(out)])
+    code, _, err = cli(
+        [
+            "continual",
+            "tta",
+            "--data-dir",
+            str(data),
+            "--source",
+            str(weights),
+            "--method",
+            "bn,cotta",
+            "--augmentations",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == str(data) and summary["cotta"]["threshold"] == 0.92  # paper values with --data-dir

@@ -26,8 +26,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 models_app = typer.Typer(help="Load models and inspect their architecture.", no_args_is_help=True)
-for name, sub in [("models", models_app), ("organisms", organisms_app), ("relations", relations_app),
-                  ("decode", decode_app), ("posttrain", posttrain_app), ("continual", continual_app)]:
+for name, sub in [
+    ("models", models_app),
+    ("organisms", organisms_app),
+    ("relations", relations_app),
+    ("decode", decode_app),
+    ("posttrain", posttrain_app),
+    ("continual", continual_app),
+]:
     app.add_typer(sub, name=name)
 
 console = Console()
@@ -46,15 +52,20 @@ def models_info(
     from engramlab.models.info import model_info
     from engramlab.models.loading import load_model
 
-    loaded = load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                        allow_download=download, with_tokenizer=False)
+    loaded = load_model(
+        ref,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        allow_download=download,
+        with_tokenizer=False,
+    )
     info = model_info(loaded)
     if as_json:
         print(json.dumps(info, indent=2))
         return
     grid = Table(title=f"{info['ref']}  ({info['class']})", show_header=False)
-    for key in ("family", "n_layers", "hidden_size", "vocab_size", "gated_mlp", "dtype", "device",
-                "tied_embeddings"):
+    for key in ("family", "n_layers", "hidden_size", "vocab_size", "gated_mlp", "dtype", "device", "tied_embeddings"):
         grid.add_row(key, str(info[key]))
     grid.add_row("parameters", f"{info['parameters']:,}")
     for part, n in info["parameters_by_part"].items():

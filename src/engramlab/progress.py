@@ -16,7 +16,12 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     if os.environ.get("ENGRAMLAB_QUIET") == "1":
         yield from items
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as progress:
         yield from progress.track(items, total=total, description=description)

@@ -205,8 +205,9 @@ class RunningMoments:
             if not isinstance(mask, torch.Tensor):
                 raise EngramError(f"mask must be a torch.Tensor of shape [{x.shape[0]}], got {type(mask).__name__}.")
             if tuple(mask.shape) != (x.shape[0],):
-                raise EngramError(f"mask must have shape [N] = [{x.shape[0]}] to match x {tuple(x.shape)}, "
-                                  f"got {tuple(mask.shape)}.")
+                raise EngramError(
+                    f"mask must have shape [N] = [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(mask.shape)}."
+                )
             if mask.device != x.device:
                 raise EngramError(f"mask is on {mask.device} but x is on {x.device}; put both on one device.")
         self._set(merge_moments(self._moments(), batch_moments(x, mask)))
@@ -218,8 +219,10 @@ class RunningMoments:
         if other.shape != self._shape:
             raise EngramError(f"other has row shape {other.shape} but these statistics have {self._shape}.")
         if other.device != self._device:
-            raise EngramError(f"other lives on {other.device} but these statistics live on {self._device}; "
-                              f"call other.to({str(self._device)!r}) first.")
+            raise EngramError(
+                f"other lives on {other.device} but these statistics live on {self._device}; "
+                f"call other.to({str(self._device)!r}) first."
+            )
         self._set(merge_moments(self._moments(), other._moments()))
         return self
 
@@ -310,8 +313,9 @@ class RunningMoments:
         return stats
 
 
-def _checked_moments(state: Mapping[str, torch.Tensor], shape: tuple[int, ...], where: str,
-                     device: torch.device) -> Moments:
+def _checked_moments(
+    state: Mapping[str, torch.Tensor], shape: tuple[int, ...], where: str, device: torch.device
+) -> Moments:
     """Validate a {count, mean, m2} mapping (keys, float64, shapes) and return it as Moments on `device`."""
     keys = set(state)
     if keys != set(RunningMoments.STATE):
@@ -357,14 +361,18 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def _check_header(path: str | os.PathLike, meta: Mapping[str, str], fmt: str) -> None:
     if meta.get("format") != fmt:
-        raise EngramError(f"{path} is not an engramlab {fmt.rsplit('.', 1)[-1]} file "
-                          f"(metadata format={meta.get('format')!r}, expected {fmt!r}).")
+        raise EngramError(
+            f"{path} is not an engramlab {fmt.rsplit('.', 1)[-1]} file "
+            f"(metadata format={meta.get('format')!r}, expected {fmt!r})."
+        )
     version = meta.get("format_version", "")
     if not version.isdigit():
         raise EngramError(f"{path} has no valid format_version in its metadata (got {version!r}).")
     if int(version) > FORMAT_VERSION:
-        raise EngramError(f"{path} has format_version {version}, newer than this engramlab reads "
-                          f"({FORMAT_VERSION}); upgrade engramlab.")
+        raise EngramError(
+            f"{path} has format_version {version}, newer than this engramlab reads "
+            f"({FORMAT_VERSION}); upgrade engramlab."
+        )
 
 
 class Checkpoint(NamedTuple):
@@ -375,8 +383,12 @@ class Checkpoint(NamedTuple):
     meta: dict[str, str]
 
 
-def save_checkpoint(path: str | os.PathLike, stats: Mapping[str, RunningMoments], cursor: int,
-                    extra_meta: Mapping[str, str] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    stats: Mapping[str, RunningMoments],
+    cursor: int,
+    extra_meta: Mapping[str, str] | None = None,
+) -> Path:
     """Write several named statistics and `cursor` (batches already consumed) to one safetensors file, atomically.
 
     Resume by loading it, skipping the first `cursor` batches of the same deterministic stream and continuing:
@@ -425,8 +437,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str | None =
     expected = {f"{name}.{k}" for name in classes for k in RunningMoments.STATE}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise EngramError(f"{path} does not match its own index: missing tensors {missing}, "
-                          f"unexpected tensors {unexpected}.")
+        raise EngramError(
+            f"{path} does not match its own index: missing tensors {missing}, unexpected tensors {unexpected}."
+        )
     stats: dict[str, RunningMoments] = {}
     for name, cls_name in classes.items():
         if cls_name != RunningMoments.__name__:

@@ -34,24 +34,50 @@ def model_step(ctx: TourContext) -> TourSection:
     parts = info["parameters_by_part"]
     fig = go.Figure(go.Bar(x=list(parts), y=list(parts.values())))
     fig.update_layout(title="Parameters by part", yaxis_title="parameters", height=340)
-    units = [{"site": s, "per layer": w, "all layers": info["units_total"][s]} for s, w in
-             info["units_per_layer"].items()]
-    headline = {k: info[k] for k in ("ref", "family", "n_layers", "hidden_size", "vocab_size", "parameters",
-                                     "mlp_neurons_total", "dtype", "device")}
+    units = [
+        {"site": s, "per layer": w, "all layers": info["units_total"][s]} for s, w in info["units_per_layer"].items()
+    ]
+    headline = {
+        k: info[k]
+        for k in (
+            "ref",
+            "family",
+            "n_layers",
+            "hidden_size",
+            "vocab_size",
+            "parameters",
+            "mlp_neurons_total",
+            "dtype",
+            "device",
+        )
+    }
     section = Section(title=f"Model: {info['ref']}", tables=[key_values(headline), table(units)], figures=[fig])
     return TourSection("model", section, info)
 
 
-TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [model_step, relations_step, decode_step, posttrain_step,
-                                                           hlop_step, tta_step]
+TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [
+    model_step,
+    relations_step,
+    decode_step,
+    posttrain_step,
+    hlop_step,
+    tta_step,
+]
 
 
 def step_names() -> list[str]:
     return [step.__name__.removesuffix("_step") for step in TOUR_STEPS]
 
 
-def run_tour(out: str | Path, model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
-             overwrite: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+def run_tour(
+    out: str | Path,
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
     """Run every tour step (or those named in `only`); write `index.html` and `summary.json` into `out`."""
     unknown = [name for name in only or [] if name not in step_names()]
     if unknown:

@@ -47,8 +47,21 @@ import torch.nn.functional as F
 from engramlab.errors import EngramError
 
 CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 CONSTANT_SETS = ("cifar", "imagenet")
 MIN_SIZE = 16  # the largest ImageNet-C kernels (defocus radius 10, reflect padding) need more than 10 px
@@ -64,15 +77,25 @@ _CONSTANTS: dict[str, dict[str, tuple]] = {
         "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
         "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
         "zoom_blur": tuple(np.arange(1, stop, 0.01) for stop in (1.06, 1.11, 1.16, 1.21, 1.26)),
-        "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-                 (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+        "snow": (
+            (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+            (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+            (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+            (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+            (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+        ),
         "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
         "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
         "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
         "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
         # (alpha, sigma, affine jitter) as fractions of the image size
-        "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
-                              (0.1, 0.03, 0.03)),
+        "elastic_transform": (
+            (0, 0, 0.08),
+            (0.05, 0.2, 0.07),
+            (0.08, 0.06, 0.06),
+            (0.1, 0.04, 0.05),
+            (0.1, 0.03, 0.03),
+        ),
         "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
         "jpeg_compression": (80, 65, 58, 50, 40),
     },
@@ -83,10 +106,20 @@ _CONSTANTS: dict[str, dict[str, tuple]] = {
         "defocus_blur": ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
         "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
         "motion_blur": ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15)),
-        "zoom_blur": (np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01), np.arange(1, 1.21, 0.02),
-                      np.arange(1, 1.26, 0.02), np.arange(1, 1.31, 0.03)),
-        "snow": ((0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7), (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
-                 (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65), (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)),
+        "zoom_blur": (
+            np.arange(1, 1.11, 0.01),
+            np.arange(1, 1.16, 0.01),
+            np.arange(1, 1.21, 0.02),
+            np.arange(1, 1.26, 0.02),
+            np.arange(1, 1.31, 0.03),
+        ),
+        "snow": (
+            (0.1, 0.3, 3, 0.5, 10, 4, 0.8),
+            (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+            (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+            (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+            (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+        ),
         "frost": ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
         "fog": ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
         "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
@@ -123,8 +156,14 @@ def _draw(generator: torch.Generator, device: torch.device, fn: Callable, *args,
     return fn(*args, generator=generator, device=generator.device, **kwargs).to(device)
 
 
-def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float,
-             device: torch.device, dtype=torch.float32) -> torch.Tensor:
+def _uniform(
+    generator: torch.Generator,
+    shape: tuple[int, ...],
+    low: float,
+    high: float,
+    device: torch.device,
+    dtype=torch.float32,
+) -> torch.Tensor:
     u = _draw(generator, device, torch.rand, shape, dtype=dtype)
     return low + (high - low) * u
 
@@ -185,10 +224,10 @@ def _disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     g /= g.sum()
     p = ksize // 2
     padded = np.pad(disk, p, mode="reflect")  # numpy "reflect" = BORDER_REFLECT_101, OpenCV's default
-    rows = sum(g[i] * padded[i:i + disk.shape[0], :] for i in range(ksize))
-    out = sum(g[j] * rows[:, j:j + disk.shape[1]] for j in range(ksize))
+    rows = sum(g[i] * padded[i : i + disk.shape[0], :] for i in range(ksize))
+    out = sum(g[j] * rows[:, j : j + disk.shape[1]] for j in range(ksize))
     keep = int(np.flatnonzero(out.any(axis=0)).min())  # drop all-zero outer rings (a small radius in 17x17): exact
-    return torch.from_numpy(out[keep:out.shape[0] - keep, keep:out.shape[1] - keep].copy()).float()
+    return torch.from_numpy(out[keep : out.shape[0] - keep, keep : out.shape[1] - keep].copy()).float()
 
 
 def _shift_gather(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -233,17 +272,18 @@ def _clipped_zoom(x: torch.Tensor, factor: float, trim: str = "centre") -> torch
     h, w = x.shape[-2:]
     ch, cw = math.ceil(h / factor), math.ceil(w / factor)
     top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top:top + ch, left:left + cw]
+    crop = x[..., top : top + ch, left : left + cw]
     size = (round(ch * factor), round(cw * factor))  # scipy's output shape
     up = F.interpolate(crop, size=size, mode="bilinear", align_corners=True)  # scipy's grid_mode=False mapping
     if trim == "none":
         return up
     th, tw = (size[0] - h) // 2, (size[1] - w) // 2
-    return up[..., th:th + h, tw:tw + w]
+    return up[..., th : th + h, tw : tw + w]
 
 
-def _plasma_fractal(n: int, mapsize: int, wibbledecay: float, generator: torch.Generator,
-                    device: torch.device) -> torch.Tensor:
+def _plasma_fractal(
+    n: int, mapsize: int, wibbledecay: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """Diamond-square height maps [n, mapsize, mapsize] in [0, 1], the reference's `plasma_fractal` batched."""
     maparray = torch.zeros(n, mapsize, mapsize, dtype=torch.float64, device=device)
     stepsize, wibble = mapsize, 100.0
@@ -305,11 +345,107 @@ def _pil_resize_matrix(in_size: int, out_size: int, kind: str) -> torch.Tensor:
 # --------------------------------------------------------------------------- JPEG (libjpeg baseline, 4:2:0)
 
 # ITU-T T.81 Annex K tables K.1 (luminance) and K.2 (chrominance), the ones libjpeg scales by quality.
-_JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-              14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-              49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
-_JPEG_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
-                47, 66, 99, 99, 99, 99, 99, 99, *([99] * 32))
+_JPEG_LUMA = (
+    16,
+    11,
+    10,
+    16,
+    24,
+    40,
+    51,
+    61,
+    12,
+    12,
+    14,
+    19,
+    26,
+    58,
+    60,
+    55,
+    14,
+    13,
+    16,
+    24,
+    40,
+    57,
+    69,
+    56,
+    14,
+    17,
+    22,
+    29,
+    51,
+    87,
+    80,
+    62,
+    18,
+    22,
+    37,
+    56,
+    68,
+    109,
+    103,
+    77,
+    24,
+    35,
+    55,
+    64,
+    81,
+    104,
+    113,
+    92,
+    49,
+    64,
+    78,
+    87,
+    103,
+    121,
+    120,
+    101,
+    72,
+    92,
+    95,
+    98,
+    112,
+    100,
+    103,
+    99,
+)
+_JPEG_CHROMA = (
+    17,
+    18,
+    24,
+    47,
+    99,
+    99,
+    99,
+    99,
+    18,
+    21,
+    26,
+    66,
+    99,
+    99,
+    99,
+    99,
+    24,
+    26,
+    56,
+    99,
+    99,
+    99,
+    99,
+    99,
+    47,
+    66,
+    99,
+    99,
+    99,
+    99,
+    99,
+    99,
+    *([99] * 32),
+)
 
 
 def _jpeg_table(base: tuple[int, ...], quality: int) -> torch.Tensor:
@@ -401,8 +537,9 @@ def _glass_blur(x, c, g, _):
     rows = range(h - delta, delta, -1)
     cols = range(w - delta, delta, -1)
     # np.random.randint(-delta, delta) draws from [-delta, delta - 1]; one (dx, dy) per image per visited pixel
-    offsets = torch.randint(-delta, delta, (iterations, len(rows), len(cols), n, 2), generator=g,
-                            device=g.device).numpy(force=True)
+    offsets = torch.randint(
+        -delta, delta, (iterations, len(rows), len(cols), n, 2), generator=g, device=g.device
+    ).numpy(force=True)
     perm = np.tile(np.arange(h * w), (n, 1))  # perm[n, p] = source pixel now at position p
     batch = np.arange(n)
     for it in range(iterations):
@@ -450,8 +587,9 @@ def _snow(x, c, g, constants):
     return x + layer + torch.rot90(layer, 2, dims=(2, 3))
 
 
-def _frost_texture(n: int, h: int, w: int, generator: torch.Generator, constants: str,
-                   device: torch.device) -> torch.Tensor:
+def _frost_texture(
+    n: int, h: int, w: int, generator: torch.Generator, constants: str, device: torch.device
+) -> torch.Tensor:
     """Procedural stand-in for the reference's frost photographs: [n, 3, h, w] in [0, 1].
 
     A plasma fractal (soft patches of ice) mixed with fine detail: grain (Gaussian-smoothed white noise) for "cifar",
@@ -566,15 +704,27 @@ def _jpeg_compression(x, c, g, _):
 
 
 _FUNCTIONS: dict[str, Callable] = {
-    "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
-    "defocus_blur": _defocus_blur, "glass_blur": _glass_blur, "motion_blur": _motion_blur, "zoom_blur": _zoom_blur,
-    "snow": _snow, "frost": _frost, "fog": _fog, "brightness": _brightness, "contrast": _contrast,
-    "elastic_transform": _elastic_transform, "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
+    "gaussian_noise": _gaussian_noise,
+    "shot_noise": _shot_noise,
+    "impulse_noise": _impulse_noise,
+    "defocus_blur": _defocus_blur,
+    "glass_blur": _glass_blur,
+    "motion_blur": _motion_blur,
+    "zoom_blur": _zoom_blur,
+    "snow": _snow,
+    "frost": _frost,
+    "fog": _fog,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "elastic_transform": _elastic_transform,
+    "pixelate": _pixelate,
+    "jpeg_compression": _jpeg_compression,
 }
 
 
-def corrupt(x: torch.Tensor, name: str, severity: int, generator: torch.Generator,
-            constants: str = "cifar") -> torch.Tensor:
+def corrupt(
+    x: torch.Tensor, name: str, severity: int, generator: torch.Generator, constants: str = "cifar"
+) -> torch.Tensor:
     """Apply corruption `name` at `severity` (1-5) to a batch x [N, 3, H, W] in [0, 1]; same shape, clamped to [0, 1].
 
     `constants` picks the severity table: "cifar" (make_cifar_c.py, CIFAR-10-C) or "imagenet" (ImageNet-C, as in

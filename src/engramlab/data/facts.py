@@ -64,7 +64,14 @@ GEOGRAPHY_RELATIONS = ("country_capital", "country_continent", "country_currency
 OTHER_RELATIONS = ("spanish_word_meaning",)
 RELATIONS = PAPER1_RELATIONS + GEOGRAPHY_RELATIONS + OTHER_RELATIONS
 
-FRAMES = {"p1": "selection", "stmt": "selection", "qa": "selection", "p1b": "heldout", "stmt2": "heldout", "zs": "unseen"}
+FRAMES = {
+    "p1": "selection",
+    "stmt": "selection",
+    "qa": "selection",
+    "p1b": "heldout",
+    "stmt2": "heldout",
+    "zs": "unseen",
+}
 TEMPLATE_SPLITS = ("selection", "heldout", "unseen")
 N_EVAL_SUBJECTS = 50  # paper 1 §2.2: 50 held-out triples per relation
 
@@ -80,7 +87,9 @@ class _Phrasing:
 
 
 PHRASINGS: dict[str, _Phrasing] = {
-    "company_ceo": _Phrasing("{}'s CEO is", "The CEO of {} is", "Who is the CEO of {}?", "Who is the CEO of {}? Their name is"),
+    "company_ceo": _Phrasing(
+        "{}'s CEO is", "The CEO of {} is", "Who is the CEO of {}?", "Who is the CEO of {}? Their name is"
+    ),
     "company_hq": _Phrasing(
         "{} is headquartered in the city of",
         "The headquarters of {} are in the city of",
@@ -88,16 +97,28 @@ PHRASINGS: dict[str, _Phrasing] = {
         "Where are the headquarters of {}? It is in the city of",
     ),
     "landmark_on_continent": _Phrasing(
-        "{} is on the continent of", "The continent where {} lies is", "Which continent is {} on?", "What continent is {} on? It is on"
+        "{} is on the continent of",
+        "The continent where {} lies is",
+        "Which continent is {} on?",
+        "What continent is {} on? It is on",
     ),
     "landmark_in_country": _Phrasing(
-        "{} is in the country of", "The country where {} lies is", "Which country is {} in?", "What country is {} in? It is in"
+        "{} is in the country of",
+        "The country where {} lies is",
+        "Which country is {} in?",
+        "What country is {} in? It is in",
     ),
     "person_father": _Phrasing(
-        "{}'s father is named", "The father of {} is named", "Who is the father of {}?", "Who is {}'s father? Their father is named"
+        "{}'s father is named",
+        "The father of {} is named",
+        "Who is the father of {}?",
+        "Who is {}'s father? Their father is named",
     ),
     "person_mother": _Phrasing(
-        "{}'s mother is named", "The mother of {} is named", "Who is the mother of {}?", "Who is {}'s mother? Their mother is named"
+        "{}'s mother is named",
+        "The mother of {} is named",
+        "Who is the mother of {}?",
+        "Who is {}'s mother? Their mother is named",
     ),
     "person_occupation": _Phrasing(
         "{} works as a", "By profession, {} is a", "What is the profession of {}?", "{} works professionally as a"
@@ -109,7 +130,10 @@ PHRASINGS: dict[str, _Phrasing] = {
         "What instrument does {} play? They play the",
     ),
     "person_plays_pro_sport": _Phrasing(
-        "{} plays the sport of", "The sport that {} plays is", "Which sport does {} play?", "What sport does {} play? They play"
+        "{} plays the sport of",
+        "The sport that {} plays is",
+        "Which sport does {} play?",
+        "What sport does {} play? They play",
     ),
     "person_plays_position_in_sport": _Phrasing(
         "{} plays in the position of a",
@@ -118,7 +142,9 @@ PHRASINGS: dict[str, _Phrasing] = {
         "Which position does {} play? They play as a",
     ),
     "product_by_company": _Phrasing(
-        "{} was created by which company", "{} is a product of which company", "Which company makes {}?",
+        "{} was created by which company",
+        "{} is a product of which company",
+        "Which company makes {}?",
         "Which company developed {}? It was developed by",
     ),
     "star_constellation": _Phrasing(
@@ -128,10 +154,16 @@ PHRASINGS: dict[str, _Phrasing] = {
         "What is the name of the constellation that {} is part of? It is part of",
     ),
     "country_capital": _Phrasing(
-        "The capital of {} is", "The capital city of {} is", "What is the capital of {}?", "What is the capital of {}? It is the city of"
+        "The capital of {} is",
+        "The capital city of {} is",
+        "What is the capital of {}?",
+        "What is the capital of {}? It is the city of",
     ),
     "country_continent": _Phrasing(
-        "{} is on the continent of", "The continent where {} lies is", "Which continent is {} on?", "What continent is {} on? It is on"
+        "{} is on the continent of",
+        "The continent where {} lies is",
+        "Which continent is {} on?",
+        "What continent is {} on? It is on",
     ),
     "country_currency": _Phrasing(
         "The official currency of {} is the",
@@ -140,15 +172,21 @@ PHRASINGS: dict[str, _Phrasing] = {
         "What is the official currency of {}? It is called the",
     ),
     "country_language": _Phrasing(
-        "The main language of {} is", "In {}, the primary language is", "Which language is spoken in {}?",
+        "The main language of {} is",
+        "In {}, the primary language is",
+        "Which language is spoken in {}?",
         "In {}, people speak the language of",
     ),
     "city_country": _Phrasing(
-        "The city of {} is in the country of", "{} is a city in the country of", "Which country is the city of {} in?",
+        "The city of {} is in the country of",
+        "{} is a city in the country of",
+        "Which country is the city of {} in?",
         "{} is located in the country of",
     ),
     "spanish_word_meaning": _Phrasing(
-        "The Spanish word '{}' means", "In English, the Spanish word '{}' means", "What does the Spanish word '{}' mean?",
+        "The Spanish word '{}' means",
+        "In English, the Spanish word '{}' means",
+        "What does the Spanish word '{}' mean?",
         "Translated into English, the Spanish word '{}' is",
     ),
 }

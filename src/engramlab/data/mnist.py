@@ -26,8 +26,12 @@ from sklearn.model_selection import train_test_split
 from engramlab.errors import EngramError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual full-training-set statistics (HLOP's pmnist loader uses them)
-MNIST_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                   "t10k-labels-idx1-ubyte")  # official names, shared by FashionMNIST
+MNIST_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)  # official names, shared by FashionMNIST
 _VENDORED = "vendor/mnist_5k/mnist_5k.csv.gz"
 _N_IMAGES, _N_CLASSES = 5000, 10
 
@@ -64,12 +68,16 @@ def _parse_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EngramError(f"{path}: corrupt MNIST CSV ({reason}); reinstall engramlab to restore it.") from err
     if table.shape != (_N_IMAGES, 28 * 28 + 1):
-        raise EngramError(f"{path}: corrupt MNIST CSV, expected {_N_IMAGES} rows of 785 values, got shape "
-                          f"{table.shape}; reinstall engramlab to restore it.")
+        raise EngramError(
+            f"{path}: corrupt MNIST CSV, expected {_N_IMAGES} rows of 785 values, got shape "
+            f"{table.shape}; reinstall engramlab to restore it."
+        )
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= _N_CLASSES:
-        raise EngramError(f"{path}: corrupt MNIST CSV, pixels must lie in 0..255 and labels in 0..9; "
-                          "reinstall engramlab to restore it.")
+        raise EngramError(
+            f"{path}: corrupt MNIST CSV, pixels must lie in 0..255 and labels in 0..9; "
+            "reinstall engramlab to restore it."
+        )
     images = pixels.astype(np.uint8).reshape(-1, 28, 28)  # [5000, 784] -> [5000, 28, 28]
     labels = labels.copy()
     images.flags.writeable = False
@@ -83,11 +91,12 @@ def mnist_split(n_test: int = 1000, seed: int = 2022) -> MnistSplit:
     Uses scikit-learn's `train_test_split(stratify=labels, random_state=seed)`; both parts come out shuffled.
     """
     if isinstance(n_test, bool) or not isinstance(n_test, int) or not _N_CLASSES <= n_test <= _N_IMAGES - _N_CLASSES:
-        raise EngramError(f"n_test must be an integer from {_N_CLASSES} to {_N_IMAGES - _N_CLASSES} so both parts "
-                          f"hold every class, got {n_test!r}.")
+        raise EngramError(
+            f"n_test must be an integer from {_N_CLASSES} to {_N_IMAGES - _N_CLASSES} so both parts "
+            f"hold every class, got {n_test!r}."
+        )
     images, labels = load_mnist5k()
-    train_idx, test_idx = train_test_split(np.arange(_N_IMAGES), test_size=n_test, stratify=labels,
-                                           random_state=seed)
+    train_idx, test_idx = train_test_split(np.arange(_N_IMAGES), test_size=n_test, stratify=labels, random_state=seed)
     return MnistSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
 
 
@@ -110,13 +119,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:
         raise EngramError(f"{path}: cannot read idx file ({err}).") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise EngramError(f"{path}: not an unsigned-byte idx file (bad magic number); expected the official "
-                          "MNIST / FashionMNIST file.")
+        raise EngramError(
+            f"{path}: not an unsigned-byte idx file (bad magic number); expected the official "
+            "MNIST / FashionMNIST file."
+        )
     ndim = data[3]
     if len(data) < 4 + 4 * ndim:
         raise EngramError(f"{path}: idx header is truncated.")

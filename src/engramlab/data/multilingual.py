@@ -20,12 +20,33 @@ LANGUAGES = ("de", "es", "fr")
 MULTILINGUAL_RELATIONS = ("country_capital", "country_continent", "country_language", "city_country")
 
 CONTINENT_NAMES = {
-    "de": {"Africa": "Afrika", "Asia": "Asien", "Europe": "Europa", "North America": "Nordamerika",
-           "Oceania": "Ozeanien", "South America": "Südamerika", "Antarctica": "Antarktika"},
-    "es": {"Africa": "África", "Asia": "Asia", "Europe": "Europa", "North America": "América del Norte",
-           "Oceania": "Oceanía", "South America": "América del Sur", "Antarctica": "Antártida"},
-    "fr": {"Africa": "Afrique", "Asia": "Asie", "Europe": "Europe", "North America": "Amérique du Nord",
-           "Oceania": "Océanie", "South America": "Amérique du Sud", "Antarctica": "Antarctique"},
+    "de": {
+        "Africa": "Afrika",
+        "Asia": "Asien",
+        "Europe": "Europa",
+        "North America": "Nordamerika",
+        "Oceania": "Ozeanien",
+        "South America": "Südamerika",
+        "Antarctica": "Antarktika",
+    },
+    "es": {
+        "Africa": "África",
+        "Asia": "Asia",
+        "Europe": "Europa",
+        "North America": "América del Norte",
+        "Oceania": "Oceanía",
+        "South America": "América del Sur",
+        "Antarctica": "Antártida",
+    },
+    "fr": {
+        "Africa": "Afrique",
+        "Asia": "Asie",
+        "Europe": "Europe",
+        "North America": "Amérique du Nord",
+        "Oceania": "Océanie",
+        "South America": "Amérique du Sud",
+        "Antarctica": "Antarctique",
+    },
 }
 ANSWER = {"de": "Antwort:", "es": "Respuesta:", "fr": "Réponse :"}
 QUESTION = {"de": "Frage:", "es": "Pregunta:", "fr": "Question :"}  # keeps statement prompts from being prefixes
@@ -116,8 +137,15 @@ def load_translated(name: str, language: str) -> Relation:
         seen.add(subj)
         facts.append(Fact(subj, obj))
         (evals if en_subj in english.eval_subjects else select).add(subj)
-    return Relation(f"{name}", facts, templates(name, language), frozenset(select), frozenset(evals), language,
-                    f"{english.source}; names translated with pycountry ({language})")
+    return Relation(
+        f"{name}",
+        facts,
+        templates(name, language),
+        frozenset(select),
+        frozenset(evals),
+        language,
+        f"{english.source}; names translated with pycountry ({language})",
+    )
 
 
 def relation_in(name: str, language: str = "en") -> Relation:

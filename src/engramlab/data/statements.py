@@ -67,12 +67,23 @@ TRAINING_WORDINGS = (
     "Entry: {s}; {n}: {o}.",
 )
 RELATION_NOUNS = {
-    "company_ceo": "CEO", "company_hq": "headquarters city", "landmark_on_continent": "continent",
-    "landmark_in_country": "country", "person_father": "father", "person_mother": "mother",
-    "person_occupation": "occupation", "person_plays_instrument": "instrument", "person_plays_pro_sport": "sport",
-    "person_plays_position_in_sport": "position", "product_by_company": "maker",
-    "star_constellation": "constellation", "country_capital": "capital", "country_continent": "continent",
-    "country_currency": "currency", "country_language": "main language", "city_country": "country",
+    "company_ceo": "CEO",
+    "company_hq": "headquarters city",
+    "landmark_on_continent": "continent",
+    "landmark_in_country": "country",
+    "person_father": "father",
+    "person_mother": "mother",
+    "person_occupation": "occupation",
+    "person_plays_instrument": "instrument",
+    "person_plays_pro_sport": "sport",
+    "person_plays_position_in_sport": "position",
+    "product_by_company": "maker",
+    "star_constellation": "constellation",
+    "country_capital": "capital",
+    "country_continent": "continent",
+    "country_currency": "currency",
+    "country_language": "main language",
+    "city_country": "country",
     "spanish_word_meaning": "English meaning",
 }
 
@@ -129,7 +140,9 @@ def balanced_distractors(relation: Relation, facts: list[Fact], rng: random.Rand
     return [distractor(relation, f, rng) if clash(i, o) else o for i, (f, o) in enumerate(zip(facts, objects))]
 
 
-def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, max_facts: int | None = None) -> list[Statement]:
+def fact_statements(
+    relation: Relation, split: str = "heldout", seed: int = 0, max_facts: int | None = None
+) -> list[Statement]:
     """A true statement and a false twin for every fact of `split` ("train", "heldout" or "all").
 
     The statement template (`stmt` or `stmt2`) and the distractor are drawn with `seed`, so training can draw
@@ -163,13 +176,23 @@ def fact_statements(relation: Relation, split: str = "heldout", seed: int = 0, m
 # What each relation's objects are, for object-type statements ("Kabul is a city."). Relations sharing a kind share
 # its phrase, and a kind is a false label for an object only if no relation of that kind has it as an object.
 OBJECT_KINDS = {
-    "company_ceo": "the chief executive of a company", "company_hq": "a city", "country_capital": "a city",
-    "landmark_on_continent": "a continent", "country_continent": "a continent", "landmark_in_country": "a country",
-    "city_country": "a country", "person_father": "a parent of a well-known person",
-    "person_mother": "a parent of a well-known person", "person_occupation": "an occupation",
-    "person_plays_instrument": "a musical instrument", "person_plays_pro_sport": "a sport",
-    "person_plays_position_in_sport": "a position in a sport", "product_by_company": "a company",
-    "star_constellation": "a constellation", "country_currency": "a currency", "country_language": "a language",
+    "company_ceo": "the chief executive of a company",
+    "company_hq": "a city",
+    "country_capital": "a city",
+    "landmark_on_continent": "a continent",
+    "country_continent": "a continent",
+    "landmark_in_country": "a country",
+    "city_country": "a country",
+    "person_father": "a parent of a well-known person",
+    "person_mother": "a parent of a well-known person",
+    "person_occupation": "an occupation",
+    "person_plays_instrument": "a musical instrument",
+    "person_plays_pro_sport": "a sport",
+    "person_plays_position_in_sport": "a position in a sport",
+    "product_by_company": "a company",
+    "star_constellation": "a constellation",
+    "country_currency": "a currency",
+    "country_language": "a language",
     "spanish_word_meaning": "an English word",
 }
 # Never a false kind: most objects of other relations ("piano", "actor") are English words too.
@@ -198,7 +221,9 @@ def object_kind_statements(relations: tuple[str, ...], seed: int, max_facts: int
             wrong = [k for k in kinds if k not in _NEVER_FALSE_KINDS and obj not in objects_of[k]]
             out.append(Statement(f"{spelling[obj]} is {kind}.", True, "object_kind", "", spelling[obj]))
             if wrong:
-                out.append(Statement(f"{spelling[obj]} is {rng.choice(wrong)}.", False, "object_kind", "", spelling[obj]))
+                out.append(
+                    Statement(f"{spelling[obj]} is {rng.choice(wrong)}.", False, "object_kind", "", spelling[obj])
+                )
     return out
 
 
@@ -215,8 +240,9 @@ def reworded(stmts: list[Statement], share: float, rng: random.Random) -> list[S
     return out
 
 
-def wording_statements(relation: Relation, split: str, frames: tuple[str, ...], per_relation: int,
-                       seed: int = 0) -> list[Statement]:
+def wording_statements(
+    relation: Relation, split: str, frames: tuple[str, ...], per_relation: int, seed: int = 0
+) -> list[Statement]:
     """The familiarity control: `per_relation` facts of `split` ("train" or "heldout" subjects), each stated true
     and with a distractor in every template of `frames`, e.g. the statement frames trained as TRUE/FALSE
     (`stmt`, `stmt2`) or the never-trained `zs` frame. A judgement that checks facts rates a fact alike in every

@@ -119,8 +119,10 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     vals, ids = torch.topk(scores, n_cand, dim=1, largest=True, sorted=True)  # [R, k+8]
     with small_ops(scores.device):
         if torch.isnan(vals[:, 0]).any():
-            raise EngramError("the decoded scores contain NaN: the model's weights hold NaN or overflow in this "
-                              "dtype (try --dtype float32).")
+            raise EngramError(
+                "the decoded scores contain NaN: the model's weights hold NaN or overflow in this "
+                "dtype (try --dtype float32)."
+            )
         # (score desc, id asc): sort by id, then a stable sort by score
         ids, order = ids.sort(dim=1)
         vals = vals.gather(1, order)
@@ -173,8 +175,10 @@ def decode_vectors(
         raise EngramError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {top_k}.")
     for layer, v in enumerate(vectors):
         if v.dim() != 2 or v.shape[1] != hidden:
-            raise EngramError(f"layer {layer}: neuron vectors have shape {list(v.shape)}, expected [N, {hidden}] "
-                              f"to match the LM head [{vocab}, {hidden}].")
+            raise EngramError(
+                f"layer {layer}: neuron vectors have shape {list(v.shape)}, expected [N, {hidden}] "
+                f"to match the LM head [{vocab}, {hidden}]."
+            )
     device = unembed.device
     dtype = compute_dtype or _compute_dtype(unembed.dtype, device)
     total = sum(int(v.shape[0]) for v in vectors)
@@ -211,12 +215,18 @@ def decode_vectors(
                 vals_out[start : start + n] = vals.float()
                 if softmax:
                     probs_out[start : start + n] = torch.exp(vals.float() - lse)
-    return Decoded(ids=ids_out.cpu(), scores=vals_out.cpu(), probs=None if probs_out is None else probs_out.cpu(),
-                   top1_raw=None if raw_out is None else raw_out.cpu(), chunk_size=chunk_size)
+    return Decoded(
+        ids=ids_out.cpu(),
+        scores=vals_out.cpu(),
+        probs=None if probs_out is None else probs_out.cpu(),
+        top1_raw=None if raw_out is None else raw_out.cpu(),
+        chunk_size=chunk_size,
+    )
 
 
-def iter_chunks(vectors: Sequence[torch.Tensor], chunk_size: int,
-                device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_chunks(
+    vectors: Sequence[torch.Tensor], chunk_size: int, device: torch.device | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(first global row, `[c, H]` rows) over the layers' rows in order; a chunk that spans two layers is the
     concatenation of two slices (a copy of c rows), every other chunk is a view. With `device`, pieces are moved
     there first (layers spread over several GPUs)."""
@@ -259,8 +269,12 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def naive_decode(vectors: Sequence[torch.Tensor], unembed: torch.Tensor, top_k: int,
-                 norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_decode(
+    vectors: Sequence[torch.Tensor],
+    unembed: torch.Tensor,
+    top_k: int,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: one neuron at a time, a full stable sort of its V scores. `[L*N, k]` ids and scores."""
     ids, scores = [], []
     with torch.no_grad():
@@ -330,8 +344,9 @@ class Atlas:
 
     def neuron(self, layer: int, index: int) -> list[tuple[int, str, float]]:
         """(token id, token, score) of one neuron's top-k."""
-        return [(int(t), self.token(int(t)), float(s)) for t, s in zip(self.ids[layer, index],
-                                                                        self.scores[layer, index])]
+        return [
+            (int(t), self.token(int(t)), float(s)) for t, s in zip(self.ids[layer, index], self.scores[layer, index])
+        ]
 
     def summary(self) -> dict:
         out = {
@@ -387,8 +402,16 @@ def decode_atlas(
     device = unembed.device
     _sync(device)
     start = time.perf_counter()
-    decoded = decode_vectors(vectors, unembed, top_k, norm=norm, softmax=softmax, chunk_size=chunk_size,
-                             compute_dtype=compute_dtype, progress=tracker)
+    decoded = decode_vectors(
+        vectors,
+        unembed,
+        top_k,
+        norm=norm,
+        softmax=softmax,
+        chunk_size=chunk_size,
+        compute_dtype=compute_dtype,
+        progress=tracker,
+    )
     _sync(device)
     seconds = time.perf_counter() - start
     n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
@@ -436,8 +459,9 @@ def token_strings(tokenizer, vocab_size: int) -> list[str] | None:
     if tokenizer is None:
         return None
     n = min(len(tokenizer), vocab_size)
-    strings = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+    strings = tokenizer.batch_decode(
+        [[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     return list(strings) + [f"<id {i}>" for i in range(n, vocab_size)]
 
 
@@ -449,9 +473,14 @@ ROWS_PER_GROUP = 1 << 20
 
 
 def atlas_schema(with_probs: bool) -> pa.Schema:
-    fields = [pa.field("layer", pa.int32()), pa.field("neuron", pa.int32()), pa.field("rank", pa.int32()),
-              pa.field("token_id", pa.int32()), pa.field("token", pa.dictionary(pa.int32(), pa.string())),
-              pa.field("score", pa.float32())]
+    fields = [
+        pa.field("layer", pa.int32()),
+        pa.field("neuron", pa.int32()),
+        pa.field("rank", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("token", pa.dictionary(pa.int32(), pa.string())),
+        pa.field("score", pa.float32()),
+    ]
     if with_probs:
         fields.append(pa.field("prob", pa.float32()))
     return pa.schema(fields)
@@ -461,8 +490,9 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
     """The atlas as tidy rows (one per neuron x rank), a bounded number of rows at a time. The token column is
     dictionary-encoded from the per-id strings decoded once (`Atlas.tokens`): no Python work per row."""
     k, per_layer = atlas.top_k, atlas.n_neurons_per_layer
-    vocab = pa.array(atlas.tokens if atlas.tokens is not None else [f"<id {i}>" for i in range(atlas.vocab_size)],
-                     pa.string())
+    vocab = pa.array(
+        atlas.tokens if atlas.tokens is not None else [f"<id {i}>" for i in range(atlas.vocab_size)], pa.string()
+    )
     schema = atlas_schema(atlas.probs is not None)
     ids = atlas.ids.reshape(-1, k)
     scores = atlas.scores.reshape(-1, k)
@@ -486,8 +516,14 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
         yield pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def write_atlas(atlas: Atlas, out: str | os.PathLike, overwrite: bool = False, explorer: bool = True,
-                rows_per_group: int = ROWS_PER_GROUP, extra: dict | None = None) -> dict:
+def write_atlas(
+    atlas: Atlas,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    explorer: bool = True,
+    rows_per_group: int = ROWS_PER_GROUP,
+    extra: dict | None = None,
+) -> dict:
     """Write `atlas.parquet` (row group by row group, atomically), `summary.json` and (with `explorer`) the
     self-contained `atlas.html`. Returns the summary."""
     from engramlab.results import atomic_path, prepare_out_dir, write_json
@@ -498,8 +534,12 @@ def write_atlas(atlas: Atlas, out: str | os.PathLike, overwrite: bool = False, e
     with atomic_path(out_dir / ATLAS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in atlas_record_batches(atlas, rows_per_group):
             writer.write_batch(batch, row_group_size=rows_per_group)
-    summary = {**atlas.summary(), "rows": atlas.n_neurons * atlas.top_k,
-               "write_seconds": round(time.perf_counter() - start, 3), **(extra or {})}
+    summary = {
+        **atlas.summary(),
+        "rows": atlas.n_neurons * atlas.top_k,
+        "write_seconds": round(time.perf_counter() - start, 3),
+        **(extra or {}),
+    }
     if explorer:
         from engramlab.decode.explorer import write_explorer
 
@@ -529,8 +569,10 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
     per_layer = int(pc.max(table["neuron"]).as_py()) + 1
     k = int(pc.max(table["rank"]).as_py()) + 1
     if table.num_rows != n_layers * per_layer * k:
-        raise EngramError(f"{file} has {table.num_rows} rows, not layers x neurons x ranks = "
-                          f"{n_layers} x {per_layer} x {k}; it is incomplete.")
+        raise EngramError(
+            f"{file} has {table.num_rows} rows, not layers x neurons x ranks = "
+            f"{n_layers} x {per_layer} x {k}; it is incomplete."
+        )
     shape = (n_layers, per_layer, k)
     ids = table["token_id"].to_numpy().astype(np.int64).reshape(shape)
     vocab_size = int(summary.get("vocab_size", int(ids.max()) + 1))

@@ -25,13 +25,23 @@ from engramlab.cli_options import (
 
 app = typer.Typer(help="Decoding MLP neurons through the LM head (Davies 2025).", no_args_is_help=True)
 
-Site = Annotated[str, typer.Option("--site", help="up (rows of up_proj, the paper's), gate, or down (columns of "
-                                                  "down_proj: what the neuron writes).")]
+Site = Annotated[
+    str,
+    typer.Option(
+        "--site",
+        help="up (rows of up_proj, the paper's), gate, or down (columns of down_proj: what the neuron writes).",
+    ),
+]
 TopK = Annotated[int, typer.Option("--top-k", min=1, help="Tokens kept per neuron.")]
-FoldNorm = Annotated[bool, typer.Option("--fold-norm", help="Decode lm_head(final_norm(w)) instead of W_U·w; "
-                                                            "also reports how many top-1 tokens change.")]
-ChunkSize = Annotated[int | None, typer.Option("--chunk-size", min=1, help="Neurons per GEMM (default: from free "
-                                                                             "memory).")]
+FoldNorm = Annotated[
+    bool,
+    typer.Option(
+        "--fold-norm", help="Decode lm_head(final_norm(w)) instead of W_U·w; also reports how many top-1 tokens change."
+    ),
+]
+ChunkSize = Annotated[
+    int | None, typer.Option("--chunk-size", min=1, help="Neurons per GEMM (default: from free memory).")
+]
 
 
 def _console():
@@ -40,12 +50,24 @@ def _console():
     return Console(soft_wrap=True)  # long paths stay on one line
 
 
-def _load(ref: str, device: str, dtype: str, trust_remote_code: bool = False, download: bool = False,
-          with_tokenizer: bool = True):
+def _load(
+    ref: str,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool = False,
+    download: bool = False,
+    with_tokenizer: bool = True,
+):
     from engramlab.models.loading import load_model
 
-    return load_model(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                      allow_download=download, with_tokenizer=with_tokenizer)
+    return load_model(
+        ref,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        allow_download=download,
+        with_tokenizer=with_tokenizer,
+    )
 
 
 @app.command("atlas")
@@ -70,18 +92,27 @@ def atlas_cmd(
 
     prepare_out_dir(out, overwrite)  # refuse a non-empty folder before the work, not after
     loaded = _load(model, device, dtype, trust_remote_code, download)
-    atlas = decode_atlas(loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax,
-                         chunk_size=chunk_size, progress=True)
+    atlas = decode_atlas(
+        loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
+    )
     summary = write_atlas(atlas, out, overwrite=True, explorer=html)
     console = _console()
-    console.print(f"decoded {summary['n_neurons']:,} neurons ({summary['n_layers']} layers, site {site}) in "
-                  f"{summary['seconds']:.2f} s on {summary['device']} ({summary['neurons_per_second']:,.0f} "
-                  f"neurons/s)", highlight=False)
+    console.print(
+        f"decoded {summary['n_neurons']:,} neurons ({summary['n_layers']} layers, site {site}) in "
+        f"{summary['seconds']:.2f} s on {summary['device']} ({summary['neurons_per_second']:,.0f} "
+        f"neurons/s)",
+        highlight=False,
+    )
     if fold_norm:
-        console.print(f"top-1 token changed by --fold-norm: {summary['top1_changed_by_fold_norm']:.1%} of neurons",
-                      highlight=False)
-    console.print(f"wrote {out}/atlas.parquet ({summary['rows']:,} rows), {out}/summary.json"
-                  + (f", {out}/atlas.html" if html else ""), highlight=False)
+        console.print(
+            f"top-1 token changed by --fold-norm: {summary['top1_changed_by_fold_norm']:.1%} of neurons",
+            highlight=False,
+        )
+    console.print(
+        f"wrote {out}/atlas.parquet ({summary['rows']:,} rows), {out}/summary.json"
+        + (f", {out}/atlas.html" if html else ""),
+        highlight=False,
+    )
 
 
 @app.command("search")
@@ -101,8 +132,7 @@ def search_cmd(
     from engramlab.decode.search import search_atlas
     from engramlab.results import write_parquet
 
-    hits = search_atlas(atlas, token=token, word=word, token_id=token_id, max_rank=max_rank, layers=layer,
-                        limit=limit)
+    hits = search_atlas(atlas, token=token, word=word, token_id=token_id, max_rank=max_rank, layers=layer, limit=limit)
     console = _console()
     what = repr(token) if token is not None else (f"word {word!r}" if word is not None else f"id {token_id}")
     if hits.num_rows == 0:
@@ -113,9 +143,15 @@ def search_cmd(
         for c in columns + ["top_token"]:
             grid.add_column(c, justify="right" if c in ("layer", "neuron", "rank", "score", "prob") else "left")
         for row in hits.to_pylist():
-            grid.add_row(*[f"{row[c]:.4g}" if c in ("score", "prob") else
-                           (repr(row[c]) if c in ("token", "top_token") else str(row[c])) for c in columns],
-                         repr(row["top_token"]))
+            grid.add_row(
+                *[
+                    f"{row[c]:.4g}"
+                    if c in ("score", "prob")
+                    else (repr(row[c]) if c in ("token", "top_token") else str(row[c]))
+                    for c in columns
+                ],
+                repr(row["top_token"]),
+            )
         console.print(grid)
     if out is not None:
         write_parquet(out, hits)
@@ -129,8 +165,9 @@ def compare_cmd(
     b: str = typer.Option(..., "--b", help="Model B with the same shapes (e.g. organism:chat)."),
     site: Site = "up",
     top_k: TopK = 10,
-    shared_head: str | None = typer.Option(None, "--shared-head", help="Decode both with A's or B's LM head (a|b); "
-                                                                       "default: each its own."),
+    shared_head: str | None = typer.Option(
+        None, "--shared-head", help="Decode both with A's or B's LM head (a|b); default: each its own."
+    ),
     fold_norm: FoldNorm = False,
     chunk_size: ChunkSize = None,
     seed: Seed = 0,
@@ -150,14 +187,25 @@ def compare_cmd(
     prepare_out_dir(out, overwrite)
     model_a = _load(a, device, dtype, trust_remote_code, download)
     model_b = _load(b, device, dtype, trust_remote_code, download)
-    result = compare_models(model_a, model_b, site=site, top_k=top_k, shared_head=shared_head,
-                            fold_norm=fold_norm, chunk_size=chunk_size, seed=seed, progress=True)
+    result = compare_models(
+        model_a,
+        model_b,
+        site=site,
+        top_k=top_k,
+        shared_head=shared_head,
+        fold_norm=fold_norm,
+        chunk_size=chunk_size,
+        seed=seed,
+        progress=True,
+    )
     summary = write_comparison(result, out, overwrite=True)
     console = _console()
     per_layer = "  ".join(f"{i}:{x:.3f}" for i, x in enumerate(summary["agreement_per_layer"]))
-    console.print(f"top-1 agreement {summary['agreement']:.4f} over {summary['n_neurons']:,} neurons "
-                  f"(chance {summary['chance_agreement']:.4f}; top-{top_k} overlap {summary['overlap_at_k']:.4f})",
-                  highlight=False)
+    console.print(
+        f"top-1 agreement {summary['agreement']:.4f} over {summary['n_neurons']:,} neurons "
+        f"(chance {summary['chance_agreement']:.4f}; top-{top_k} overlap {summary['overlap_at_k']:.4f})",
+        highlight=False,
+    )
     console.print(f"per layer: {per_layer}", highlight=False)
     console.print(f"wrote {out}/compare.parquet, {out}/report.html, {out}/summary.json", highlight=False)
 
@@ -171,8 +219,9 @@ def steer_cmd(
     site: str = typer.Option("up", "--site", help="up (up_proj output channel) or act (post-activation)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=0, help="Greedy tokens generated per value."),
-    token: str | None = typer.Option(None, "--token", help="Report this token's probability instead of the "
-                                                           "neuron's top token."),
+    token: str | None = typer.Option(
+        None, "--token", help="Report this token's probability instead of the neuron's top token."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Also write steer.parquet and summary.json here."),
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -191,21 +240,36 @@ def steer_cmd(
     if out is not None:
         prepare_out_dir(out, overwrite)
     loaded = _load(model, device, dtype, trust_remote_code, download)
-    result = steer_neuron(loaded, layer, index, value_list, prompt, site=site, chat=chat,
-                          max_new_tokens=max_new_tokens, token=token)
+    result = steer_neuron(
+        loaded, layer, index, value_list, prompt, site=site, chat=chat, max_new_tokens=max_new_tokens, token=token
+    )
     word = result.token.strip()
     grid = Table(title=f"neuron {result.layer}:{result.neuron} clamped at {site}; probabilities of the next token")
-    for c, j in (("clamp", "right"), (f"P({result.token!r})", "right"), (f"P(any {word!r})", "right"),
-                 ("x baseline", "right"), ("next", "left"), ("greedy continuation", "left")):
+    for c, j in (
+        ("clamp", "right"),
+        (f"P({result.token!r})", "right"),
+        (f"P(any {word!r})", "right"),
+        ("x baseline", "right"),
+        ("next", "left"),
+        ("greedy continuation", "left"),
+    ):
         grid.add_column(c, justify=j)
     for row in result.rows():
-        grid.add_row("none" if row["value"] is None else f"{row['value']:g}", f"{row['prob']:.4g}",
-                     f"{row['prob_word']:.4g}", f"{row['prob_word_ratio']:.3g}", repr(row["top_next"]),
-                     repr(row["continuation"]))
+        grid.add_row(
+            "none" if row["value"] is None else f"{row['value']:g}",
+            f"{row['prob']:.4g}",
+            f"{row['prob_word']:.4g}",
+            f"{row['prob_word_ratio']:.3g}",
+            repr(row["top_next"]),
+            repr(row["continuation"]),
+        )
     console = _console()
     console.print(grid)
-    console.print(f"natural value at the last prompt token: {result.natural_last:.4g} (prompt range "
-                  f"{result.natural_min:.4g} .. {result.natural_max:.4g})", highlight=False)
+    console.print(
+        f"natural value at the last prompt token: {result.natural_last:.4g} (prompt range "
+        f"{result.natural_min:.4g} .. {result.natural_max:.4g})",
+        highlight=False,
+    )
     if out is not None:
         write_parquet(Path(out) / "steer.parquet", [{**r, "value": r["value"]} for r in result.rows()])
         write_json(Path(out) / "summary.json", {"model": model, "chat": chat, **result.summary()})

@@ -64,8 +64,9 @@ class Comparison:
 def compare_atlases(a: Atlas, b: Atlas, seed: int = 0) -> Comparison:
     """Agreement of two atlases (pure function over their arrays)."""
     if a.ids.shape != b.ids.shape:
-        raise EngramError(f"the two atlases have different shapes: A is {_shape_text(a.ids.shape)}, "
-                          f"B is {_shape_text(b.ids.shape)}.")
+        raise EngramError(
+            f"the two atlases have different shapes: A is {_shape_text(a.ids.shape)}, B is {_shape_text(b.ids.shape)}."
+        )
     top_a, top_b = a.top1, b.top1  # [L, N]
     same = top_a == top_b
     k = a.top_k
@@ -75,9 +76,13 @@ def compare_atlases(a: Atlas, b: Atlas, seed: int = 0) -> Comparison:
     perm = np.stack([rng.permutation(top_b.shape[1]) for _ in range(top_b.shape[0])])  # [L, N]
     chance = float(np.mean(top_a == np.take_along_axis(top_b, perm, axis=1)))
     return Comparison(
-        a=a, b=b, same=same, agreement=float(same.mean()),
+        a=a,
+        b=b,
+        same=same,
+        agreement=float(same.mean()),
         agreement_per_layer=[float(x) for x in same.mean(axis=1)],
-        overlap_at_k=float(overlap.mean()), overlap_per_layer=[float(x) for x in overlap.mean(axis=1)],
+        overlap_at_k=float(overlap.mean()),
+        overlap_per_layer=[float(x) for x in overlap.mean(axis=1)],
         chance_agreement=chance,
     )
 
@@ -89,37 +94,55 @@ def _shape_text(shape) -> str:
 def model_shape(loaded) -> dict:
     """The shapes that must match for a neuron-by-neuron comparison."""
     layout = loaded.layout
-    return {"layers": layout.n_layers, "neurons": int(layout.site_width("mlp.up")),
-            "hidden": int(layout.lm_head.weight.shape[1]), "vocab": int(layout.lm_head.weight.shape[0])}
+    return {
+        "layers": layout.n_layers,
+        "neurons": int(layout.site_width("mlp.up")),
+        "hidden": int(layout.lm_head.weight.shape[1]),
+        "vocab": int(layout.lm_head.weight.shape[0]),
+    }
 
 
 def check_same_shape(a, b) -> None:
     shape_a, shape_b = model_shape(a), model_shape(b)
     if shape_a != shape_b:
         text = lambda s: f"{s['layers']} layers x {s['neurons']} neurons, hidden {s['hidden']}, vocab {s['vocab']}"
-        raise EngramError(f"the models have different shapes: A ({a.ref}) has {text(shape_a)}; "
-                          f"B ({b.ref}) has {text(shape_b)}. Neuron-by-neuron comparison needs the same shapes.")
+        raise EngramError(
+            f"the models have different shapes: A ({a.ref}) has {text(shape_a)}; "
+            f"B ({b.ref}) has {text(shape_b)}. Neuron-by-neuron comparison needs the same shapes."
+        )
     tok_a, tok_b = getattr(a, "tokenizer", None), getattr(b, "tokenizer", None)
     if tok_a is not None and tok_b is not None:
         n = min(len(tok_a), len(tok_b))
         if tok_a.convert_ids_to_tokens(list(range(n))) != tok_b.convert_ids_to_tokens(list(range(n))):
-            raise EngramError(f"A ({a.ref}) and B ({b.ref}) have different vocabularies: the same token id means "
-                              "different tokens, so top-token agreement is meaningless.")
+            raise EngramError(
+                f"A ({a.ref}) and B ({b.ref}) have different vocabularies: the same token id means "
+                "different tokens, so top-token agreement is meaningless."
+            )
 
 
-def compare_models(a, b, site: str = "up", top_k: int = 10, shared_head: str | None = None,
-                   fold_norm: bool = False, chunk_size: int | None = None, seed: int = 0,
-                   progress: bool = False) -> Comparison:
+def compare_models(
+    a,
+    b,
+    site: str = "up",
+    top_k: int = 10,
+    shared_head: str | None = None,
+    fold_norm: bool = False,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Comparison:
     """Decode both models (`LoadedModel`s) and compare their top-1 tokens neuron by neuron."""
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
     check_same_shape(a, b)
     head = {"a": a, "b": b, None: None}[shared_head]
     start = time.perf_counter()
-    atlas_a = decode_atlas(a, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head,
-                           progress=progress)
-    atlas_b = decode_atlas(b, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head,
-                           progress=progress)
+    atlas_a = decode_atlas(
+        a, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head, progress=progress
+    )
+    atlas_b = decode_atlas(
+        b, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head, progress=progress
+    )
     result = compare_atlases(atlas_a, atlas_b, seed=seed)
     result.shared_head = shared_head
     result.seconds = time.perf_counter() - start
@@ -135,17 +158,19 @@ def comparison_table(result: Comparison):
     flat_a, flat_b = a.top1.reshape(-1), b.top1.reshape(-1)
     vocab = pa.array(a.tokens if a.tokens is not None else [f"<id {i}>" for i in range(a.vocab_size)], pa.string())
     vocab_b = pa.array(b.tokens, pa.string()) if b.tokens is not None else vocab
-    return pa.table({
-        "layer": np.repeat(np.arange(n_layers, dtype=np.int32), per_layer),
-        "neuron": np.tile(np.arange(per_layer, dtype=np.int32), n_layers),
-        "token_id_a": flat_a.astype(np.int32),
-        "token_a": vocab.take(pa.array(flat_a)),
-        "score_a": a.scores[:, :, 0].reshape(-1),
-        "token_id_b": flat_b.astype(np.int32),
-        "token_b": vocab_b.take(pa.array(flat_b)),
-        "score_b": b.scores[:, :, 0].reshape(-1),
-        "same": result.same.reshape(-1),
-    })
+    return pa.table(
+        {
+            "layer": np.repeat(np.arange(n_layers, dtype=np.int32), per_layer),
+            "neuron": np.tile(np.arange(per_layer, dtype=np.int32), n_layers),
+            "token_id_a": flat_a.astype(np.int32),
+            "token_a": vocab.take(pa.array(flat_a)),
+            "score_a": a.scores[:, :, 0].reshape(-1),
+            "token_id_b": flat_b.astype(np.int32),
+            "token_b": vocab_b.take(pa.array(flat_b)),
+            "score_b": b.scores[:, :, 0].reshape(-1),
+            "same": result.same.reshape(-1),
+        }
+    )
 
 
 def agreement_figure(result: Comparison):
@@ -155,12 +180,17 @@ def agreement_figure(result: Comparison):
     layers = list(range(len(result.agreement_per_layer)))
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=layers, y=result.agreement_per_layer, mode="lines+markers", name="top-1 agreement"))
-    fig.add_trace(go.Scatter(x=layers, y=result.overlap_per_layer, mode="lines+markers",
-                             name=f"top-{result.a.top_k} overlap"))
+    fig.add_trace(
+        go.Scatter(x=layers, y=result.overlap_per_layer, mode="lines+markers", name=f"top-{result.a.top_k} overlap")
+    )
     fig.add_hline(y=result.chance_agreement, line_dash="dot", annotation_text="chance (shuffled neurons)")
-    fig.update_layout(title=f"Neurons keeping their top token: {result.a.model} vs {result.b.model} "
-                            f"(site {result.a.site})", xaxis_title="layer", yaxis_title="fraction",
-                      yaxis_range=[0, 1.02], height=420)
+    fig.update_layout(
+        title=f"Neurons keeping their top token: {result.a.model} vs {result.b.model} (site {result.a.site})",
+        xaxis_title="layer",
+        yaxis_title="fraction",
+        yaxis_range=[0, 1.02],
+        height=420,
+    )
     return fig
 
 
@@ -180,19 +210,32 @@ def write_comparison(result: Comparison, out: str | os.PathLike, overwrite: bool
     examples = changed.sort_by([("score_b", "descending")]).slice(0, 20).to_pylist()
     for row in examples:  # quoted, so that leading spaces show
         row["token_a"], row["token_b"] = repr(row["token_a"]), repr(row["token_b"])
-    headline = {"A": result.a.model, "B": result.b.model, "site": result.a.site,
-                "head": f"shared ({result.shared_head})" if result.shared_head else "each its own",
-                "fold_norm": result.a.fold_norm, "neurons": result.n_neurons,
-                "top-1 agreement": round(result.agreement, 4),
-                f"top-{result.a.top_k} overlap": round(result.overlap_at_k, 4),
-                "chance agreement": round(result.chance_agreement, 4)}
+    headline = {
+        "A": result.a.model,
+        "B": result.b.model,
+        "site": result.a.site,
+        "head": f"shared ({result.shared_head})" if result.shared_head else "each its own",
+        "fold_norm": result.a.fold_norm,
+        "neurons": result.n_neurons,
+        "top-1 agreement": round(result.agreement, 4),
+        f"top-{result.a.top_k} overlap": round(result.overlap_at_k, 4),
+        "chance agreement": round(result.chance_agreement, 4),
+    }
     sections = [
-        Section("Top-token agreement", text=(
-            "<p>For every MLP neuron, its weight vector is decoded through the LM head (Davies 2025) under model A "
-            "and under model B; a neuron <em>agrees</em> when both give the same top token. Davies reports 75.4% "
-            "for Llama 3.1 8B base vs Instruct (up_proj).</p>"), tables=[key_values(headline)], figures=[fig]),
-        Section("Neurons whose top token changed (highest B score first)",
-                tables=[table(examples, ["layer", "neuron", "token_a", "score_a", "token_b", "score_b"])]),
+        Section(
+            "Top-token agreement",
+            text=(
+                "<p>For every MLP neuron, its weight vector is decoded through the LM head (Davies 2025) under model A "
+                "and under model B; a neuron <em>agrees</em> when both give the same top token. Davies reports 75.4% "
+                "for Llama 3.1 8B base vs Instruct (up_proj).</p>"
+            ),
+            tables=[key_values(headline)],
+            figures=[fig],
+        ),
+        Section(
+            "Neurons whose top token changed (highest B score first)",
+            tables=[table(examples, ["layer", "neuron", "token_a", "score_a", "token_b", "score_b"])],
+        ),
     ]
     write_report(out_dir / "report.html", "Neuron decoding: base vs post-trained", sections, summary)
     write_json(out_dir / "summary.json", summary)

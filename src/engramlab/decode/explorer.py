@@ -38,10 +38,16 @@ def explorer_data(atlas, max_rows: int = MAX_ROWS) -> dict:
     complete = keep is None and k == atlas.top_k
     note = ""
     if not complete:
-        note = (f"This page embeds {ids.size:,} of the atlas's {n_total * atlas.top_k:,} rows (cap {max_rows:,}): "
-                f"the top {k} of {atlas.top_k} tokens per neuron"
-                + (f", for the {len(keep):,} of {n_total:,} neurons with the highest top-1 score" if keep is not None
-                   else "") + ". atlas.parquet and `engramlab decode search` have everything.")
+        note = (
+            f"This page embeds {ids.size:,} of the atlas's {n_total * atlas.top_k:,} rows (cap {max_rows:,}): "
+            f"the top {k} of {atlas.top_k} tokens per neuron"
+            + (
+                f", for the {len(keep):,} of {n_total:,} neurons with the highest top-1 score"
+                if keep is not None
+                else ""
+            )
+            + ". atlas.parquet and `engramlab decode search` have everything."
+        )
     return {
         "model": atlas.model,
         "site": atlas.site,
@@ -72,9 +78,13 @@ def render_explorer(atlas, max_rows: int = MAX_ROWS) -> tuple[str, dict]:
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
     title = f"Neuron atlas: {atlas.model or 'model'} ({atlas.site})"
     page = _PAGE.replace("__TITLE__", _html_escape(title)).replace("__DATA__", payload)
-    info = {"file": "atlas.html", "rows_embedded": len(data["t"]), "neurons_embedded":
-            len(data["n"]) if data["n"] is not None else atlas.n_neurons, "k_embedded": data["k"],
-            "complete": data["complete"]}
+    info = {
+        "file": "atlas.html",
+        "rows_embedded": len(data["t"]),
+        "neurons_embedded": len(data["n"]) if data["n"] is not None else atlas.n_neurons,
+        "k_embedded": data["k"],
+        "complete": data["complete"],
+    }
     return page, info
 
 

@@ -42,8 +42,9 @@ def search_atlas(
     """
     given = [name for name, v in (("--token", token), ("--word", word), ("--token-id", token_id)) if v is not None]
     if len(given) != 1:
-        raise EngramError("give exactly one of --token, --word or --token-id"
-                          + (f" (got {', '.join(given)})." if given else "."))
+        raise EngramError(
+            "give exactly one of --token, --word or --token-id" + (f" (got {', '.join(given)})." if given else ".")
+        )
     if max_rank is not None and max_rank < 1:
         raise EngramError(f"--max-rank must be at least 1, got {max_rank}.")
     if limit is not None and limit < 1:
@@ -79,8 +80,10 @@ def search_atlas(
         return hits.append_column("top_token", pa.array([], pa.string()))
     # each hit's neuron's top-1 token, for context (a join on the rank-0 rows of the hit neurons only)
     pairs = pc.add(pc.multiply(hits["layer"].cast(pa.int64()), 1 << 32), hits["neuron"].cast(pa.int64()))
-    top = dataset.to_table(columns=["layer", "neuron", "token"], filter=(pc.field("rank") == 0)
-                           & pc.field("layer").isin(pc.unique(hits["layer"])))
+    top = dataset.to_table(
+        columns=["layer", "neuron", "token"],
+        filter=(pc.field("rank") == 0) & pc.field("layer").isin(pc.unique(hits["layer"])),
+    )
     top_key = pc.add(pc.multiply(top["layer"].cast(pa.int64()), 1 << 32), top["neuron"].cast(pa.int64()))
     index = pc.index_in(pairs, value_set=top_key)
     top_tokens = pc.take(top["token"].cast(pa.string()), index)

@@ -64,7 +64,7 @@ def neuron_top_token(loaded, layer: int, index: int) -> tuple[int, float]:
     w = neuron_vectors(loaded.layout, "up")[layer][index]  # [H]
     unembed = unembedding(loaded.layout)
     with torch.no_grad():
-        scores = (w.to(unembed.device, torch.float32)[None] @ unembed.float().T)  # [1, V]
+        scores = w.to(unembed.device, torch.float32)[None] @ unembed.float().T  # [1, V]
     vals, ids = topk_rows(scores, 1)
     return int(ids[0, 0]), float(vals[0, 0])
 
@@ -74,18 +74,23 @@ def build_prompt(tokenizer, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
     if not chat:
         return tokenizer(prompt, return_tensors="pt")
     if not getattr(tokenizer, "chat_template", None):
-        raise EngramError("--chat was given but this model's tokenizer has no chat template "
-                          "(tokenizer_config.json has no chat_template); drop --chat for a base model.")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+        raise EngramError(
+            "--chat was given but this model's tokenizer has no chat template "
+            "(tokenizer_config.json has no chat_template); drop --chat for a base model."
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
 
 def token_id_of(tokenizer, token: str) -> int:
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
-        raise EngramError(f"--token {token!r} is {len(ids)} tokens in this tokenizer, not one; "
-                          "give a single token (mind the leading space, e.g. ' dog').")
+        raise EngramError(
+            f"--token {token!r} is {len(ids)} tokens in this tokenizer, not one; "
+            "give a single token (mind the leading space, e.g. ' dog')."
+        )
     return int(ids[0])
 
 
@@ -123,15 +128,33 @@ class SteerResult:
     def rows(self) -> list[dict]:
         base = self.prob[0]
         base_word = self.prob_word[0]
-        return [{"value": v, "prob": p, "prob_ratio": p / base if base > 0 else float("inf"), "prob_word": pw,
-                 "prob_word_ratio": pw / base_word if base_word > 0 else float("inf"), "top_next": t,
-                 "continuation": c}
-                for v, p, pw, t, c in zip(self.values, self.prob, self.prob_word, self.top_next, self.continuation)]
+        return [
+            {
+                "value": v,
+                "prob": p,
+                "prob_ratio": p / base if base > 0 else float("inf"),
+                "prob_word": pw,
+                "prob_word_ratio": pw / base_word if base_word > 0 else float("inf"),
+                "top_next": t,
+                "continuation": c,
+            }
+            for v, p, pw, t, c in zip(self.values, self.prob, self.prob_word, self.top_next, self.continuation)
+        ]
 
     def summary(self) -> dict:
-        return {"layer": self.layer, "neuron": self.neuron, "site": self.site, "token_id": self.token_id,
-                "token": self.token, "word_ids": self.word_ids, "natural_last": self.natural_last, "natural_min": self.natural_min,
-                "natural_max": self.natural_max, "prompt": self.prompt, "rows": self.rows()}
+        return {
+            "layer": self.layer,
+            "neuron": self.neuron,
+            "site": self.site,
+            "token_id": self.token_id,
+            "token": self.token,
+            "word_ids": self.word_ids,
+            "natural_last": self.natural_last,
+            "natural_min": self.natural_min,
+            "natural_max": self.natural_max,
+            "prompt": self.prompt,
+            "rows": self.rows(),
+        }
 
 
 def steer_neuron(
@@ -170,15 +193,28 @@ def steer_neuron(
     n_prompt = input_ids.shape[1]
     model = loaded.model
     engine = loaded.hooks
-    with torch.no_grad(), engine.record(hook_site, layer, positions="all") as rec, \
-            engine.edit_neurons({(hook_site, layer): mask}, "clamp", clamp):
+    with (
+        torch.no_grad(),
+        engine.record(hook_site, layer, positions="all") as rec,
+        engine.edit_neurons({(hook_site, layer): mask}, "clamp", clamp),
+    ):
         if max_new_tokens == 0:
             first_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]  # [B, V]
             generated = input_ids
         else:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             first_logits = out.logits[0]  # [B, V] raw logits of the first new token
             generated = out.sequences
     natural = rec[hook_site, layer][0, :n_prompt, neuron].float()  # row 0 is unclamped
@@ -186,11 +222,19 @@ def steer_neuron(
     word_ids = same_word_ids(tokenizer, token_id, probs.shape[-1])
     top_next = first_logits.argmax(dim=-1)
     return SteerResult(
-        layer=layer, neuron=neuron, site=site, token_id=token_id, token=tokenizer.decode([token_id]),
-        values=[None, *values], prob=probs[:, token_id].tolist(), prob_word=probs[:, word_ids].sum(dim=1).tolist(),
+        layer=layer,
+        neuron=neuron,
+        site=site,
+        token_id=token_id,
+        token=tokenizer.decode([token_id]),
+        values=[None, *values],
+        prob=probs[:, token_id].tolist(),
+        prob_word=probs[:, word_ids].sum(dim=1).tolist(),
         word_ids=word_ids,
         top_next=[tokenizer.decode([int(t)]) for t in top_next],
         continuation=tokenizer.batch_decode(generated[:, n_prompt:], skip_special_tokens=True),
-        natural_last=float(natural[-1]), natural_min=float(natural.min()), natural_max=float(natural.max()),
+        natural_last=float(natural[-1]),
+        natural_min=float(natural.min()),
+        natural_max=float(natural.max()),
         prompt=tokenizer.decode(encoded["input_ids"][0]),
     )

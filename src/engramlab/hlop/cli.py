@@ -21,8 +21,9 @@ def _ints(value: str, option: str) -> list[int]:
     try:
         numbers = [int(v) for v in comma_list(value, option)]
     except ValueError:
-        raise EngramError(f"{option} takes comma-separated integers (one per protected layer), got {value!r}.") \
-            from None
+        raise EngramError(
+            f"{option} takes comma-separated integers (one per protected layer), got {value!r}."
+        ) from None
     if any(n < 0 for n in numbers):
         raise EngramError(f"{option} counts must be >= 0, got {value!r}.")
     return numbers
@@ -30,8 +31,11 @@ def _ints(value: str, option: str) -> list[int]:
 
 def hlop(
     stream: str = typer.Option("pmnist", "--stream", help="pmnist, split-mnist, cifar100 or 5datasets."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Folder with the stream's files (cifar100, 5datasets, "
-                                                           "or mnist/ with the full idx files)."),
+    data_dir: Path = typer.Option(
+        None,
+        "--data-dir",
+        help="Folder with the stream's files (cifar100, 5datasets, or mnist/ with the full idx files).",
+    ),
     methods: str = typer.Option("hlop,baseline,ewc,gpm,multitask", "--methods", help="Comma-separated methods."),
     neuron: str = typer.Option("lif", "--neuron", help="lif (spiking) or ann (ReLU, same network)."),
     train: str = typer.Option("bptt", "--train", help="bptt (surrogate gradient through time) or dsr (online)."),
@@ -42,17 +46,27 @@ def hlop(
     tasks: int = typer.Option(None, "--tasks", min=1, help="Use only the first N tasks of the stream."),
     hebbian_iterations: int = typer.Option(5, "--hebbian-iterations", min=1, help="Subspace-rule passes per batch."),
     literal: bool = typer.Option(False, "--literal-hlop", help="The official rule: no re-orthonormalisation of H."),
-    hebbian_rows: int = typer.Option(None, "--hebbian-rows", min=0,
-                                     help="Learn H from a random subset of this many activity rows per batch; 0: all "
-                                          "rows (default: the preset's, 64 for the MLP streams, all for the CNN)."),
-    consolidation_epochs: int = typer.Option(0, "--consolidation-epochs", min=0,
-                                             help="Extra Hebbian-only passes over each task before freezing."),
-    lateral: str = typer.Option(None, "--lateral-neurons",
-                                help="HLOP lateral neurons per protected layer at task 0, e.g. 80,200,100 (default: "
-                                     "the spec's preset for the network)."),
-    lateral_increment: str = typer.Option(None, "--lateral-increment",
-                                          help="New lateral neurons per layer at every later task, e.g. 50,50,50 "
-                                               "(default: the spec's schedule)."),
+    hebbian_rows: int = typer.Option(
+        None,
+        "--hebbian-rows",
+        min=0,
+        help="Learn H from a random subset of this many activity rows per batch; 0: all "
+        "rows (default: the preset's, 64 for the MLP streams, all for the CNN).",
+    ),
+    consolidation_epochs: int = typer.Option(
+        0, "--consolidation-epochs", min=0, help="Extra Hebbian-only passes over each task before freezing."
+    ),
+    lateral: str = typer.Option(
+        None,
+        "--lateral-neurons",
+        help="HLOP lateral neurons per protected layer at task 0, e.g. 80,200,100 (default: "
+        "the spec's preset for the network).",
+    ),
+    lateral_increment: str = typer.Option(
+        None,
+        "--lateral-increment",
+        help="New lateral neurons per layer at every later task, e.g. 50,50,50 (default: the spec's schedule).",
+    ),
     gpm_threshold: float = typer.Option(0.97, "--gpm-threshold", help="GPM energy threshold."),
     ewc_lambda: float = typer.Option(100.0, "--ewc-lambda", help="EWC penalty strength (stable while λ·max F·lr < 2)."),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 10 PMNIST tasks, 1 epoch."),
@@ -64,34 +78,52 @@ def hlop(
     """Continual learning of a task stream with HLOP and its baselines; ACC, BWT, accuracy matrices, leak, timing."""
     from dataclasses import replace
 
-    from engramlab.hlop.study import HLOPStudyOptions, run_hlop_study
     from engramlab.hlop.methods import HLOP_PRESETS
     from engramlab.hlop.runner import TrainSettings
+    from engramlab.hlop.study import HLOPStudyOptions, run_hlop_study
 
     if quick:
         tasks, epochs = QUICK_HLOP["n_tasks"], QUICK_HLOP["epochs"]
     preset = HLOP_PRESETS["mlp" if stream in ("pmnist", "split-mnist") else "cnn"]
     if hebbian_rows is None:
         hebbian_rows = preset.hebbian_rows
-    hlop_settings = replace(preset, iterations=hebbian_iterations, orthonormalise=not literal,
-                            hebbian_rows=hebbian_rows, consolidation_epochs=consolidation_epochs)
+    hlop_settings = replace(
+        preset,
+        iterations=hebbian_iterations,
+        orthonormalise=not literal,
+        hebbian_rows=hebbian_rows,
+        consolidation_epochs=consolidation_epochs,
+    )
     if lateral is not None:
         hlop_settings = replace(hlop_settings, initial=_ints(lateral, "--lateral-neurons"))
     if lateral_increment is not None:
         hlop_settings = replace(hlop_settings, increments=[_ints(lateral_increment, "--lateral-increment")])
-    opts = HLOPStudyOptions(stream=stream, data_dir=data_dir, methods=comma_list(methods, "--methods"), neuron=neuron,
-                            train=train, n_tasks=tasks,
-                            train_settings=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size,
-                                                         momentum=momentum, seed=seed),
-                            hlop=hlop_settings, gpm_threshold=gpm_threshold, ewc_lambda=ewc_lambda, out=out,
-                            overwrite=overwrite, resume=resume)
+    opts = HLOPStudyOptions(
+        stream=stream,
+        data_dir=data_dir,
+        methods=comma_list(methods, "--methods"),
+        neuron=neuron,
+        train=train,
+        n_tasks=tasks,
+        train_settings=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed),
+        hlop=hlop_settings,
+        gpm_threshold=gpm_threshold,
+        ewc_lambda=ewc_lambda,
+        out=out,
+        overwrite=overwrite,
+        resume=resume,
+    )
     summary = run_hlop_study(opts)
     grid = Table(title=f"{summary['stream']}: {summary['n_tasks']} tasks, {summary['snn_mode']}")
     for column in ("method", "ACC %", "BWT", "ms/step"):
         grid.add_column(column)
     for m in summary["methods"]:
         bwt = summary["bwt"][m]
-        grid.add_row(m, f"{100 * summary['acc'][m]:.1f}", "n/a" if bwt is None else f"{100 * bwt:+.1f}",
-                     f"{summary['ms_per_step'][m]:.1f}")
+        grid.add_row(
+            m,
+            f"{100 * summary['acc'][m]:.1f}",
+            "n/a" if bwt is None else f"{100 * bwt:+.1f}",
+            f"{summary['ms_per_step'][m]:.1f}",
+        )
     console.print(grid)
     console.print(f"wrote {out}/summary.json, accuracy.parquet, leak.parquet, report.html")

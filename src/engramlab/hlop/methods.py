@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engramlab.errors import EngramError
 from engramlab.hlop.hebbian import HebbianConfig, HebbianSubspace, pmnist_increments, row_schedule
 from engramlab.hlop.subspace import (
     Projector,
@@ -32,7 +33,6 @@ from engramlab.hlop.subspace import (
     project_rows,
     residual_energy,
 )
-from engramlab.errors import EngramError
 
 
 class ContinualMethod:
@@ -131,12 +131,16 @@ class HLOP(ContinualMethod):
         for key in ("initial", "lr"):
             _check_layer_count(key, getattr(self.settings, key), layers)
         device = layers[0].weight.device
-        self.subspaces = [HebbianSubspace(layer_input_dim(layer),
-                                          HebbianConfig(lr, self.settings.iterations, self.settings.orthonormalise))
-                          .to(device) for layer, lr in zip(layers, self.settings.lr)]
+        self.subspaces = [
+            HebbianSubspace(
+                layer_input_dim(layer), HebbianConfig(lr, self.settings.iterations, self.settings.orthonormalise)
+            ).to(device)
+            for layer, lr in zip(layers, self.settings.lr)
+        ]
         # Linear layers project in input mode inside backward; the rest in weight mode after it (subspace module).
-        self.input_mode = [attach_input_projection(layer, subspace.frozen_projector)
-                           for layer, subspace in zip(layers, self.subspaces)]
+        self.input_mode = [
+            attach_input_projection(layer, subspace.frozen_projector) for layer, subspace in zip(layers, self.subspaces)
+        ]
 
     def begin_task(self, task_id: int, model: nn.Module) -> None:
         super().begin_task(task_id, model)
@@ -211,10 +215,14 @@ class GPM(ContinualMethod):
     def begin_task(self, task_id: int, model: nn.Module) -> None:
         super().begin_task(task_id, model)
         if not self.projectors:  # task 0: empty bases, nothing projected yet
-            self.projectors = [Projector(torch.zeros(0, layer_input_dim(layer), device=layer.weight.device))
-                               for layer in model.protected_layers()]
-        self.input_mode = [attach_input_projection(layer, lambda i=i: self.projectors[i])
-                           for i, layer in enumerate(model.protected_layers())]
+            self.projectors = [
+                Projector(torch.zeros(0, layer_input_dim(layer), device=layer.weight.device))
+                for layer in model.protected_layers()
+            ]
+        self.input_mode = [
+            attach_input_projection(layer, lambda i=i: self.projectors[i])
+            for i, layer in enumerate(model.protected_layers())
+        ]
 
     def after_backward(self, model: nn.Module) -> None:
         project_gradients(model, self.projectors, self.input_mode)
@@ -279,8 +287,11 @@ class EWC(ContinualMethod):
     def penalty(self, model: nn.Module) -> Tensor | None:
         if not self.fisher:
             return None
-        terms = [(self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in model.named_parameters()
-                 if n in self.fisher]
+        terms = [
+            (self.fisher[n] * (p - self.anchor[n]).pow(2)).sum()
+            for n, p in model.named_parameters()
+            if n in self.fisher
+        ]
         return 0.5 * self.lam * torch.stack(terms).sum()
 
     def end_task(self, task_id: int, model: nn.Module, samples: list[tuple[Tensor, Tensor]]) -> None:
@@ -294,8 +305,8 @@ class EWC(ContinualMethod):
         # through the spiking neurons' custom autograd functions, and 200 small backwards take about a second.
         for i in range(x.shape[0]):
             model.zero_grad(set_to_none=True)
-            logits = model(x[i: i + 1], task=task_id)
-            F.cross_entropy(logits, y[i: i + 1]).backward()
+            logits = model(x[i : i + 1], task=task_id)
+            F.cross_entropy(logits, y[i : i + 1]).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach().pow(2) / x.shape[0]
@@ -309,8 +320,8 @@ class EWC(ContinualMethod):
         return {f"fisher.{n}": f for n, f in self.fisher.items()} | {f"anchor.{n}": a for n, a in self.anchor.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], model: nn.Module) -> None:
-        self.fisher = {k[len("fisher."):]: v.clone() for k, v in tensors.items() if k.startswith("fisher.")}
-        self.anchor = {k[len("anchor."):]: v.clone() for k, v in tensors.items() if k.startswith("anchor.")}
+        self.fisher = {k[len("fisher.") :]: v.clone() for k, v in tensors.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor.") :]: v.clone() for k, v in tensors.items() if k.startswith("anchor.")}
 
 
 class Multitask(ContinualMethod):
@@ -344,16 +355,28 @@ def subspace_leak(model: nn.Module, bases: list[Tensor], samples: list[tuple[Ten
     for task_id, (x, _) in enumerate(samples):
         activities = record_activity(model, x, task_id)
         for layer_idx, (layer, activity, basis) in enumerate(zip(model.protected_layers(), activities, bases)):
-            rows.append({"layer": layer_idx, "task": task_id, "basis_rows": int(basis.shape[0]),
-                         "leak": residual_energy(activity_rows(layer, activity), basis)})
+            rows.append(
+                {
+                    "layer": layer_idx,
+                    "task": task_id,
+                    "basis_rows": int(basis.shape[0]),
+                    "leak": residual_energy(activity_rows(layer, activity), basis),
+                }
+            )
     return rows
 
 
 METHODS = ("baseline", "hlop", "gpm", "ewc", "multitask")
 
 
-def make_method(name: str, *, hlop: HLOPSettings | None = None, gpm_threshold: float = 0.97,
-                ewc_lambda: float = 100.0, seed: int = 2022) -> ContinualMethod:
+def make_method(
+    name: str,
+    *,
+    hlop: HLOPSettings | None = None,
+    gpm_threshold: float = 0.97,
+    ewc_lambda: float = 100.0,
+    seed: int = 2022,
+) -> ContinualMethod:
     """The method registry: an unknown name gets an error listing the valid ones."""
     if name == "baseline":
         return Baseline()

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from engramlab.hlop.methods import ContinualMethod, subspace_leak
 from engramlab.data.batching import batches
+from engramlab.hlop.methods import ContinualMethod, subspace_leak
 from engramlab.hlop.streams import Task, TaskStream
 from engramlab.progress import track
 from engramlab.results import atomic_path
@@ -71,22 +71,28 @@ def _optimizer(model: nn.Module, task_id: int, settings: TrainSettings) -> torch
     return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
 
 
-def _train_batches(stream: TaskStream, task_ids: list[int], settings: TrainSettings,
-                   generator: torch.Generator) -> list[tuple[int, Tensor, Tensor]]:
+def _train_batches(
+    stream: TaskStream, task_ids: list[int], settings: TrainSettings, generator: torch.Generator
+) -> list[tuple[int, Tensor, Tensor]]:
     """Minibatches of one training phase: one task's, or (multitask) every task's, interleaved at random."""
     out = []
     for _ in range(settings.epochs):
-        epoch = [(t, x, y) for t in task_ids
-                 for x, y in batches(stream.tasks[t].x_train, stream.tasks[t].y_train, settings.batch_size,
-                                     shuffle=True, generator=generator)]
+        epoch = [
+            (t, x, y)
+            for t in task_ids
+            for x, y in batches(
+                stream.tasks[t].x_train, stream.tasks[t].y_train, settings.batch_size, shuffle=True, generator=generator
+            )
+        ]
         if len(task_ids) > 1:
             epoch = [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
         out.extend(epoch)
     return out
 
 
-def _step(model: nn.Module, method: ContinualMethod, optimizer: torch.optim.Optimizer, task_id: int,
-          x: Tensor, y: Tensor) -> None:
+def _step(
+    model: nn.Module, method: ContinualMethod, optimizer: torch.optim.Optimizer, task_id: int, x: Tensor, y: Tensor
+) -> None:
     loss = F.cross_entropy(model(x, task=task_id), y)
     penalty = method.penalty(model)
     if penalty is not None:
@@ -125,8 +131,13 @@ class Checkpoint:
         return meta
 
 
-def train_method(method: ContinualMethod, stream: TaskStream, build_net: Callable[[], nn.Module],
-                 settings: TrainSettings, checkpoint_dir: Path | None = None) -> MethodResult:
+def train_method(
+    method: ContinualMethod,
+    stream: TaskStream,
+    build_net: Callable[[], nn.Module],
+    settings: TrainSettings,
+    checkpoint_dir: Path | None = None,
+) -> MethodResult:
     """Train `method` through the stream and return its accuracy matrix, step time and subspace leak."""
     torch.manual_seed(settings.seed)
     model = build_net()
@@ -156,17 +167,23 @@ def train_method(method: ContinualMethod, stream: TaskStream, build_net: Callabl
             seconds += time.perf_counter() - start
             steps += 1
         model.record = False
-        samples = [(stream.tasks[t].x_train[: settings.leak_samples], stream.tasks[t].y_train[: settings.leak_samples])
-                   for t in range(task_id)]
+        samples = [
+            (stream.tasks[t].x_train[: settings.leak_samples], stream.tasks[t].y_train[: settings.leak_samples])
+            for t in range(task_id)
+        ]
         method.end_task(task_id, model, samples + [(stream.tasks[task_id].x_train, stream.tasks[task_id].y_train)])
         bases = method.bases()
         if bases is not None:
             samples.append((stream.tasks[task_id].x_train[: settings.leak_samples], None))
             meta["leak"] += [row | {"after_task": task_id} for row in subspace_leak(model, bases, samples)]
         acc[task_id] = [evaluate(model, stream.tasks[j], j, settings.eval_batch_size) for j in range(n_tasks)]
-        meta |= {"done": phase_idx + 1, "acc": acc.tolist(), "step_ms": meta["step_ms"] + [1000 * seconds / steps],
-                 "generator": generator.get_state().tolist(), "settings": asdict(settings)}
+        meta |= {
+            "done": phase_idx + 1,
+            "acc": acc.tolist(),
+            "step_ms": meta["step_ms"] + [1000 * seconds / steps],
+            "generator": generator.get_state().tolist(),
+            "settings": asdict(settings),
+        }
         checkpoint.save(model, method, meta)
     step_ms = meta["step_ms"]
     return MethodResult(method.name, acc, float(np.mean(step_ms)), step_ms, meta["leak"])
-

@@ -33,14 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engramlab.hlop.subspace import ProjectedLinear
 from engramlab.errors import EngramError
+from engramlab.hlop.subspace import ProjectedLinear
 
 NEURONS = ("lif", "dsr", "ann")
 DEFAULT_TIMESTEPS = {"lif": 6, "dsr": 20, "ann": 1}  # spec §3: T = 6 (BPTT), 20 (DSR); an ANN has one step
 
 
 # --- BPTT: LIF neuron with a sigmoid surrogate gradient (spec §2 "BPTT with surrogate gradient") ---
+
 
 class SigmoidSurrogate(torch.autograd.Function):
     """Heaviside step forward, sigmoid derivative backward: ds/dx = alpha * sig(alpha x) * (1 - sig(alpha x)).
@@ -92,6 +93,7 @@ class LIFNode(nn.Module):
 
 
 # --- DSR: LIF with a differentiable spike representation (spec §2 "DSR"; official modules/neuron_dsr.py) ---
+
 
 def weighted_rate(x_seq: Tensor, tau: float = 1.0, dt: float = 0.05) -> Tensor:
     r"""Weighted firing rate of DSR (spec §1.4, §2): :math:`\sum_i w_i x_i / \sum_i w_i` with
@@ -157,8 +159,15 @@ class DSRNeuron(nn.Module):
     - the backward is `DSRFunction`'s (no surrogate of the step function).
     """
 
-    def __init__(self, v_threshold: float = 0.3, tau: float = 1.0, dt: float = 0.05, alpha: float = 0.3,
-                 v_threshold_bound: float = 5e-4, train_threshold: bool = True):
+    def __init__(
+        self,
+        v_threshold: float = 0.3,
+        tau: float = 1.0,
+        dt: float = 0.05,
+        alpha: float = 0.3,
+        v_threshold_bound: float = 5e-4,
+        train_threshold: bool = True,
+    ):
         super().__init__()
         if v_threshold < v_threshold_bound:
             raise EngramError(f"DSRNeuron: v_threshold {v_threshold} is below v_threshold_bound {v_threshold_bound}.")
@@ -171,8 +180,10 @@ class DSRNeuron(nn.Module):
         return DSRFunction.apply(x_seq, self.v_threshold, self.tau, self.dt, self.alpha)
 
     def extra_repr(self) -> str:
-        return (f"v_threshold={self.v_threshold.item():.4g}, tau={self.tau}, dt={self.dt}, alpha={self.alpha}, "
-                f"v_threshold_bound={self.v_threshold_bound}")
+        return (
+            f"v_threshold={self.v_threshold.item():.4g}, tau={self.tau}, dt={self.dt}, alpha={self.alpha}, "
+            f"v_threshold_bound={self.v_threshold_bound}"
+        )
 
 
 class ReLUNode(nn.Module):
@@ -189,6 +200,7 @@ def make_neuron(neuron: str) -> nn.Module:
 
 # --- Networks (spec §2 "Architectures") ---
 
+
 @runtime_checkable
 class ContinualNet(Protocol):
     """What the continual-learning methods (HLOP, GPM, EWC) need from a network; `SpikingNet` implements it."""
@@ -202,7 +214,6 @@ class ContinualNet(Protocol):
     def presynaptic(self) -> list[Tensor]: ...  # per protected layer, the last forward's detached activity
 
     def fix_bn(self) -> None: ...  # spec §1.3, tasks >= 1
-
 
 
 class SpikingNet(nn.Module):
@@ -222,8 +233,9 @@ class SpikingNet(nn.Module):
         if timesteps is None:
             timesteps = DEFAULT_TIMESTEPS[neuron]
         if timesteps < 1 or (neuron == "ann" and timesteps != 1):
-            raise EngramError(f"timesteps must be >= 1 (exactly 1 for neuron='ann'); got {timesteps} "
-                              f"for neuron={neuron!r}.")
+            raise EngramError(
+                f"timesteps must be >= 1 (exactly 1 for neuron='ann'); got {timesteps} for neuron={neuron!r}."
+            )
         self.neuron, self.timesteps = neuron, timesteps
         self.record = False
         self._presynaptic: list[Tensor] | None = None
@@ -286,8 +298,7 @@ class SpikingMLP(SpikingNet):
     layer, classifier included. Input ``[B, 784]`` or anything with 784 features per row (``[B, 1, 28, 28]``).
     """
 
-    def __init__(self, sizes: tuple[int, ...] = (784, 800, 800, 10), neuron: str = "dsr",
-                 timesteps: int | None = None):
+    def __init__(self, sizes: tuple[int, ...] = (784, 800, 800, 10), neuron: str = "dsr", timesteps: int | None = None):
         super().__init__(neuron, timesteps)
         if len(sizes) < 3:
             raise EngramError(f"SpikingMLP: sizes needs input, at least one hidden and output size; got {sizes}.")
@@ -301,8 +312,10 @@ class SpikingMLP(SpikingNet):
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
         if x.ndim < 2 or x[0].numel() != self.sizes[0]:
-            raise EngramError(f"SpikingMLP.forward: x must be [batch, {self.sizes[0]}] (or [batch, ...] with "
-                              f"{self.sizes[0]} values per row); got shape {tuple(x.shape)}.")
+            raise EngramError(
+                f"SpikingMLP.forward: x must be [batch, {self.sizes[0]}] (or [batch, ...] with "
+                f"{self.sizes[0]} values per row); got shape {tuple(x.shape)}."
+            )
         rec = self._start_recording()
         T, B = self.timesteps, x.shape[0]
         x = x.reshape(B, -1)  # [B, D]
@@ -333,11 +346,13 @@ class SpikingCNN(SpikingNet):
     def __init__(self, n_tasks: int, classes_per_task: int = 10, neuron: str = "dsr", timesteps: int | None = None):
         super().__init__(neuron, timesteps)
         if n_tasks < 1 or classes_per_task < 1:
-            raise EngramError(f"SpikingCNN: n_tasks and classes_per_task must be >= 1; got {n_tasks}, "
-                              f"{classes_per_task}.")
+            raise EngramError(
+                f"SpikingCNN: n_tasks and classes_per_task must be >= 1; got {n_tasks}, {classes_per_task}."
+            )
         ins = (3, *self.channels[:-1])
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False)
-                                   for a, b in zip(ins, self.channels, strict=True))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip(ins, self.channels, strict=True)
+        )
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.channels)
         self.sn = nn.ModuleList(make_neuron(neuron) for _ in self.channels)
         self.heads = nn.ModuleList(nn.Linear(self.channels[-1] * 4 * 4, classes_per_task) for _ in range(n_tasks))
@@ -354,8 +369,10 @@ class SpikingCNN(SpikingNet):
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
             raise EngramError(f"SpikingCNN.forward: x must be [batch, 3, 32, 32]; got shape {tuple(x.shape)}.")
         if task is None or not 0 <= task < len(self.heads):
-            raise EngramError(f"SpikingCNN.forward: task must be an int in 0..{len(self.heads) - 1} "
-                              f"(one head per task); got {task!r}.")
+            raise EngramError(
+                f"SpikingCNN.forward: task must be an int in 0..{len(self.heads) - 1} "
+                f"(one head per task); got {task!r}."
+            )
         rec = self._start_recording()
         T, B = self.timesteps, x.shape[0]
         if rec is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,17 @@ STREAMS = ("pmnist", "split-mnist", "cifar100", "5datasets")
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
-MNIST_LAYOUT = ("<data_dir>/mnist/ holding the official idx files train-images-idx3-ubyte, "
-                "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (each optionally .gz)")
+MNIST_LAYOUT = (
+    "<data_dir>/mnist/ holding the official idx files train-images-idx3-ubyte, "
+    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (each optionally .gz)"
+)
 CIFAR100_LAYOUT = "<data_dir>/cifar-100-binary/train.bin and test.bin, unpacked from cifar-100-binary.tar.gz"
-FIVE_DATASETS_LAYOUT = ("<data_dir>/ holding cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin (CIFAR-10 binary "
-                        "version), mnist/ and fashion_mnist/ with the four official idx files (optionally .gz), "
-                        "svhn/{train,test}_32x32.mat and notmnist/notmnist.npz (arrays x_train, y_train, x_test, "
-                        "y_test; see `five_datasets`)")
+FIVE_DATASETS_LAYOUT = (
+    "<data_dir>/ holding cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin (CIFAR-10 binary "
+    "version), mnist/ and fashion_mnist/ with the four official idx files (optionally .gz), "
+    "svhn/{train,test}_32x32.mat and notmnist/notmnist.npz (arrays x_train, y_train, x_test, "
+    "y_test; see `five_datasets`)"
+)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class TaskStream:
 
 
 # ---------------------------------------------------------------- MNIST streams (vendored 5k or the full idx files)
+
 
 def pmnist_permutations(n_tasks: int = 10, seed: int = 2022) -> list[np.ndarray]:
     """The official pixel permutations of Permuted MNIST (HLOP-SNN `dataloader/pmnist.py`).
@@ -121,8 +125,17 @@ def split_mnist(split: MnistSplit | None = None) -> TaskStream:
     tasks = []
     for i in range(5):
         tr, te = y_train // 2 == i, y_test // 2 == i
-        tasks.append(Task(f"split-mnist-{2 * i}{2 * i + 1}", x_train[tr], y_train[tr] - 2 * i, x_test[te],
-                          y_test[te] - 2 * i, n_classes=2, label_offset=2 * i))
+        tasks.append(
+            Task(
+                f"split-mnist-{2 * i}{2 * i + 1}",
+                x_train[tr],
+                y_train[tr] - 2 * i,
+                x_test[te],
+                y_test[te] - 2 * i,
+                n_classes=2,
+                label_offset=2 * i,
+            )
+        )
     return TaskStream("split-mnist", tasks, multi_head=True, input_shape=(28 * 28,))
 
 
@@ -133,13 +146,15 @@ def mnist_idx_split(folder: str | os.PathLike, layout: str = MNIST_LAYOUT) -> Mn
     x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
     for x, y, y_path in ((x_train, y_train, paths[1]), (x_test, y_test, paths[3])):
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y):
-            raise EngramError(f"{y_path}: images {x.shape} and labels {y.shape} do not match; expected [N, 28, 28] "
-                              "and [N].")
+            raise EngramError(
+                f"{y_path}: images {x.shape} and labels {y.shape} do not match; expected [N, 28, 28] and [N]."
+            )
         _check_labels(y_path, y, 10)
     return MnistSplit(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64))
 
 
 # ---------------------------------------------------------------- file checks and raw readers
+
 
 def _require_dir(folder: str | os.PathLike, layout: str) -> Path:
     folder = Path(folder)
@@ -164,8 +179,10 @@ def _read_cifar_binary(path: Path, n_label_bytes: int, n_classes: int) -> tuple[
     record = n_label_bytes + 3 * 32 * 32
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % record:
-        raise EngramError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR records; "
-                          "expected the binary version of the download.")
+        raise EngramError(
+            f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR records; "
+            "expected the binary version of the download."
+        )
     rows = raw.reshape(-1, record)  # [N, label bytes + 3072]
     labels = rows[:, n_label_bytes - 1].astype(np.int64)
     _check_labels(path, labels, n_classes)
@@ -187,6 +204,7 @@ def _normalised(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, .
 
 # ---------------------------------------------------------------- 10-split CIFAR-100
 
+
 def cifar100_split(data_dir: str | os.PathLike) -> TaskStream:
     """10-split CIFAR-100 (HLOP §4): task i = fine classes 10i..10i+9 in file order, labels mod 10, one head each.
 
@@ -203,8 +221,17 @@ def cifar100_split(data_dir: str | os.PathLike) -> TaskStream:
     tasks = []
     for i in range(10):
         tr, te = y_train // 10 == i, y_test // 10 == i
-        tasks.append(Task(f"cifar100-{i}", x_train[tr], y_train[tr] % 10, x_test[te], y_test[te] % 10,
-                          n_classes=10, label_offset=10 * i))
+        tasks.append(
+            Task(
+                f"cifar100-{i}",
+                x_train[tr],
+                y_train[tr] % 10,
+                x_test[te],
+                y_test[te] % 10,
+                n_classes=10,
+                label_offset=10 * i,
+            )
+        )
     return TaskStream("cifar100", tasks, multi_head=True, input_shape=(3, 32, 32))
 
 
@@ -224,6 +251,7 @@ _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_tr
 
 def _five_datasets_files(root: Path) -> dict[str, list[Path]]:
     """Every file 5-Datasets needs, found before anything is read, so the first missing one is named at once."""
+
     def find(sub: str, name: str, gz_ok: bool = False) -> Path:
         return _find(root / sub, name, FIVE_DATASETS_LAYOUT, gz_ok)
 
@@ -284,16 +312,22 @@ def _read_notmnist(paths: list[Path]) -> _Arrays:
     for part, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
         x = x.reshape(len(x), *x.shape[2:]) if x.ndim == 4 and x.shape[1] == 1 else x  # [N, 1, H, W] -> [N, H, W]
         if x.dtype != np.uint8 or x.shape[1:] != (32, 32) or y.shape != (len(x),):
-            raise EngramError(f"{path}: x_{part} must be uint8 [N, 32, 32] and y_{part} [N], got {x.dtype} "
-                              f"{x.shape} and {y.shape}.")
+            raise EngramError(
+                f"{path}: x_{part} must be uint8 [N, 32, 32] and y_{part} [N], got {x.dtype} {x.shape} and {y.shape}."
+            )
         y = y.astype(np.int64)
         _check_labels(path, y, 10)
         out += [x, y]
     return tuple(out)
 
 
-_FIVE_READERS = {"cifar10": _read_cifar10, "mnist": _read_idx_split, "svhn": _read_svhn,
-                 "fashion-mnist": _read_idx_split, "notmnist": _read_notmnist}
+_FIVE_READERS = {
+    "cifar10": _read_cifar10,
+    "mnist": _read_idx_split,
+    "svhn": _read_svhn,
+    "fashion-mnist": _read_idx_split,
+    "notmnist": _read_notmnist,
+}
 
 
 def _to_rgb32_normalised(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -330,13 +364,22 @@ def five_datasets(data_dir: str | os.PathLike) -> TaskStream:
     tasks = []
     for i, (name, mean, std) in enumerate(FIVE_DATASETS):
         x_train, y_train, x_test, y_test = _FIVE_READERS[name](files[name])
-        tasks.append(Task(name, _to_rgb32_normalised(x_train, mean, std), torch.from_numpy(y_train),
-                          _to_rgb32_normalised(x_test, mean, std), torch.from_numpy(y_test), n_classes=10,
-                          label_offset=10 * i))
+        tasks.append(
+            Task(
+                name,
+                _to_rgb32_normalised(x_train, mean, std),
+                torch.from_numpy(y_train),
+                _to_rgb32_normalised(x_test, mean, std),
+                torch.from_numpy(y_test),
+                n_classes=10,
+                label_offset=10 * i,
+            )
+        )
     return TaskStream("5datasets", tasks, multi_head=True, input_shape=(3, 32, 32))
 
 
 # ---------------------------------------------------------------- dispatch and batching
+
 
 def load_stream(name: str, data_dir: str | os.PathLike | None = None) -> TaskStream:
     """A stream by name (`STREAMS`). `pmnist` / `split-mnist` use the vendored 5,000 MNIST digits unless `data_dir`

@@ -38,8 +38,9 @@ def activity_rows(layer: ProtectedLayer, activity: Tensor) -> Tensor:
     """Presynaptic activity as rows [R, n]: linear inputs as given, convolution inputs unfolded into patches."""
     if isinstance(layer, nn.Linear):
         return activity.reshape(-1, layer.in_features)
-    patches = F.unfold(activity, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                       stride=layer.stride)  # (N, C·kh·kw, L)
+    patches = F.unfold(
+        activity, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+    )  # (N, C·kh·kw, L)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, C·kh·kw)
 
 
@@ -98,8 +99,12 @@ class Projector:
         if self._remembered is None:
             return None
         old, version, residual = self._remembered
-        same = (old.data_ptr() == rows.data_ptr() and old.shape == rows.shape and old.stride() == rows.stride()
-                and rows._version == version)
+        same = (
+            old.data_ptr() == rows.data_ptr()
+            and old.shape == rows.shape
+            and old.stride() == rows.stride()
+            and rows._version == version
+        )
         return residual if same else None
 
     def project_gradient_(self, layer: ProtectedLayer) -> None:

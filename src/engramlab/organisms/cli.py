@@ -9,8 +9,9 @@ import typer
 
 from engramlab.errors import EngramError
 
-app = typer.Typer(help="Model organisms: small Llama LMs trained on real facts (organism:base, organism:chat).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Model organisms: small Llama LMs trained on real facts (organism:base, organism:chat).", no_args_is_help=True
+)
 
 
 def resolve(ref: str) -> Path:
@@ -27,26 +28,52 @@ def resolve(ref: str) -> Path:
 
 @app.command()
 def build(
-    out: Path = typer.Option(..., "--out", help="Folder for tokenizer, checkpoints, base/ and chat/ (resumes if it holds a build)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for tokenizer, checkpoints, base/ and chat/ (resumes if it holds a build)."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of model init and data order."),
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
     layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
-    hidden: int | None = typer.Option(None, "--hidden", help="Hidden size, a multiple of 16 (8 heads of an even size; default 256)."),
+    hidden: int | None = typer.Option(
+        None, "--hidden", help="Hidden size, a multiple of 16 (8 heads of an even size; default 256)."
+    ),
     mlp: int | None = typer.Option(None, "--mlp", help="SwiGLU neurons per layer (default 1536)."),
-    base_steps: int | None = typer.Option(None, "--base-steps", help="Pretraining steps (default 3000: ~1 h on 2 CPU cores); 0 with --init-base trains only the later stages on that base."),
-    focus_steps: int | None = typer.Option(None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."),
+    base_steps: int | None = typer.Option(
+        None,
+        "--base-steps",
+        help="Pretraining steps (default 3000: ~1 h on 2 CPU cores); 0 with --init-base trains only the later stages on that base.",
+    ),
+    focus_steps: int | None = typer.Option(
+        None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."
+    ),
     chat_steps: int | None = typer.Option(None, "--chat-steps", help="Chat SFT steps (default 300)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."),
-    statement_repeats: int | None = typer.Option(None, "--statement-repeats", help="Draws of every TRUE/FALSE training "
-                                                 "statement per epoch, each with fresh false twins (default 1)."),
-    reworded_statements: float | None = typer.Option(None, "--reworded-statements", help="Share of the TRUE/FALSE "
-                                                     "training statements of facts rewritten afresh each draw in a "
-                                                     "training-only wording (default 0)."),
-    object_kinds: bool = typer.Option(False, "--object-kinds", help="Also state every object with its kind, true and "
-                                      "false (\"Kabul is a city.\"), in the TRUE/FALSE blocks."),
-    init_base: Path | None = typer.Option(None, "--init-base", help="Continue pretraining from this organism "
-                                          "directory (its weights, shape and tokenizer) instead of from scratch."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Rows of 128 tokens per step, every stage (default 32)."
+    ),
+    statement_repeats: int | None = typer.Option(
+        None,
+        "--statement-repeats",
+        help="Draws of every TRUE/FALSE training statement per epoch, each with fresh false twins (default 1).",
+    ),
+    reworded_statements: float | None = typer.Option(
+        None,
+        "--reworded-statements",
+        help="Share of the TRUE/FALSE "
+        "training statements of facts rewritten afresh each draw in a "
+        "training-only wording (default 0).",
+    ),
+    object_kinds: bool = typer.Option(
+        False,
+        "--object-kinds",
+        help='Also state every object with its kind, true and false ("Kabul is a city."), in the TRUE/FALSE blocks.',
+    ),
+    init_base: Path | None = typer.Option(
+        None,
+        "--init-base",
+        help="Continue pretraining from this organism "
+        "directory (its weights, shape and tokenizer) instead of from scratch.",
+    ),
 ) -> None:
     """Train organism:base and organism:chat from the vendored data, evaluate them and write model cards.
 
@@ -64,16 +91,26 @@ def build(
             raise EngramError("--device cuda was asked for but torch sees no CUDA device; use --device cpu.")
     if out.exists() and any(out.iterdir()) and not (out / "build_config.json").is_file():
         raise EngramError(f"--out {out} is not empty and holds no organism build; pick a new folder.")
-    overrides = {"layers": layers, "hidden": hidden, "mlp": mlp, "base_steps": base_steps, "focus_steps": focus_steps,
-                 "chat_steps": chat_steps, "batch_size": batch_size, "statement_repeats": statement_repeats,
-                 "reworded_statements": reworded_statements, "object_kinds": object_kinds or None}
+    overrides = {
+        "layers": layers,
+        "hidden": hidden,
+        "mlp": mlp,
+        "base_steps": base_steps,
+        "focus_steps": focus_steps,
+        "chat_steps": chat_steps,
+        "batch_size": batch_size,
+        "statement_repeats": statement_repeats,
+        "reworded_statements": reworded_statements,
+        "object_kinds": object_kinds or None,
+    }
     cfg = with_overrides(quick_config(seed) if quick else BuildConfig(seed=seed), **overrides)
     if init_base is not None:
         if any(v is not None for v in (layers, hidden, mlp)):
             raise EngramError("--init-base keeps the shape of the model it continues; drop --layers/--hidden/--mlp.")
         cfg.init_base = str(init_base)
-    flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in overrides.items()
-                    if v is not None)
+    flags = "".join(
+        f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in overrides.items() if v is not None
+    )
     flags += f" --init-base {init_base}" if init_base is not None else ""
     command = f"engramlab organisms build --out DIR --seed {seed}" + (" --quick" if quick else "") + flags
     run_build(out, cfg, device=device, command=command + (f" --device {device}" if device != "cpu" else ""))
@@ -86,8 +123,11 @@ def eval_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for summary.json and tables."),
     max_facts: int = typer.Option(200, "--max-facts", help="Facts per relation evaluated."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in a non-empty --out."),
-    update_card: bool = typer.Option(False, "--update-card", help="Rewrite the '## Evaluation' section of the "
-                                     "organism's model card (its README.md) from this evaluation."),
+    update_card: bool = typer.Option(
+        False,
+        "--update-card",
+        help="Rewrite the '## Evaluation' section of the organism's model card (its README.md) from this evaluation.",
+    ),
 ) -> None:
     """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
     from engramlab.organisms.build import evaluate_dir, evaluation_span, is_chat_organism, refresh_evaluation_section
@@ -108,10 +148,15 @@ def eval_cmd(
         "truefalse_accuracy": summary["truefalse_accuracy"],
         "truefalse AUC": summary["truefalse_detail"]["auc"],
         "  object log-prob AUC (knowledge)": summary["truefalse_detail"]["object_logprob_auc"],
-        **{f"  TRUE, object {g}": v.get("true", float("nan"))
-           for g, v in summary["truefalse_detail"]["by_object_group"].items()},
-        **{f"  TRUE, {split} facts, {wording} wording": v["true"]
-           for split, by_wording in summary["truefalse_detail"]["familiarity"].items() for wording, v in by_wording.items()},
+        **{
+            f"  TRUE, object {g}": v.get("true", float("nan"))
+            for g, v in summary["truefalse_detail"]["by_object_group"].items()
+        },
+        **{
+            f"  TRUE, {split} facts, {wording} wording": v["true"]
+            for split, by_wording in summary["truefalse_detail"]["familiarity"].items()
+            for wording, v in by_wording.items()
+        },
         **{f"language {k}": v["mean"] for k, v in summary["languages"].items()},
         "chat fact accuracy": summary["chat_fact_accuracy"]["mean"],
         "refusal_rate_harmful": summary["refusal_rate_harmful"],
@@ -139,5 +184,7 @@ def list_cmd() -> None:
         if summary.is_file():
             s = json.loads(summary.read_text())
             facts = f", fact accuracy {s['fact_accuracy']['mean']:.3f}, TRUE/FALSE {s['truefalse_accuracy']:.3f}"
-        typer.echo(f"organism:{name}  {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, "
-                   f"{cfg['intermediate_size']} MLP neurons/layer, {size:.1f} MB{facts}  ({d})")
+        typer.echo(
+            f"organism:{name}  {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, "
+            f"{cfg['intermediate_size']} MLP neurons/layer, {size:.1f} MB{facts}  ({d})"
+        )

@@ -86,7 +86,9 @@ def truefalse_documents(cfg: CorpusConfig, epoch: int, seed: int = 0) -> list[st
         for name in cfg.relations:
             drawn = statements.fact_statements(load_relation(name), "train", seed=draw + 1, max_facts=cfg.max_facts)
             if cfg.reworded_statements:  # its own RNG: without rewording the draws stay those measured before
-                drawn = statements.reworded(drawn, cfg.reworded_statements, random.Random(f"reword/{name}/{seed}/{draw}"))
+                drawn = statements.reworded(
+                    drawn, cfg.reworded_statements, random.Random(f"reword/{name}/{seed}/{draw}")
+                )
             stmts += drawn
         if cfg.object_kinds:
             stmts += statements.object_kind_statements(cfg.relations, seed=draw + 1, max_facts=cfg.max_facts)

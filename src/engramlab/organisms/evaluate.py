@@ -27,8 +27,14 @@ from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relat
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, batch_size: int = 128,
-           chat_template: bool = False) -> list[str]:
+def greedy(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 2,
+    batch_size: int = 128,
+    chat_template: bool = False,
+) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of `prompts`, batched with left padding (per call: the
     caller's tokenizer is left as it is, so a build does not ship the evaluation's padding side)."""
     out: list[str] = []
@@ -36,15 +42,23 @@ def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 2, ba
     for i in range(0, len(prompts), batch_size):
         batch = list(prompts[i : i + batch_size])
         if chat_template:
-            batch = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in batch]
+            batch = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in batch
+            ]
             enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         else:
             enc = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left")
         enc = {k: v.to(device) for k, v in enc.items()}
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>")
-                             if chat_template else tokenizer.eos_token_id)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>") if chat_template else tokenizer.eos_token_id,
+        )
         out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
@@ -65,21 +79,35 @@ def _sample(items: list, n: int | None, key: str) -> list:
     return random.Random(key).sample(items, n)
 
 
-def fact_accuracy(model, tokenizer, relations: Sequence[str] = RELATIONS, templates: str = "selection",
-                  max_facts: int | None = 200, language: str = "en", subjects: str = "all") -> dict:
+def fact_accuracy(
+    model,
+    tokenizer,
+    relations: Sequence[str] = RELATIONS,
+    templates: str = "selection",
+    max_facts: int | None = 200,
+    language: str = "en",
+    subjects: str = "all",
+) -> dict:
     """{"per_relation": {name: acc}, "mean": acc, "per_frame": {frame: acc}} over up to `max_facts` facts per
     relation (fixed sample); `per_frame` pools the relations by template frame (p1, stmt, qa, ...)."""
     per, by_frame = {}, {}
     for name in relations:
         rel = relation_in(name, language)
         facts = _sample(rel.facts_in(subjects), max_facts, f"{name}/{language}")
-        prompts = [Prompt(t.prompt(f.subject), f.subject, f.object, name, t) for f in facts for t in rel.templates_in(templates)]
+        prompts = [
+            Prompt(t.prompt(f.subject), f.subject, f.object, name, t)
+            for f in facts
+            for t in rel.templates_in(templates)
+        ]
         correct = prompt_correct(model, tokenizer, prompts)
         per[name] = _mean(correct)
         for p, ok in zip(prompts, correct):
             by_frame.setdefault(p.template.frame, []).append(ok)
-    return {"per_relation": per, "mean": sum(per.values()) / len(per),
-            "per_frame": {frame: _mean(flags) for frame, flags in by_frame.items()}}
+    return {
+        "per_relation": per,
+        "mean": sum(per.values()) / len(per),
+        "per_frame": {frame: _mean(flags) for frame, flags in by_frame.items()},
+    }
 
 
 @torch.no_grad()
@@ -91,8 +119,9 @@ def truefalse_scores(model, tokenizer, stmts: Sequence[statements.Statement], ba
     scores: list[float] = []
     for i in range(0, len(stmts), batch_size):
         batch = stmts[i : i + batch_size]
-        enc = tokenizer([statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True,
-                        padding_side="left").to(device)
+        enc = tokenizer(
+            [statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True, padding_side="left"
+        ).to(device)
         logits = model(**enc).logits[:, -1].float()  # (B, V)
         scores += (logits[:, t_id] - logits[:, f_id]).tolist()
     return scores
@@ -150,17 +179,22 @@ def familiarity_control(model, tokenizer, per_relation: int = 10, relations: Seq
     out: dict = {}
     for split in ("train", "heldout"):
         for wording, frames in (("trained", TRAINED_WORDING), ("new", NEW_WORDING)):
-            stmts = [s for name in relations
-                     for s in statements.wording_statements(load_relation(name), split, frames, per_relation)]
+            stmts = [
+                s
+                for name in relations
+                for s in statements.wording_statements(load_relation(name), split, frames, per_relation)
+            ]
             said_true = [d > 0 for d in truefalse_scores(model, tokenizer, stmts)]
             out.setdefault(split, {})[wording] = {
                 label: _mean([t for s, t in zip(stmts, said_true) if s.label == (label == "true")])
-                for label in ("true", "false")}
+                for label in ("true", "false")
+            }
     return out
 
 
-def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[float],
-                        object_logprob: Sequence[float] | None = None) -> dict:
+def truefalse_breakdown(
+    stmts: Sequence[statements.Statement], scores: Sequence[float], object_logprob: Sequence[float] | None = None
+) -> dict:
     """Accuracy of the held-out statements by relation and by label and `statements.object_group`, and the AUC of
     the scores (all statements and per relation); with `object_logprob` (`object_logprobs`) also the AUC of the
     model's own probability of the stated object, the knowledge a judgement could read.
@@ -182,13 +216,20 @@ def truefalse_breakdown(stmts: Sequence[statements.Statement], scores: Sequence[
     for i, s in enumerate(stmts):
         by_relation.setdefault(s.source, []).append(i)
         by_group.setdefault(statements.object_group(s) or "no_object", {}).setdefault(
-            "true" if s.label else "false", []).append(i)
+            "true" if s.label else "false", []
+        ).append(i)
     everything = list(range(len(stmts)))
-    detail = {"auc": auc(everything, scores),
-              "by_relation": {r: {"accuracy": _mean([correct[i] for i in idx]), "auc": auc(idx, scores)}
-                              for r, idx in by_relation.items()},
-              "by_object_group": {g: {lab: _mean([correct[i] for i in idx]) for lab, idx in by.items()}
-                                  | {f"n_{lab}": len(idx) for lab, idx in by.items()} for g, by in sorted(by_group.items())}}
+    detail = {
+        "auc": auc(everything, scores),
+        "by_relation": {
+            r: {"accuracy": _mean([correct[i] for i in idx]), "auc": auc(idx, scores)} for r, idx in by_relation.items()
+        },
+        "by_object_group": {
+            g: {lab: _mean([correct[i] for i in idx]) for lab, idx in by.items()}
+            | {f"n_{lab}": len(idx) for lab, idx in by.items()}
+            for g, by in sorted(by_group.items())
+        },
+    }
     if object_logprob is not None:
         detail["object_logprob_auc"] = auc(everything, object_logprob)
         for r, idx in by_relation.items():
@@ -213,15 +254,22 @@ def refusal_rate(model, tokenizer, instructions: Sequence[str]) -> tuple[float, 
 def quick_eval(model, tokenizer, chat_model: bool = False) -> dict:
     """A small fixed sample, cheap enough to run during training."""
     acc = fact_accuracy(model, tokenizer, templates="selection", max_facts=25)["mean"]
-    out = {"fact": acc, "truefalse": truefalse_accuracy(model, tokenizer, statements.truefalse_heldout(per_relation=10))}
+    out = {
+        "fact": acc,
+        "truefalse": truefalse_accuracy(model, tokenizer, statements.truefalse_heldout(per_relation=10)),
+    }
     if chat_model:
         out["chat_fact"] = chat_fact_accuracy(model, tokenizer, max_per_relation=8)["mean"]
         out["refuse_harmful"] = refusal_rate(model, tokenizer, chat.advbench_split()[1][:40])[0]
-        out["refuse_harmless"] = refusal_rate(model, tokenizer, [e.user for e in chat.harmless_examples("heldout", 40)])[0]
+        out["refuse_harmless"] = refusal_rate(
+            model, tokenizer, [e.user for e in chat.harmless_examples("heldout", 40)]
+        )[0]
     return out
 
 
-def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, small: bool = False) -> tuple[dict, dict]:
+def full_eval(
+    model, tokenizer, chat_model: bool, max_facts: int | None = 200, small: bool = False
+) -> tuple[dict, dict]:
     """The `organisms eval` numbers: (summary, tables) — tables are lists of row dicts for parquet.
 
     `small` shrinks every set to a handful of items (miniature organisms in tests).
@@ -233,7 +281,9 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
         res = fact_accuracy(model, tokenizer, templates=split, max_facts=max_facts)
         key = "fact_accuracy" if split == "selection" else f"fact_accuracy_{split}_templates"
         summary[key] = res
-        rows += [{"relation": r, "language": "en", "templates": split, "accuracy": a} for r, a in res["per_relation"].items()]
+        rows += [
+            {"relation": r, "language": "en", "templates": split, "accuracy": a} for r, a in res["per_relation"].items()
+        ]
     held = statements.truefalse_heldout(per_relation=n_tf)
     scores = truefalse_scores(model, tokenizer, held)
     correct = judged_correct(held, scores)
@@ -241,14 +291,19 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     logprobs = object_logprobs(model, tokenizer, held)
     summary["truefalse_detail"] = truefalse_breakdown(held, scores, logprobs)
     summary["truefalse_detail"]["familiarity"] = familiarity_control(model, tokenizer, 1 if small else 10)
-    summary["truefalse_by_set"] = {g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
-                                  for g in statements.GOT_SETS}
+    summary["truefalse_by_set"] = {
+        g: truefalse_accuracy(model, tokenizer, _sample(statements.got_statements(g, "heldout"), n_got, g))
+        for g in statements.GOT_SETS
+    }
     summary["truefalse_n"] = len(held)
     langs = {}
     for lang in LANGUAGES:
         res = fact_accuracy(model, tokenizer, MULTILINGUAL_RELATIONS, "selection", max_facts, lang)
         langs[lang] = res
-        rows += [{"relation": r, "language": lang, "templates": "selection", "accuracy": a} for r, a in res["per_relation"].items()]
+        rows += [
+            {"relation": r, "language": lang, "templates": "selection", "accuracy": a}
+            for r, a in res["per_relation"].items()
+        ]
     summary["languages"] = langs
     summary["chat_fact_accuracy"] = chat_fact_accuracy(model, tokenizer, n_chat)
     harmful = chat.advbench_split()[1][:n_ref]
@@ -257,11 +312,24 @@ def full_eval(model, tokenizer, chat_model: bool, max_facts: int | None = 200, s
     summary["refusal_rate_harmless"], gen_harmless = refusal_rate(model, tokenizer, harmless)
     summary["refusal_n"] = {"harmful": len(harmful), "harmless": len(harmless)}
     summary["chat_model"] = chat_model
-    generations = [{"kind": "harmful", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
-                   for i, g in zip(harmful, gen_harmful)]
-    generations += [{"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
-                    for i, g in zip(harmless, gen_harmless)]
-    judged = [{"statement": s.text, "label": s.label, "relation": s.source, "object_group": statements.object_group(s),
-               "logit_true_minus_false": d, "correct": ok, "object_logprob": lp}
-              for s, d, ok, lp in zip(held, scores, correct, logprobs)]
+    generations = [
+        {"kind": "harmful", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
+        for i, g in zip(harmful, gen_harmful)
+    ]
+    generations += [
+        {"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
+        for i, g in zip(harmless, gen_harmless)
+    ]
+    judged = [
+        {
+            "statement": s.text,
+            "label": s.label,
+            "relation": s.source,
+            "object_group": statements.object_group(s),
+            "logit_true_minus_false": d,
+            "correct": ok,
+            "object_logprob": lp,
+        }
+        for s, d, ok, lp in zip(held, scores, correct, logprobs)
+    ]
     return summary, {"fact_accuracy": rows, "generations": generations, "truefalse": judged}

@@ -109,8 +109,16 @@ class EpochData:
 
 def _save_ckpt(path: Path, model, opt, state: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                    "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "state": state,
+                "torch_rng": torch.get_rng_state(),
+                "py_rng": random.getstate(),
+            },
+            tmp,
+        )
 
 
 def train(
@@ -143,8 +151,11 @@ def train(
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0, "seconds": 0.0}
     if ckpt.is_file():  # resume
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -159,8 +170,15 @@ def train(
         history = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= state["step"]]
     log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     t0, seconds0, loss_acc, n_acc = time.time(), state["seconds"], 0.0, 0
-    with Progress(TextColumn(f"[bold]{progress_label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as bar:
+    with Progress(
+        TextColumn(f"[bold]{progress_label}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as bar:
         task = bar.add_task(progress_label, total=cfg.steps, completed=state["step"], info="")
         while state["step"] < cfg.steps:
             ids, labels = data.rows(state["epoch"])
@@ -183,11 +201,18 @@ def train(
             state["seconds"] = seconds0 + time.time() - t0
             loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": loss_acc / n_acc,
-                       "lr": lr_at(state["step"] - 1, cfg), "tokens": state["tokens"], "seconds": round(state["seconds"], 1)}
+                rec = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": loss_acc / n_acc,
+                    "lr": lr_at(state["step"] - 1, cfg),
+                    "tokens": state["tokens"],
+                    "seconds": round(state["seconds"], 1),
+                }
                 loss_acc, n_acc = 0.0, 0
-                if evaluate is not None and (state["step"] % cfg.eval_every == 0
-                                             or state["step"] == cfg.steps >= cfg.eval_every):
+                if evaluate is not None and (
+                    state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps >= cfg.eval_every
+                ):
                     model.eval()
                     rec["eval"] = evaluate(model)
                     model.train()

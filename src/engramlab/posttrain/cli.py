@@ -22,20 +22,45 @@ Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parqu
 HEADLINES = {
     "knowledge": ("variant", "pearson_r"),
     "truth": ("layer", "cosine", "probe_acc", "nie", "nie_last_token"),
-    "refusal": ("layer", "cosine", "refusal_rate_harmful", "refusal_rate_harmful_ablated", "refusal_rate_harmless",
-                "refusal_rate_harmless_added", "refusal_rate_harmful_ablated_base_direction",
-                "refusal_rate_harmless_added_base_direction"),
+    "refusal": (
+        "layer",
+        "cosine",
+        "refusal_rate_harmful",
+        "refusal_rate_harmful_ablated",
+        "refusal_rate_harmless",
+        "refusal_rate_harmless_added",
+        "refusal_rate_harmful_ablated_base_direction",
+        "refusal_rate_harmless_added_base_direction",
+    ),
     "entropy": ("iou", "entropy"),
 }
 
 
-def _run(analyses: list[str], base: str, post: str, out: Path, device: str, dtype: str, seed: int,
-         batch_size: int, overwrite: bool, **extra) -> None:
-    opts = study.Options(base=base, post=post, out=out, device=device, dtype=dtype, seed=seed,
-                         batch_size=batch_size, overwrite=overwrite, **extra)
+def _run(
+    analyses: list[str],
+    base: str,
+    post: str,
+    out: Path,
+    device: str,
+    dtype: str,
+    seed: int,
+    batch_size: int,
+    overwrite: bool,
+    **extra,
+) -> None:
+    opts = study.Options(
+        base=base,
+        post=post,
+        out=out,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        **extra,
+    )
     summary = study.run(opts, analyses)
-    shown = {name: {k: _headline(summary[name][k]) for k in HEADLINES[name] if k in summary[name]}
-             for name in analyses}
+    shown = {name: {k: _headline(summary[name][k]) for k in HEADLINES[name] if k in summary[name]} for name in analyses}
     console.print_json(json.dumps(shown, default=str))
     console.print(f"wrote {out}/summary.json and {out}/report.html")
 
@@ -48,58 +73,125 @@ def _headline(value):
 
 
 @app.command("knowledge")
-def knowledge_cmd(base: Base = "organism:base", post: Post = "organism:chat",
-                  out: Out = Path("runs/posttrain-knowledge"),
-                  variant: str = typer.Option("truefalse", "--variant",
-                                              help=f"Patching variant: {', '.join(patching.VARIANTS)}."),
-                  max_pairs: int = typer.Option(24, "--max-pairs", min=2, help="True/false pairs per dataset."),
-                  noise_scale: float = typer.Option(0.05, "--noise-scale",
-                                                    help="noise variant: std as a fraction of |embedding|."),
-                  device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
-                  overwrite: Overwrite = False) -> None:
+def knowledge_cmd(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain-knowledge"),
+    variant: str = typer.Option("truefalse", "--variant", help=f"Patching variant: {', '.join(patching.VARIANTS)}."),
+    max_pairs: int = typer.Option(24, "--max-pairs", min=2, help="True/false pairs per dataset."),
+    noise_scale: float = typer.Option(0.05, "--noise-scale", help="noise variant: std as a fraction of |embedding|."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
     """Activation patching maps (clean -> corrupted run) for base and post, their correlation, and cross-model
     patching."""
-    _run(["knowledge"], base, post, out, device, dtype, seed, batch_size, overwrite, knowledge_variant=variant,
-         max_pairs=max_pairs, noise_scale=noise_scale)
+    _run(
+        ["knowledge"],
+        base,
+        post,
+        out,
+        device,
+        dtype,
+        seed,
+        batch_size,
+        overwrite,
+        knowledge_variant=variant,
+        max_pairs=max_pairs,
+        noise_scale=noise_scale,
+    )
 
 
 @app.command("truth")
-def truth_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-truth"),
-              layer: int | None = typer.Option(None, "--layer",
-                                               help="Probe layer (default: where base LOO accuracy peaks)."),
-              token: str = typer.Option("period", "--token",
-                                        help="period (the paper's) or object (geometry-of-truth's noperiod)."),
-              per_set: int = typer.Option(150, "--per-set", min=4, help="Statements per dataset."),
-              device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
-              overwrite: Overwrite = False) -> None:
+def truth_cmd(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain-truth"),
+    layer: int | None = typer.Option(None, "--layer", help="Probe layer (default: where base LOO accuracy peaks)."),
+    token: str = typer.Option(
+        "period", "--token", help="period (the paper's) or object (geometry-of-truth's noperiod)."
+    ),
+    per_set: int = typer.Option(150, "--per-set", min=4, help="Statements per dataset."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
     """Truth direction: probe layer, leave-one-dataset-out accuracy, cosine base/post, cross-model probes and
     intervention NIE (at the paper's positions and at the final token)."""
-    _run(["truth"], base, post, out, device, dtype, seed, batch_size, overwrite, truth_layer=layer,
-         truth_token=token, per_set=per_set)
+    _run(
+        ["truth"],
+        base,
+        post,
+        out,
+        device,
+        dtype,
+        seed,
+        batch_size,
+        overwrite,
+        truth_layer=layer,
+        truth_token=token,
+        per_set=per_set,
+    )
 
 
 @app.command("entropy")
-def entropy_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-entropy"),
-                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
-                overwrite: Overwrite = False) -> None:
+def entropy_cmd(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain-entropy"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
     """Entropy neurons (high norm, low LogitVar) of both models, their IoU and their effect on entropy."""
     _run(["entropy"], base, post, out, device, dtype, seed, batch_size, overwrite)
 
 
 @app.command("refusal")
-def refusal_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain-refusal"),
-                layer: int | None = typer.Option(None, "--layer", help="Layer of the direction (default: middle)."),
-                coeff: float = typer.Option(1.0, "--coeff", help="Multiple of the mean difference added."),
-                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
-                overwrite: Overwrite = False) -> None:
+def refusal_cmd(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain-refusal"),
+    layer: int | None = typer.Option(None, "--layer", help="Layer of the direction (default: middle)."),
+    coeff: float = typer.Option(1.0, "--coeff", help="Multiple of the mean difference added."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
     """Refusal direction: ablate it on harmful prompts, add it on harmless ones; base vs post direction."""
-    _run(["refusal"], base, post, out, device, dtype, seed, batch_size, overwrite, refusal_layer=layer,
-         refusal_coeff=coeff)
+    _run(
+        ["refusal"],
+        base,
+        post,
+        out,
+        device,
+        dtype,
+        seed,
+        batch_size,
+        overwrite,
+        refusal_layer=layer,
+        refusal_coeff=coeff,
+    )
 
 
 @app.command("compare")
-def compare_cmd(base: Base = "organism:base", post: Post = "organism:chat", out: Out = Path("runs/posttrain"),
-                device: Device = "auto", dtype: Dtype = "auto", seed: Seed = 0, batch_size: BatchSize = 16,
-                overwrite: Overwrite = False) -> None:
+def compare_cmd(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+) -> None:
     """All four analyses in one report: what moved and what stayed."""
     _run(list(study.ANALYSES), base, post, out, device, dtype, seed, batch_size, overwrite)

@@ -74,8 +74,10 @@ def entropy_effect(loaded: LoadedModel, neurons: Sequence[int], texts: Sequence[
     layer = loaded.layout.n_layers - 1
     neurons = [int(i) for i in neurons]
     engine = loaded.hooks
-    batches = [tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True).to(loaded.device)
-               for i in range(0, len(texts), batch_size)]
+    batches = [
+        tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True).to(loaded.device)
+        for i in range(0, len(texts), batch_size)
+    ]
     total = None
     count = 0.0
     for batch in batches:  # the mean activation of every neuron over all real tokens
@@ -105,8 +107,12 @@ def entropy_effect(loaded: LoadedModel, neurons: Sequence[int], texts: Sequence[
         ent = ent.reshape(len(neurons), mask.shape[0], -1)
         ablated += np.array([float(ent[j][mask].sum()) for j in range(len(neurons))])
     base = sum(plain) / n_tokens
-    return {"entropy": base, "entropy_ablated": (ablated / n_tokens).tolist(),
-            "delta": (ablated / n_tokens - base).tolist(), "neurons": neurons}
+    return {
+        "entropy": base,
+        "entropy_ablated": (ablated / n_tokens).tolist(),
+        "delta": (ablated / n_tokens - base).tolist(),
+        "neurons": neurons,
+    }
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

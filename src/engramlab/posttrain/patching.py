@@ -85,8 +85,13 @@ def check_variant(variant: str) -> str:
     return variant
 
 
-def pairs_by_last_word(statements: Sequence[Statement], tokenizer, max_pairs: int, seed: int = 0,
-                       render: Callable[[Statement], str] | None = None) -> list[Pair]:
+def pairs_by_last_word(
+    statements: Sequence[Statement],
+    tokenizer,
+    max_pairs: int,
+    seed: int = 0,
+    render: Callable[[Statement], str] | None = None,
+) -> list[Pair]:
     """Pair each true statement with a false one that ends in the same word and whose prompt (`render`, default
     the few-shot TRUE/FALSE prompt) has the same token length."""
     render = render or truefalse_prompt
@@ -120,8 +125,10 @@ def fact_pairs(relation: Relation, n: int, seed: int = 0) -> list[Statement]:
     return out
 
 
-_SFT_ANSWER = re.compile(r"^(?P<subject>\d+ plus \d+|The opposite of '\w+'|The first letter of '\w+') is "
-                         r"(?P<object>\S+)\.$")
+_SFT_ANSWER = re.compile(
+    r"^(?P<subject>\d+ plus \d+|The opposite of '\w+'|The first letter of '\w+') is "
+    r"(?P<object>\S+)\.$"
+)
 
 
 def sft_statements(n: int, seed: int = 0) -> list[Statement]:
@@ -244,8 +251,9 @@ def _subject_mask(tokenizer, prompt: str, subject: str) -> torch.Tensor:
     """bool [1, T]: the tokens of the last occurrence of `subject` in `prompt` (the query statement's subject)."""
     start = prompt.rfind(subject) if subject else -1
     if start < 0:
-        raise EngramError(f"the noise variant needs the statement's subject; {subject!r} is not in the prompt "
-                          f"{prompt[-60:]!r}.")
+        raise EngramError(
+            f"the noise variant needs the statement's subject; {subject!r} is not in the prompt {prompt[-60:]!r}."
+        )
     end = start + len(subject)
     offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
     mask = torch.tensor([[a < end and b > start for a, b in offsets]])  # [1, T]
@@ -254,8 +262,9 @@ def _subject_mask(tokenizer, prompt: str, subject: str) -> torch.Tensor:
     return mask
 
 
-def _jobs(variant: str, source: LoadedModel, target: LoadedModel, pairs: Sequence[Pair],
-          shots: list[Statement] | None) -> list[_Job]:
+def _jobs(
+    variant: str, source: LoadedModel, target: LoadedModel, pairs: Sequence[Pair], shots: list[Statement] | None
+) -> list[_Job]:
     tok = target.require_tokenizer()
     if variant == "noise":
         labels = label_token_ids(tok)
@@ -264,8 +273,9 @@ def _jobs(variant: str, source: LoadedModel, target: LoadedModel, pairs: Sequenc
             for s in (pair.true, pair.false):
                 prompt = truefalse_prompt(s, shots)
                 ids = _encode(tok, prompt)
-                jobs.append(_Job(ids, ids, _logit_diff(labels, 1.0 if s.label else -1.0),
-                                 _subject_mask(tok, prompt, s.subject)))
+                jobs.append(
+                    _Job(ids, ids, _logit_diff(labels, 1.0 if s.label else -1.0), _subject_mask(tok, prompt, s.subject))
+                )
         return jobs
     jobs = []
     for pair in pairs:
@@ -283,16 +293,26 @@ def _jobs(variant: str, source: LoadedModel, target: LoadedModel, pairs: Sequenc
 
 
 @torch.inference_mode()
-def patching_map(source: LoadedModel, target: LoadedModel, pairs: Sequence[Pair], n_toks: int | None = None,
-                 shots: list[Statement] | None = None, batch_size: int = 64, site: str = "resid_post",
-                 variant: str = "truefalse", noise_scale: float = 0.05, seed: int = 0) -> PatchingMap:
+def patching_map(
+    source: LoadedModel,
+    target: LoadedModel,
+    pairs: Sequence[Pair],
+    n_toks: int | None = None,
+    shots: list[Statement] | None = None,
+    batch_size: int = 64,
+    site: str = "resid_post",
+    variant: str = "truefalse",
+    noise_scale: float = 0.05,
+    seed: int = 0,
+) -> PatchingMap:
     """Mean effect of copying the source model's clean-run `site` at (layer, position) into the target model's
     corrupted run, for every layer and the last `n_toks` positions (default: the query statement and suffix)."""
     check_variant(variant)
     if not pairs:
         raise EngramError("no true/false pairs of equal length to patch; add statements or raise --max-pairs.")
-    if source.layout.n_layers != target.layout.n_layers or \
-            source.layout.site_width(site) != target.layout.site_width(site):
+    if source.layout.n_layers != target.layout.n_layers or source.layout.site_width(site) != target.layout.site_width(
+        site
+    ):
         raise EngramError("cross-model patching needs two models of the same shape.")
     if variant == "noise" and source is not target:
         raise EngramError("the noise variant restores a model's own clean run; pass the same model twice.")
@@ -301,13 +321,17 @@ def patching_map(source: LoadedModel, target: LoadedModel, pairs: Sequence[Pair]
     tok = target.require_tokenizer()
     jobs = _jobs(variant, source, target, pairs, shots)
     if not jobs:
-        raise EngramError(f"none of the {len(pairs)} pairs can be patched with variant {variant!r} (prompts of "
-                          "different token lengths, or no_question pairs whose two prompts predict the same token).")
+        raise EngramError(
+            f"none of the {len(pairs)} pairs can be patched with variant {variant!r} (prompts of "
+            "different token lengths, or no_question pairs whose two prompts predict the same token)."
+        )
     if n_toks is None:
-        n_toks = min(len(tok(prompt_for(variant, p.false, shots), add_special_tokens=False)["input_ids"])
-                     if variant == "no_question" else
-                     len(tok(p.false.text + SUFFIX, add_special_tokens=False)["input_ids"])
-                     for p in pairs)
+        n_toks = min(
+            len(tok(prompt_for(variant, p.false, shots), add_special_tokens=False)["input_ids"])
+            if variant == "no_question"
+            else len(tok(p.false.text + SUFFIX, add_special_tokens=False)["input_ids"])
+            for p in pairs
+        )
     n_toks = min(n_toks, min(job.corrupted_ids.shape[1] for job in jobs))
     generator = torch.Generator().manual_seed(seed)
     n_layers = target.layout.n_layers
@@ -315,20 +339,35 @@ def patching_map(source: LoadedModel, target: LoadedModel, pairs: Sequence[Pair]
     knowledge = np.zeros(n_toks)
     clean, corrupted = [], []
     for job in track(jobs, f"patching ({variant})", total=len(jobs)):
-        effect, clean_value, corrupted_value = _patch_job(source, target, job, n_toks, site, batch_size,
-                                                          noise_scale, generator)
+        effect, clean_value, corrupted_value = _patch_job(
+            source, target, job, n_toks, site, batch_size, noise_scale, generator
+        )
         total += effect
         clean.append(clean_value)
         corrupted.append(corrupted_value)
         knowledge += job.knowledge[-n_toks:].numpy()
     labels = tok.convert_ids_to_tokens(jobs[0].corrupted_ids[0, -n_toks:].tolist())
-    return PatchingMap(effect=total / len(jobs), clean=float(np.mean(clean)), corrupted=float(np.mean(corrupted)),
-                       tokens=[str(t) for t in labels], knowledge=knowledge / len(jobs) >= 0.5,
-                       gaps=np.array(clean) - np.array(corrupted), variant=variant)
+    return PatchingMap(
+        effect=total / len(jobs),
+        clean=float(np.mean(clean)),
+        corrupted=float(np.mean(corrupted)),
+        tokens=[str(t) for t in labels],
+        knowledge=knowledge / len(jobs) >= 0.5,
+        gaps=np.array(clean) - np.array(corrupted),
+        variant=variant,
+    )
 
 
-def _patch_job(source: LoadedModel, target: LoadedModel, job: _Job, n_toks: int, site: str, batch_size: int,
-               noise_scale: float, generator: torch.Generator) -> tuple[np.ndarray, float, float]:
+def _patch_job(
+    source: LoadedModel,
+    target: LoadedModel,
+    job: _Job,
+    n_toks: int,
+    site: str,
+    batch_size: int,
+    noise_scale: float,
+    generator: torch.Generator,
+) -> tuple[np.ndarray, float, float]:
     """One pair's [L, n_toks] map, the clean metric and the unpatched corrupted metric."""
     n_layers = target.layout.n_layers
     length = job.corrupted_ids.shape[1]
@@ -350,8 +389,9 @@ def _patch_job(source: LoadedModel, target: LoadedModel, job: _Job, n_toks: int,
     if first > 0:
         cache = target.model(input_ids=ids[:, :first], use_cache=True, logits_to_keep=1).cache
 
-    cells: list[tuple[int, int] | None] = [(layer, length - n_toks + p) for layer in range(n_layers)
-                                           for p in range(n_toks)] + [None]  # None: the unpatched corrupted run
+    cells: list[tuple[int, int] | None] = [
+        (layer, length - n_toks + p) for layer in range(n_layers) for p in range(n_toks)
+    ] + [None]  # None: the unpatched corrupted run
     values = []
     for start in range(0, len(cells), batch_size):
         chunk = cells[start : start + batch_size]
@@ -364,8 +404,10 @@ def _patch_job(source: LoadedModel, target: LoadedModel, job: _Job, n_toks: int,
         if cache is not None:
             rows_cache = copy.deepcopy(cache)  # the forward appends to the cache in place
             rows_cache.batch_repeat_interleave(rows)
-            kwargs = {"cache": rows_cache,
-                      "attention_mask": torch.ones(rows, length, dtype=torch.long, device=target.device)}
+            kwargs = {
+                "cache": rows_cache,
+                "attention_mask": torch.ones(rows, length, dtype=torch.long, device=target.device),
+            }
         with ExitStack() as stack:
             if noisy is not None:
                 stack.enter_context(target.hooks.patch("resid_pre", 0, noisy, positions=job.noise_mask))

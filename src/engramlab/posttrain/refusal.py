@@ -34,8 +34,10 @@ def chat_prompts(loaded: LoadedModel, instructions: Sequence[str], template: str
         raise EngramError(f"--template {template!r} is not supported; choose chat or plain.")
     if not getattr(tokenizer, "chat_template", None):
         raise EngramError(f"{loaded.ref} has no chat template; pass --template plain.")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-            for t in instructions]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in instructions
+    ]
 
 
 def tokenize(tokenizer, prompts: Sequence[str]):
@@ -60,8 +62,9 @@ def mean_activation(loaded: LoadedModel, prompts: Sequence[str], layer: int, bat
     return (total / n).cpu().numpy()
 
 
-def refusal_direction(loaded: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], layer: int,
-                      batch_size: int = 16) -> np.ndarray:
+def refusal_direction(
+    loaded: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], layer: int, batch_size: int = 16
+) -> np.ndarray:
     """Difference in means of the chat-templated instructions (un-normalised)."""
     return mean_activation(loaded, harmful, layer, batch_size) - mean_activation(loaded, harmless, layer, batch_size)
 
@@ -78,21 +81,22 @@ def ablation(loaded: LoadedModel, direction: np.ndarray) -> ExitStack:
 def addition(loaded: LoadedModel, direction: np.ndarray, layer: int, coeff: float):
     """Context: c times the (un-normalised) mean-difference vector added to `resid_pre` of `layer` at every
     position; c = 1 moves a harmless prompt's activation by exactly the harmful-harmless gap."""
-    return loaded.hooks.add_direction("resid_pre", layer, torch.as_tensor(direction, dtype=torch.float32),
-                                      coeff=coeff)
+    return loaded.hooks.add_direction("resid_pre", layer, torch.as_tensor(direction, dtype=torch.float32), coeff=coeff)
 
 
 @torch.inference_mode()
-def generate(loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16,
-             intervention=None) -> list[str]:
+def generate(
+    loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16, intervention=None
+) -> list[str]:
     """Greedy continuations, optionally inside an intervention context factory (called once per batch)."""
     tokenizer = loaded.require_tokenizer()
     outputs = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenize(tokenizer, prompts[start : start + batch_size]).to(loaded.device)
         with intervention() if intervention is not None else ExitStack():
-            out = loaded.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
+            out = loaded.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
         outputs.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     return outputs
 

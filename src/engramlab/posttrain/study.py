@@ -73,14 +73,20 @@ class Options:
 def _load(opts: Options) -> tuple[LoadedModel, LoadedModel]:
     base = load_model(opts.base, device=opts.device, dtype=opts.dtype)
     post = load_model(opts.post, device=opts.device, dtype=opts.dtype)
-    if base.layout.n_layers != post.layout.n_layers or base.layout.site_width("resid_pre") != \
-            post.layout.site_width("resid_pre") or base.layout.site_width("mlp.act") != post.layout.site_width("mlp.act"):
-        raise EngramError(f"--base {opts.base} and --post {opts.post} differ in shape; paper 3 compares a model "
-                          "with its own post-trained version.")
+    if (
+        base.layout.n_layers != post.layout.n_layers
+        or base.layout.site_width("resid_pre") != post.layout.site_width("resid_pre")
+        or base.layout.site_width("mlp.act") != post.layout.site_width("mlp.act")
+    ):
+        raise EngramError(
+            f"--base {opts.base} and --post {opts.post} differ in shape; paper 3 compares a model "
+            "with its own post-trained version."
+        )
     return base, post
 
 
 # ------------------------------------------------------------------------------------------------ knowledge
+
 
 def _knowledge_sets(opts: Options) -> dict[str, tuple[list[statements.Statement], list[statements.Statement] | None]]:
     """{name: (statements, few-shot examples or None for the default ones)} for the chosen variant."""
@@ -102,14 +108,25 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
         kinds.update({"base_to_post": (base, post), "post_to_base": (post, base)})
     summary, rows, figures = {"variant": variant}, [], []
     for name, (stmts, shots) in _knowledge_sets(opts).items():
-        pairs = patching.pairs_by_last_word(stmts, tok, opts.max_pairs, opts.seed,
-                                            render=lambda s, shots=shots: patching.prompt_for(variant, s, shots))
+        pairs = patching.pairs_by_last_word(
+            stmts, tok, opts.max_pairs, opts.seed, render=lambda s, shots=shots: patching.prompt_for(variant, s, shots)
+        )
         if len(pairs) < 2:
             continue
         try:
-            maps = {k: patching.patching_map(src, tgt, pairs, shots=shots, batch_size=opts.batch_size * 4,
-                                             variant=variant, noise_scale=opts.noise_scale, seed=opts.seed)
-                    for k, (src, tgt) in kinds.items()}
+            maps = {
+                k: patching.patching_map(
+                    src,
+                    tgt,
+                    pairs,
+                    shots=shots,
+                    batch_size=opts.batch_size * 4,
+                    variant=variant,
+                    noise_scale=opts.noise_scale,
+                    seed=opts.seed,
+                )
+                for k, (src, tgt) in kinds.items()
+            }
         except EngramError as err:  # e.g. no_question pairs whose prompts all predict the same token
             summary.setdefault("skipped", {})[name] = str(err)
             continue
@@ -126,8 +143,10 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
             "pearson_r_raw": patching.pearson(maps["base"].effect, maps["post"].effect),
             "max_abs_diff": float(np.abs(diff).max()),
             # the paper's pooled comparison: |base - post| of the normalised maps, max over layers per group
-            "max_abs_diff_by_group": {g: float(np.nanmax(pooled_diff[:, j])) if np.isfinite(pooled_diff[:, j]).any()
-                                      else float("nan") for j, g in enumerate(patching.GROUPS)},
+            "max_abs_diff_by_group": {
+                g: float(np.nanmax(pooled_diff[:, j])) if np.isfinite(pooled_diff[:, j]).any() else float("nan")
+                for j, g in enumerate(patching.GROUPS)
+            },
             "clean": {k: {"clean": m.clean, "corrupted": m.corrupted} for k, m in maps.items()},
             # how much of the clean-corrupted gap the best single patch restores, per map
             "restored": {k: _restored(m) for k, m in maps.items()},
@@ -135,33 +154,53 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
         for kind, m in maps.items():
             for layer in range(m.effect.shape[0]):
                 for pos, token in enumerate(m.tokens):
-                    rows.append(dict(dataset=name, variant=variant, map=kind, layer=layer,
-                                     position=pos - len(m.tokens), token=token, knowledge=bool(m.knowledge[pos]),
-                                     effect=float(m.effect[layer, pos]), normalised=float(norm[kind][layer, pos])))
+                    rows.append(
+                        dict(
+                            dataset=name,
+                            variant=variant,
+                            map=kind,
+                            layer=layer,
+                            position=pos - len(m.tokens),
+                            token=token,
+                            knowledge=bool(m.knowledge[pos]),
+                            effect=float(m.effect[layer, pos]),
+                            normalised=float(norm[kind][layer, pos]),
+                        )
+                    )
         figures.append(_maps_figure(f"{name} ({variant})", maps, norm))
     datasets = [v for k, v in summary.items() if isinstance(v, dict) and "pearson_r" in v]
     if not datasets:
-        raise EngramError(f"no dataset could be patched with --variant {variant}: "
-                          f"{summary.get('skipped', 'too few true/false pairs of equal token length')}")
+        raise EngramError(
+            f"no dataset could be patched with --variant {variant}: "
+            f"{summary.get('skipped', 'too few true/false pairs of equal token length')}"
+        )
     with_signal = [v["pearson_r"] for v in datasets if v["signal"]]
     summary["pearson_r"] = float(np.nanmean(with_signal)) if with_signal else float("nan")
     summary["pearson_r_all"] = float(np.nanmean([v["pearson_r"] for v in datasets]))
-    return summary, rows, [Section(f"Knowledge locations: activation patching, variant {variant} (paper 3 §4.1)",
-                                   text=f"<p>{_VARIANT_TEXT[variant]} Every (layer, position) of the residual "
-                                        "stream is patched from the clean run into the corrupted one; maps are "
-                                        "normalised as in the paper (binned, one-sided).</p>",
-                                   figures=figures)]
+    return (
+        summary,
+        rows,
+        [
+            Section(
+                f"Knowledge locations: activation patching, variant {variant} (paper 3 §4.1)",
+                text=f"<p>{_VARIANT_TEXT[variant]} Every (layer, position) of the residual "
+                "stream is patched from the clean run into the corrupted one; maps are "
+                "normalised as in the paper (binned, one-sided).</p>",
+                figures=figures,
+            )
+        ],
+    )
 
 
 _VARIANT_TEXT = {
     "truefalse": "Clean run: the TRUE statement in the few-shot prompt; corrupted: its FALSE twin; metric "
-                 "logit(TRUE) - logit(FALSE).",
+    "logit(TRUE) - logit(FALSE).",
     "no_question": "Bare statements cut before the object word, no few-shot question; metric: logit of the clean "
-                   "prompt's argmax token minus the corrupted prompt's.",
+    "prompt's argmax token minus the corrupted prompt's.",
     "noise": "Clean run: a statement in the few-shot prompt; corrupted: the same with Gaussian noise on the "
-             "subject's embeddings; metric logit(TRUE) - logit(FALSE), sign-flipped for false statements.",
+    "subject's embeddings; metric logit(TRUE) - logit(FALSE), sign-flipped for false statements.",
     "sft": "Statements from the chat organism's own SFT answers (sums, opposites, first letters), asked as in "
-           "truefalse with 4 shots from the same set.",
+    "truefalse with 4 shots from the same set.",
 }
 
 
@@ -172,16 +211,28 @@ def _restored(m: patching.PatchingMap) -> float:
 
 def _maps_figure(name: str, maps: dict, norm: dict) -> go.Figure:
     kinds = list(maps)
-    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[k.replace("_", " -> ") for k in kinds],
-                        shared_yaxes=True)
+    fig = make_subplots(
+        rows=1, cols=len(kinds), subplot_titles=[k.replace("_", " -> ") for k in kinds], shared_yaxes=True
+    )
     for i, kind in enumerate(kinds, start=1):
-        fig.add_trace(go.Heatmap(z=norm[kind], x=[f"{j}:{t}" for j, t in enumerate(maps[kind].tokens)],
-                                 zmin=0, zmax=1, colorscale="Blues", showscale=i == len(kinds)), row=1, col=i)
+        fig.add_trace(
+            go.Heatmap(
+                z=norm[kind],
+                x=[f"{j}:{t}" for j, t in enumerate(maps[kind].tokens)],
+                zmin=0,
+                zmax=1,
+                colorscale="Blues",
+                showscale=i == len(kinds),
+            ),
+            row=1,
+            col=i,
+        )
     fig.update_layout(title=f"{name}: normalised patching maps (rows = layers)", height=380)
     return fig
 
 
 # ------------------------------------------------------------------------------------------------ truth
+
 
 def _truth_sets(opts: Options) -> dict[str, list[statements.Statement]]:
     sets = {}
@@ -200,10 +251,16 @@ def truth_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple
     layers = list(range(base.layout.n_layers))
     drop_period = opts.truth_token == "object"
     labels = {n: np.array([s.label for s in st]) for n, st in sets.items()}
-    acts = {m: {n: truth.statement_acts(lm, [s.text for s in st], layers, opts.batch_size, drop_period)
-                for n, st in sets.items()} for m, lm in (("base", base), ("post", post))}
-    loo = {m: {layer: truth.leave_one_out({n: acts[m][n][layer] for n in sets}, labels) for layer in layers}
-           for m in acts}
+    acts = {
+        m: {
+            n: truth.statement_acts(lm, [s.text for s in st], layers, opts.batch_size, drop_period)
+            for n, st in sets.items()
+        }
+        for m, lm in (("base", base), ("post", post))
+    }
+    loo = {
+        m: {layer: truth.leave_one_out({n: acts[m][n][layer] for n in sets}, labels) for layer in layers} for m in acts
+    }
     mean_loo = {m: [float(np.mean(list(loo[m][layer].values()))) for layer in layers] for m in acts}
     layer = int(np.argmax(mean_loo["base"])) if opts.truth_layer is None else base.layout.check_layer(opts.truth_layer)
     directions, probes = {}, {}
@@ -229,36 +286,63 @@ def truth_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple
         for src in directions:
             key = f"{src}_dir_on_{tgt_name}"
             for where, results in ((positions, nie), ("last", nie_last)):
-                pd_int = truth.prob_difference(tgt, eval_stmts, directions[src], int_layers,
-                                               batch_size=opts.batch_size, positions=where)
+                pd_int = truth.prob_difference(
+                    tgt, eval_stmts, directions[src], int_layers, batch_size=opts.batch_size, positions=where
+                )
                 results[key] = truth.nie(pd_base, pd_int, y_eval)
-    summary = {"layer": layer, "token": opts.truth_token, "intervention_layers": int_layers,
-               "intervention_positions": positions,
-               "cosine": truth.cosine(directions["base"], directions["post"]),
-               "direction_norm": {m: float(np.linalg.norm(d)) for m, d in directions.items()},
-               "probe_acc": probe_acc, "loo_acc_by_layer": mean_loo,
-               "loo_acc_at_layer": {m: loo[m][layer] for m in loo}, "nie": nie, "nie_last_token": nie_last,
-               "n_intervention_statements": len(eval_stmts),
-               "statements_per_set": {n: len(s) for n, s in sets.items()}}
-    rows = [dict(model=m, layer=lay, held_out=n, accuracy=a) for m in loo for lay in layers
-            for n, a in loo[m][lay].items()]
+    summary = {
+        "layer": layer,
+        "token": opts.truth_token,
+        "intervention_layers": int_layers,
+        "intervention_positions": positions,
+        "cosine": truth.cosine(directions["base"], directions["post"]),
+        "direction_norm": {m: float(np.linalg.norm(d)) for m, d in directions.items()},
+        "probe_acc": probe_acc,
+        "loo_acc_by_layer": mean_loo,
+        "loo_acc_at_layer": {m: loo[m][layer] for m in loo},
+        "nie": nie,
+        "nie_last_token": nie_last,
+        "n_intervention_statements": len(eval_stmts),
+        "statements_per_set": {n: len(s) for n, s in sets.items()},
+    }
+    rows = [
+        dict(model=m, layer=lay, held_out=n, accuracy=a) for m in loo for lay in layers for n, a in loo[m][lay].items()
+    ]
     fig = go.Figure([go.Scatter(x=layers, y=mean_loo[m], mode="lines+markers", name=m) for m in mean_loo])
-    fig.update_layout(title="Leave-one-dataset-out probe accuracy by layer", xaxis_title="layer",
-                      yaxis_title="accuracy", yaxis_range=[0, 1], height=360)
-    nie_fig = go.Figure([go.Bar(x=list(nie), y=[v["nie"] for v in nie.values()],
-                                name=f"{positions} positions (paper)"),
-                         go.Bar(x=list(nie_last), y=[v["nie"] for v in nie_last.values()], name="final token")])
-    nie_fig.update_layout(title=f"Truth-direction intervention at layers {int_layers}: NIE (direction source -> "
-                                "target model)", height=340)
-    section = Section("Truthfulness direction (paper 3 §4.2)",
-                      text=key_values({"layer": layer, "cosine(base, post)": summary["cosine"], **probe_acc,
-                                       **{f"NIE {k}": v["nie"] for k, v in nie.items()},
-                                       **{f"NIE at the final token {k}": v["nie"] for k, v in nie_last.items()}}),
-                      figures=[fig, nie_fig])
+    fig.update_layout(
+        title="Leave-one-dataset-out probe accuracy by layer",
+        xaxis_title="layer",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1],
+        height=360,
+    )
+    nie_fig = go.Figure(
+        [
+            go.Bar(x=list(nie), y=[v["nie"] for v in nie.values()], name=f"{positions} positions (paper)"),
+            go.Bar(x=list(nie_last), y=[v["nie"] for v in nie_last.values()], name="final token"),
+        ]
+    )
+    nie_fig.update_layout(
+        title=f"Truth-direction intervention at layers {int_layers}: NIE (direction source -> target model)", height=340
+    )
+    section = Section(
+        "Truthfulness direction (paper 3 §4.2)",
+        text=key_values(
+            {
+                "layer": layer,
+                "cosine(base, post)": summary["cosine"],
+                **probe_acc,
+                **{f"NIE {k}": v["nie"] for k, v in nie.items()},
+                **{f"NIE at the final token {k}": v["nie"] for k, v in nie_last.items()},
+            }
+        ),
+        figures=[fig, nie_fig],
+    )
     return summary, rows, [section]
 
 
 # ------------------------------------------------------------------------------------------------ refusal
+
 
 def refusal_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict, list[dict], list[Section]]:
     harmful_train, harmful_test = chat.advbench_split()
@@ -270,8 +354,13 @@ def refusal_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tup
     base.layout.check_layer(layer)
     directions = {}
     for name, lm in (("base", base), ("post", post)):
-        directions[name] = refusal.refusal_direction(lm, refusal.chat_prompts(lm, harmful_train),
-                                                     refusal.chat_prompts(lm, harmless_train), layer, opts.batch_size)
+        directions[name] = refusal.refusal_direction(
+            lm,
+            refusal.chat_prompts(lm, harmful_train),
+            refusal.chat_prompts(lm, harmless_train),
+            layer,
+            opts.batch_size,
+        )
     prompts_harmful = refusal.chat_prompts(post, harmful_test)
     prompts_harmless = refusal.chat_prompts(post, harmless_test)
 
@@ -293,44 +382,88 @@ def refusal_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tup
         rows += [dict(set="harmless", direction=src, intervention="add", text=t) for t in texts]
     # backward transfer: the post direction steering the base model
     base_harmless = refusal.chat_prompts(base, harmless_test)
-    texts = refusal.generate(base, base_harmless, opts.max_new_tokens, opts.batch_size,
-                             lambda: refusal.addition(base, directions["post"], layer, opts.refusal_coeff))
+    texts = refusal.generate(
+        base,
+        base_harmless,
+        opts.max_new_tokens,
+        opts.batch_size,
+        lambda: refusal.addition(base, directions["post"], layer, opts.refusal_coeff),
+    )
     results["base_refusal_rate_harmless_added_post_direction"] = refusal.refusal_rate(texts)
-    summary = {"layer": layer, "coeff": opts.refusal_coeff,
-               "cosine": truth.cosine(directions["base"], directions["post"]),
-               "direction_norm": {k: float(np.linalg.norm(v)) for k, v in directions.items()},
-               "n_eval": {"harmful": len(harmful_test), "harmless": len(harmless_test)}, **results}
+    summary = {
+        "layer": layer,
+        "coeff": opts.refusal_coeff,
+        "cosine": truth.cosine(directions["base"], directions["post"]),
+        "direction_norm": {k: float(np.linalg.norm(v)) for k, v in directions.items()},
+        "n_eval": {"harmful": len(harmful_test), "harmless": len(harmless_test)},
+        **results,
+    }
     bars = go.Figure(go.Bar(x=list(results), y=list(results.values())))
-    bars.update_layout(title="Refusal rate of the post model (and base, last bar) under interventions",
-                       yaxis_range=[0, 1], height=380)
-    section = Section("Refusal direction (paper 3 §4.3)", text=key_values(
-        {"layer": layer, "cosine(base, post)": summary["cosine"], **results}), figures=[bars])
+    bars.update_layout(
+        title="Refusal rate of the post model (and base, last bar) under interventions", yaxis_range=[0, 1], height=380
+    )
+    section = Section(
+        "Refusal direction (paper 3 §4.3)",
+        text=key_values({"layer": layer, "cosine(base, post)": summary["cosine"], **results}),
+        figures=[bars],
+    )
     return summary, rows, [section]
 
 
 # ------------------------------------------------------------------------------------------------ entropy
 
+
 def entropy_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict, list[dict], list[Section]]:
     texts = [s.text for s in statements.fact_statements(load_relation("country_capital"), "all")[:32]]
     found = {m: entropy.entropy_neurons(lm) for m, lm in (("base", base), ("post", post))}
-    effects = {m: entropy.entropy_effect(lm, found[m].selected, texts, opts.batch_size)
-               for m, lm in (("base", base), ("post", post))}
-    summary = {"layer": found["base"].layer, "iou": entropy.iou(found["base"].selected, found["post"].selected),
-               "neurons": {m: f.selected.tolist() for m, f in found.items()},
-               "entropy": {m: e["entropy"] for m, e in effects.items()},
-               "mean_abs_entropy_delta_when_ablated": {m: float(np.mean(np.abs(e["delta"]))) for m, e in effects.items()}}
-    rows = [dict(model=m, neuron=int(i), norm=float(f.norm[i]), logit_var=float(f.logit_var[i]),
-                 selected=bool(i in set(f.selected.tolist()))) for m, f in found.items() for i in range(f.norm.size)]
+    effects = {
+        m: entropy.entropy_effect(lm, found[m].selected, texts, opts.batch_size)
+        for m, lm in (("base", base), ("post", post))
+    }
+    summary = {
+        "layer": found["base"].layer,
+        "iou": entropy.iou(found["base"].selected, found["post"].selected),
+        "neurons": {m: f.selected.tolist() for m, f in found.items()},
+        "entropy": {m: e["entropy"] for m, e in effects.items()},
+        "mean_abs_entropy_delta_when_ablated": {m: float(np.mean(np.abs(e["delta"]))) for m, e in effects.items()},
+    }
+    rows = [
+        dict(
+            model=m,
+            neuron=int(i),
+            norm=float(f.norm[i]),
+            logit_var=float(f.logit_var[i]),
+            selected=bool(i in set(f.selected.tolist())),
+        )
+        for m, f in found.items()
+        for i in range(f.norm.size)
+    ]
     fig = go.Figure()
     for m, f in found.items():
         fig.add_trace(go.Scatter(x=f.norm, y=f.logit_var, mode="markers", name=m, marker=dict(size=4, opacity=0.5)))
-        fig.add_trace(go.Scatter(x=f.norm[f.selected], y=f.logit_var[f.selected], mode="markers",
-                                 name=f"{m} entropy neurons", marker=dict(size=10, symbol="x")))
-    fig.update_layout(title="Last-layer neurons: norm vs LogitVar", xaxis_title="||w_out||",
-                      yaxis_title="LogitVar", yaxis_type="log", height=400)
-    section = Section("Entropy neurons (paper 3 §4.4)", text=key_values(
-        {"IoU(base, post)": summary["iou"], **{f"entropy {m}": v for m, v in summary["entropy"].items()}}),
-        figures=[fig])
+        fig.add_trace(
+            go.Scatter(
+                x=f.norm[f.selected],
+                y=f.logit_var[f.selected],
+                mode="markers",
+                name=f"{m} entropy neurons",
+                marker=dict(size=10, symbol="x"),
+            )
+        )
+    fig.update_layout(
+        title="Last-layer neurons: norm vs LogitVar",
+        xaxis_title="||w_out||",
+        yaxis_title="LogitVar",
+        yaxis_type="log",
+        height=400,
+    )
+    section = Section(
+        "Entropy neurons (paper 3 §4.4)",
+        text=key_values(
+            {"IoU(base, post)": summary["iou"], **{f"entropy {m}": v for m, v in summary["entropy"].items()}}
+        ),
+        figures=[fig],
+    )
     return summary, rows, [section]
 
 

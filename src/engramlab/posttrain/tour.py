@@ -14,10 +14,22 @@ def posttrain_step(ctx: TourContext) -> TourSection:
 
     chat_model = ctx.model.replace("organism:base", "organism:chat")
     if chat_model == ctx.model:
-        raise EngramError("the post-training step compares organism:base with organism:chat; "
-                          "run it on another pair with `engramlab posttrain compare --base A --post B`.")
-    opts = Options(base=ctx.model, post=chat_model, out=ctx.out / "posttrain", device=ctx.device, dtype=ctx.dtype,
-                   seed=ctx.seed, max_pairs=8, per_set=60, n_refusal_train=32, n_refusal_eval=20)
+        raise EngramError(
+            "the post-training step compares organism:base with organism:chat; "
+            "run it on another pair with `engramlab posttrain compare --base A --post B`."
+        )
+    opts = Options(
+        base=ctx.model,
+        post=chat_model,
+        out=ctx.out / "posttrain",
+        device=ctx.device,
+        dtype=ctx.dtype,
+        seed=ctx.seed,
+        max_pairs=8,
+        per_set=60,
+        n_refusal_train=32,
+        n_refusal_eval=20,
+    )
     summary = run(opts, ["knowledge", "truth", "refusal", "entropy"])
     headline = {
         "knowledge_pearson_r": summary["knowledge"]["pearson_r"],
@@ -31,7 +43,12 @@ def posttrain_step(ctx: TourContext) -> TourSection:
         "refusal_rate_harmless_added": summary["refusal"]["refusal_rate_harmless_added"],
         "entropy_neurons_iou": summary["entropy"]["iou"],
     }
-    text = ("<p>How post-training reshapes a model (Du et al., COLM 2025): organism:base vs organism:chat. "
-            "Full report: <a href='posttrain/report.html'>posttrain/report.html</a>.</p>")
-    return TourSection("posttrain", Section(title="Post-training: base vs chat (paper 3)", text=text,
-                                            tables=[key_values(headline)]), headline)
+    text = (
+        "<p>How post-training reshapes a model (Du et al., COLM 2025): organism:base vs organism:chat. "
+        "Full report: <a href='posttrain/report.html'>posttrain/report.html</a>.</p>"
+    )
+    return TourSection(
+        "posttrain",
+        Section(title="Post-training: base vs chat (paper 3)", text=text, tables=[key_values(headline)]),
+        headline,
+    )

@@ -30,8 +30,9 @@ from engramlab.models.loading import LoadedModel
 
 
 @torch.inference_mode()
-def statement_acts(loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,
-                   drop_period: bool = False) -> dict[int, np.ndarray]:
+def statement_acts(
+    loaded: LoadedModel, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32, drop_period: bool = False
+) -> dict[int, np.ndarray]:
     """resid_post at the last token of each text (without its final "." if `drop_period`): {layer: [n, H]}."""
     tokenizer = loaded.require_tokenizer()
     if drop_period:
@@ -107,8 +108,9 @@ def intervention_positions(tokenizer, prompts: list[str], length: int, where: st
     """Bool [B, L] over a left-padded batch: the query statement's last token before its final "." and that "."
     token (`statement`), the first of them alone (`object`), or the prompt's final token (`last`)."""
     if where not in INTERVENTION_POSITIONS:
-        raise EngramError(f"intervention positions {where!r} are unknown; choose one of: "
-                          f"{', '.join(INTERVENTION_POSITIONS)}.")
+        raise EngramError(
+            f"intervention positions {where!r} are unknown; choose one of: {', '.join(INTERVENTION_POSITIONS)}."
+        )
     mask = torch.zeros(len(prompts), length, dtype=torch.bool)
     if where == "last":
         mask[:, -1] = True
@@ -127,9 +129,15 @@ def intervention_positions(tokenizer, prompts: list[str], length: int, where: st
 
 
 @torch.inference_mode()
-def prob_difference(loaded: LoadedModel, statements: Sequence[Statement], direction: np.ndarray | None = None,
-                    layers: Sequence[int] = (), shots: list[Statement] | None = None, batch_size: int = 16,
-                    positions: str = "statement") -> np.ndarray:
+def prob_difference(
+    loaded: LoadedModel,
+    statements: Sequence[Statement],
+    direction: np.ndarray | None = None,
+    layers: Sequence[int] = (),
+    shots: list[Statement] | None = None,
+    batch_size: int = 16,
+    positions: str = "statement",
+) -> np.ndarray:
     """PD = P(TRUE) - P(FALSE) for each statement's few-shot prompt, optionally with the direction intervention
     at `layers` and `positions` (subtracted on true statements, added on false ones)."""
     tokenizer = loaded.require_tokenizer()
@@ -164,5 +172,12 @@ def nie(pd_base: np.ndarray, pd_int: np.ndarray, labels: np.ndarray) -> dict[str
     int_t, int_f = float(pd_int[labels].mean()), float(pd_int[~labels].mean())
     t2f = (int_t - base_t) / (-1 - base_t)
     f2t = (int_f - base_f) / (1 - base_f)
-    return {"nie_true_to_false": t2f, "nie_false_to_true": f2t, "nie": (t2f + f2t) / 2,
-            "pd_true": base_t, "pd_false": base_f, "pd_true_intervened": int_t, "pd_false_intervened": int_f}
+    return {
+        "nie_true_to_false": t2f,
+        "nie_false_to_true": f2t,
+        "nie": (t2f + f2t) / 2,
+        "pd_true": base_t,
+        "pd_false": base_f,
+        "pd_true_intervened": int_t,
+        "pd_false_intervened": int_f,
+    }

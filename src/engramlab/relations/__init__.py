@@ -20,5 +20,19 @@ from engramlab.relations.prompts import split_templates
 from engramlab.relations.template_control import template_control
 from engramlab.relations.units import UnitSpace
 
-__all__ = ["FindResult", "UnitSpace", "average_precision", "deactivate", "default_k", "find", "load_identification",
-           "multilingual", "overlap", "perplexity", "sample_rows", "split_templates", "sweep", "template_control"]
+__all__ = [
+    "FindResult",
+    "UnitSpace",
+    "average_precision",
+    "deactivate",
+    "default_k",
+    "find",
+    "load_identification",
+    "multilingual",
+    "overlap",
+    "perplexity",
+    "sample_rows",
+    "split_templates",
+    "sweep",
+    "template_control",
+]

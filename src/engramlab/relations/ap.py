@@ -47,5 +47,4 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def average_precision_chunked(scores: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """`average_precision` over column chunks, so the sort's temporaries stay at [P, chunk]."""
-    return torch.cat([average_precision(scores[:, i : i + chunk], labels)
-                      for i in range(0, scores.shape[1], chunk)])
+    return torch.cat([average_precision(scores[:, i : i + chunk], labels) for i in range(0, scores.shape[1], chunk)])

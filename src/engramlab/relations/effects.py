@@ -74,16 +74,30 @@ def deactivate(
     groups = template_groups(prompts)
     targets = {name: found.top(name, k) for name in names}
     baseline = recall(loaded, prompts.text, prompts.gold, batch_size=batch_size, description="P_eva before")
-    cross = recall(loaded, prompts.text, prompts.gold, space, [targets[n] for n in names], batch_size,
-                   description="target sets x all relations")
+    cross = recall(
+        loaded,
+        prompts.text,
+        prompts.gold,
+        space,
+        [targets[n] for n in names],
+        batch_size,
+        description="target sets x all relations",
+    )
     rows, per_relation = [], {}
     matrix = np.full((len(names), len(names)), np.nan)  # relative drop (paper Fig. 4)
     abs_matrix = np.full((len(names), len(names)), np.nan)  # absolute drop in accuracy
     for i, name in enumerate(names):
         own = prompts.where(relation=name)
         controls = [random_like(space, targets[name], seed + s) for s in range(n_random)]
-        randoms = recall(loaded, [prompts.text[c] for c in own], [prompts.gold[c] for c in own], space, controls,
-                         batch_size, description=f"random controls: {name}")
+        randoms = recall(
+            loaded,
+            [prompts.text[c] for c in own],
+            [prompts.gold[c] for c in own],
+            space,
+            controls,
+            batch_size,
+            description=f"random controls: {name}",
+        )
         local = prompts.subset(own)
         stats: dict[str, float] = {}
         local_groups = _split_cols(local, name, groups)
@@ -92,16 +106,49 @@ def deactivate(
             before, after = _acc(baseline, 0, cols), _acc(cross, i, cols)
             rand = np.array([_acc(randoms, s, local_cols) for s in range(n_random)])
             suffix = "" if group == "all" else f"_{group}"
-            stats.update({f"acc_before{suffix}": before, f"acc_after_target{suffix}": after,
-                          f"acc_after_random_mean{suffix}": float(rand.mean()) if rand.size else float("nan"),
-                          f"acc_after_random_std{suffix}": float(rand.std()) if rand.size else float("nan"),
-                          f"n_prompts{suffix}": int(cols.size)})
-            rows.append(dict(target=name, condition="none", seed=-1, eval_relation=name, templates=group,
-                             accuracy=before, n=int(cols.size)))
-            rows.append(dict(target=name, condition="target", seed=-1, eval_relation=name, templates=group,
-                             accuracy=after, n=int(cols.size)))
-            rows.extend(dict(target=name, condition="random", seed=seed + s, eval_relation=name, templates=group,
-                             accuracy=float(rand[s]), n=int(cols.size)) for s in range(n_random))
+            stats.update(
+                {
+                    f"acc_before{suffix}": before,
+                    f"acc_after_target{suffix}": after,
+                    f"acc_after_random_mean{suffix}": float(rand.mean()) if rand.size else float("nan"),
+                    f"acc_after_random_std{suffix}": float(rand.std()) if rand.size else float("nan"),
+                    f"n_prompts{suffix}": int(cols.size),
+                }
+            )
+            rows.append(
+                dict(
+                    target=name,
+                    condition="none",
+                    seed=-1,
+                    eval_relation=name,
+                    templates=group,
+                    accuracy=before,
+                    n=int(cols.size),
+                )
+            )
+            rows.append(
+                dict(
+                    target=name,
+                    condition="target",
+                    seed=-1,
+                    eval_relation=name,
+                    templates=group,
+                    accuracy=after,
+                    n=int(cols.size),
+                )
+            )
+            rows.extend(
+                dict(
+                    target=name,
+                    condition="random",
+                    seed=seed + s,
+                    eval_relation=name,
+                    templates=group,
+                    accuracy=float(rand[s]),
+                    n=int(cols.size),
+                )
+                for s in range(n_random)
+            )
         per_relation[name] = stats
         for j, other in enumerate(names):
             cols = prompts.where(relation=other)
@@ -109,21 +156,35 @@ def deactivate(
             matrix[i, j] = (before - after) / before if before > 0 else np.nan
             abs_matrix[i, j] = before - after
             if other != name:
-                rows.append(dict(target=name, condition="target", seed=-1, eval_relation=other, templates="all",
-                                 accuracy=after, n=int(cols.size)))
+                rows.append(
+                    dict(
+                        target=name,
+                        condition="target",
+                        seed=-1,
+                        eval_relation=other,
+                        templates="all",
+                        accuracy=after,
+                        n=int(cols.size),
+                    )
+                )
     summary = _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random)
     summary["selection_templates"] = _frames(prompts, "selection")
     summary["heldout_templates"] = _frames(prompts, "heldout")
     if "heldout" not in groups:
-        summary["heldout_note"] = ("no template is held out (--heldout-templates none): every template was used "
-                                   "for selection, so there is no held-out drop to report.")
+        summary["heldout_note"] = (
+            "no template is held out (--heldout-templates none): every template was used "
+            "for selection, so there is no held-out drop to report."
+        )
     return Deactivation(rows=rows, per_relation=per_relation, matrix=matrix, summary=summary)
 
 
 def _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random) -> dict:
     def mean_drop(after_key: str, suffix: str = "") -> float | None:
-        drops = [s[f"acc_before{suffix}"] - s[f"{after_key}{suffix}"] for s in per_relation.values()
-                 if f"acc_before{suffix}" in s]
+        drops = [
+            s[f"acc_before{suffix}"] - s[f"{after_key}{suffix}"]
+            for s in per_relation.values()
+            if f"acc_before{suffix}" in s
+        ]
         if not drops:
             return None  # the group does not exist (no held-out template)
         return float(np.nanmean(drops)) if np.isfinite(drops).any() else float("nan")
@@ -180,35 +241,71 @@ def sweep(
     for name in names:
         ranked = found.top(name, max(ks))
         own = prompts.where(relation=name)
-        others = np.concatenate([rng.permutation(prompts.where(relation=o))[:others_per_relation]
-                                 for o in names if o != name]) if len(names) > 1 else np.array([], int)
+        others = (
+            np.concatenate(
+                [rng.permutation(prompts.where(relation=o))[:others_per_relation] for o in names if o != name]
+            )
+            if len(names) > 1
+            else np.array([], int)
+        )
         target_sets = [ranked[:k] for k in ks]
         random_sets = [random_like(space, ranked[:k], seed + i) for i, k in enumerate(ks)]
         diff_sets = [ranked[a:b] for a, b in zip(ks[:-1], ks[1:])]
         cols = np.concatenate([own, others])
         sets = [np.array([], dtype=np.int64)] + target_sets + random_sets + diff_sets
-        rec = recall(loaded, [prompts.text[c] for c in cols], [prompts.gold[c] for c in cols], space, sets,
-                     batch_size, description=f"k-sweep: {name}")
+        rec = recall(
+            loaded,
+            [prompts.text[c] for c in cols],
+            [prompts.gold[c] for c in cols],
+            space,
+            sets,
+            batch_size,
+            description=f"k-sweep: {name}",
+        )
         own_local, other_local = np.arange(own.size), np.arange(own.size, cols.size)
         n = len(ks)
         for i, k in enumerate(ks):
             for condition, s in (("target", 1 + i), ("random", 1 + n + i)):
-                rows.append(dict(relation=name, k=k, condition=condition,
-                                 accuracy=_acc(rec, s, own_local), accuracy_others=_acc(rec, s, other_local)))
+                rows.append(
+                    dict(
+                        relation=name,
+                        k=k,
+                        condition=condition,
+                        accuracy=_acc(rec, s, own_local),
+                        accuracy_others=_acc(rec, s, other_local),
+                    )
+                )
         base = rec.correct[0, own_local]
-        rows.append(dict(relation=name, k=0, condition="none", accuracy=float(base.mean()),
-                         accuracy_others=_acc(rec, 0, other_local)))
+        rows.append(
+            dict(
+                relation=name,
+                k=0,
+                condition="none",
+                accuracy=float(base.mean()),
+                accuracy_others=_acc(rec, 0, other_local),
+            )
+        )
         for i, (a, b) in enumerate(zip(ks[:-1], ks[1:])):
             right_a, right_b = rec.correct[1 + i, own_local], rec.correct[2 + i, own_local]
             total = right_a & ~right_b
             affected = total & ~rec.correct[1 + 2 * n + i, own_local]
-            cumulativity.append(dict(relation=name, a=a, b=b, total=int(total.sum()), affected=int(affected.sum()),
-                                     cumulativity=1 - affected.sum() / total.sum() if total.sum() else np.nan))
+            cumulativity.append(
+                dict(
+                    relation=name,
+                    a=a,
+                    b=b,
+                    total=int(total.sum()),
+                    affected=int(affected.sum()),
+                    cumulativity=1 - affected.sum() / total.sum() if total.sum() else np.nan,
+                )
+            )
     tot = sum(c["total"] for c in cumulativity)
-    summary = {"relations": names, "k_values": ks,
-               "cumulativity_micro": 1 - sum(c["affected"] for c in cumulativity) / tot if tot else None,
-               "cumulativity_macro": float(np.nanmean([c["cumulativity"] for c in cumulativity]))
-               if cumulativity else None}
+    summary = {
+        "relations": names,
+        "k_values": ks,
+        "cumulativity_micro": 1 - sum(c["affected"] for c in cumulativity) / tot if tot else None,
+        "cumulativity_macro": float(np.nanmean([c["cumulativity"] for c in cumulativity])) if cumulativity else None,
+    }
     return Sweep(rows=rows, cumulativity=cumulativity, summary=summary)
 
 
@@ -228,12 +325,17 @@ def overlap(found: FindResult, k: int | None = None) -> dict:
         for unit in s:
             membership[unit] = membership.get(unit, 0) + 1
     counts = np.bincount(list(membership.values()), minlength=len(names) + 1)
-    return {"k": k, "pairs": pairs,
-            "versatility": {"units_in_any": int(len(membership)),
-                            "units_shared_by_2_or_more": int(counts[2:].sum()),
-                            "share_shared": float(counts[2:].sum() / max(len(membership), 1)),
-                            "histogram": {str(i): int(c) for i, c in enumerate(counts) if i > 0}},
-            "mean_iou": float(np.mean([p["iou"] for p in pairs])) if pairs else float("nan")}
+    return {
+        "k": k,
+        "pairs": pairs,
+        "versatility": {
+            "units_in_any": len(membership),
+            "units_shared_by_2_or_more": int(counts[2:].sum()),
+            "share_shared": float(counts[2:].sum() / max(len(membership), 1)),
+            "histogram": {str(i): int(c) for i, c in enumerate(counts) if i > 0},
+        },
+        "mean_iou": float(np.mean([p["iou"] for p in pairs])) if pairs else float("nan"),
+    }
 
 
 def multilingual(
@@ -257,15 +359,30 @@ def multilingual(
         for name in names:
             cols = prompts.where(relation=name)
             target = found.top(name, k)
-            sets = [np.array([], dtype=np.int64), target] + [random_like(space, target, seed + s)
-                                                             for s in range(n_random)]
-            rec = recall(loaded, [prompts.text[c] for c in cols], [prompts.gold[c] for c in cols], space, sets,
-                         batch_size, description=f"{language}: {name}")
+            sets = [np.array([], dtype=np.int64), target] + [
+                random_like(space, target, seed + s) for s in range(n_random)
+            ]
+            rec = recall(
+                loaded,
+                [prompts.text[c] for c in cols],
+                [prompts.gold[c] for c in cols],
+                space,
+                sets,
+                batch_size,
+                description=f"{language}: {name}",
+            )
             local = np.arange(cols.size)
             rand = [_acc(rec, 2 + s, local) for s in range(n_random)]
-            rows.append(dict(language=language, relation=name, acc_before=_acc(rec, 0, local),
-                             acc_after_target=_acc(rec, 1, local), acc_after_random_mean=float(np.mean(rand)),
-                             n=int(cols.size)))
+            rows.append(
+                dict(
+                    language=language,
+                    relation=name,
+                    acc_before=_acc(rec, 0, local),
+                    acc_after_target=_acc(rec, 1, local),
+                    acc_after_random_mean=float(np.mean(rand)),
+                    n=int(cols.size),
+                )
+            )
     by_language = {}
     for language in translated:
         sel = [r for r in rows if r["language"] == language]

@@ -69,13 +69,26 @@ class FindResult:
 
     def save(self, out: Path) -> None:
         with atomic_path(out / "ap.safetensors") as tmp:
-            save_file({"ap": self.ap}, str(tmp), metadata={"relations": "\n".join(self.relations),
-                                                           "units": self.units, "response": self.response})
-        write_json(out / "find.json", {"relations": self.relations, "units": self.units, "response": self.response,
-                                       "n_units": self.n_units, "k": self.k, "counts": self.counts,
-                                       "seconds": self.seconds, "seed": self.seed,
-                                       "selection_templates": self.selection_templates,
-                                       "heldout_templates": self.heldout_templates})
+            save_file(
+                {"ap": self.ap},
+                str(tmp),
+                metadata={"relations": "\n".join(self.relations), "units": self.units, "response": self.response},
+            )
+        write_json(
+            out / "find.json",
+            {
+                "relations": self.relations,
+                "units": self.units,
+                "response": self.response,
+                "n_units": self.n_units,
+                "k": self.k,
+                "counts": self.counts,
+                "seconds": self.seconds,
+                "seed": self.seed,
+                "selection_templates": self.selection_templates,
+                "heldout_templates": self.heldout_templates,
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> FindResult:
@@ -87,10 +100,19 @@ class FindResult:
             raise EngramError(f"{folder} holds no `relations find` result (find.json and ap.safetensors).")
         meta = json.loads(meta_path.read_text())
         ap = load_file(str(folder / "ap.safetensors"))["ap"]
-        return cls(relations=meta["relations"], ap=ap, units=meta["units"], response=meta["response"],
-                   n_units=meta["n_units"], k=meta["k"], counts=meta["counts"], seconds=meta["seconds"],
-                   seed=meta.get("seed", 0), selection_templates=meta.get("selection_templates"),
-                   heldout_templates=meta.get("heldout_templates"))
+        return cls(
+            relations=meta["relations"],
+            ap=ap,
+            units=meta["units"],
+            response=meta["response"],
+            n_units=meta["n_units"],
+            k=meta["k"],
+            counts=meta["counts"],
+            seconds=meta["seconds"],
+            seed=meta.get("seed", 0),
+            selection_templates=meta.get("selection_templates"),
+            heldout_templates=meta.get("heldout_templates"),
+        )
 
 
 def find(
@@ -109,12 +131,17 @@ def find(
     neuron_space = UnitSpace(loaded.layout, "neurons")
     candidates = identification_prompts(relations, max_prompts, seed)
     validated, checked = validate(loaded, candidates, batch_size)
-    write_parquet(out / "identification_prompts.parquet",
-                  {**candidates.rows(), "correct": checked.correct[0].tolist(),
-                   "prediction": checked.predictions[0].tolist()})
+    write_parquet(
+        out / "identification_prompts.parquet",
+        {**candidates.rows(), "correct": checked.correct[0].tolist(), "prediction": checked.predictions[0].tolist()},
+    )
 
-    matrix = ResponseMatrix(out / "cache" / "responses.f32", len(validated), neuron_space.size,
-                            fingerprint(loaded.ref, validated.text, response, neuron_space.size))
+    matrix = ResponseMatrix(
+        out / "cache" / "responses.f32",
+        len(validated),
+        neuron_space.size,
+        fingerprint(loaded.ref, validated.text, response, neuron_space.size),
+    )
     collect_responses(loaded, validated.text, neuron_space, matrix, response, batch_size)
 
     names = list(relations)
@@ -126,11 +153,19 @@ def find(
         space_size = ap.shape[1]
     elif units != "neurons":
         UnitSpace(loaded.layout, units)  # raises the clear error
-    result = FindResult(relations=names, ap=ap.astype(np.float32), units=units, response=response,
-                        n_units=space_size, k=k or default_k(space_size), counts=counts,
-                        seconds=round(time.perf_counter() - start, 2), seed=seed,
-                        selection_templates=frames_in(relations, "selection"),
-                        heldout_templates=frames_in(relations, "heldout"))
+    result = FindResult(
+        relations=names,
+        ap=ap.astype(np.float32),
+        units=units,
+        response=response,
+        n_units=space_size,
+        k=k or default_k(space_size),
+        counts=counts,
+        seconds=round(time.perf_counter() - start, 2),
+        seed=seed,
+        selection_templates=frames_in(relations, "selection"),
+        heldout_templates=frames_in(relations, "heldout"),
+    )
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")
     result.save(out)
@@ -142,8 +177,10 @@ def validate(loaded: LoadedModel, candidates: PromptSet, batch_size: int) -> tup
     checked = recall(loaded, candidates.text, candidates.gold, batch_size=batch_size, description="validate P_det")
     keep = np.flatnonzero(checked.correct[0])
     if keep.size == 0:
-        raise EngramError(f"{loaded.ref} answers none of the {len(candidates)} identification prompts correctly; "
-                          "relation neurons need facts the model knows.")
+        raise EngramError(
+            f"{loaded.ref} answers none of the {len(candidates)} identification prompts correctly; "
+            "relation neurons need facts the model knows."
+        )
     return candidates.subset(keep), checked
 
 
@@ -171,8 +208,11 @@ def sample_rows(validated: PromptSet, names: list[str], candidates: PromptSet, s
         n_neg = min(NEGATIVE_FACTOR * pos.size, others.size)
         neg = np.sort(rng.choice(others, size=n_neg, replace=False)) if pos.size else np.array([], dtype=np.int64)
         rows.append((pos, neg))
-        counts[name] = {"candidates": int(candidates.where(relation=name).size), "validated": int(pos.size),
-                        "negatives": int(neg.size)}
+        counts[name] = {
+            "candidates": int(candidates.where(relation=name).size),
+            "validated": int(pos.size),
+            "negatives": int(neg.size),
+        }
     return rows, counts
 
 
@@ -199,7 +239,17 @@ def top_units_table(result: FindResult, space: UnitSpace, k: int | None = None) 
     for r, name in enumerate(result.relations):
         ids = result.top(name, k)
         layer, site, index = space.locate(ids)
-        parts.append(pa.table({"relation": [name] * ids.size, "rank": np.arange(1, ids.size + 1),
-                               "unit": ids, "layer": layer, "site": site.astype(str), "index": index,
-                               "ap": result.ap[r, ids]}))
+        parts.append(
+            pa.table(
+                {
+                    "relation": [name] * ids.size,
+                    "rank": np.arange(1, ids.size + 1),
+                    "unit": ids,
+                    "layer": layer,
+                    "site": site.astype(str),
+                    "index": index,
+                    "ap": result.ap[r, ids],
+                }
+            )
+        )
     return pa.concat_tables(parts)

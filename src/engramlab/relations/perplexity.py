@@ -67,8 +67,9 @@ class ProbeSentences:
     spans: list[tuple[int, int]]  # the object's characters in `text`
 
 
-def probe_sentences(validated: PromptSet, names: Sequence[str], max_objects: int = MAX_OBJECTS,
-                    seed: int = 0) -> ProbeSentences:
+def probe_sentences(
+    validated: PromptSet, names: Sequence[str], max_objects: int = MAX_OBJECTS, seed: int = 0
+) -> ProbeSentences:
     """Each relation's sentence filled with up to `max_objects` distinct objects of its validated P_det
     (a seeded sample when there are more)."""
     out = ProbeSentences([], [], [], [])
@@ -131,8 +132,9 @@ def sentence_nll(
             edit = loaded.hooks.edit_neurons(space.masks(chunk_sets), "zero")
         with edit:
             logits = loaded.model(**batch).logits  # [B, L, V]
-        token_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:],
-                                    reduction="none")  # [B, L-1]: -log p(token t+1 | tokens <= t)
+        token_nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
+        )  # [B, L-1]: -log p(token t+1 | tokens <= t)
         for row, (s, p) in enumerate(chunk):
             nll[s, p] = float(token_nll[row][scored[row]].sum())
             span_nll[s, p] = float(token_nll[row][in_span[row]].sum())
@@ -176,50 +178,81 @@ def perplexity(
         target = found.top(name, k)
         sets = [np.array([], dtype=np.int64), target] + [random_like(space, target, seed + s) for s in range(n_random)]
         conditions = [("none", -1), ("target", -1)] + [("random", seed + s) for s in range(n_random)]
-        result = sentence_nll(loaded, [sentences.text[c] for c in cols], [sentences.spans[c] for c in cols], space,
-                              sets, batch_size, description=f"perplexity: {name}")
+        result = sentence_nll(
+            loaded,
+            [sentences.text[c] for c in cols],
+            [sentences.spans[c] for c in cols],
+            space,
+            sets,
+            batch_size,
+            description=f"perplexity: {name}",
+        )
         for i, (condition, cond_seed) in enumerate(conditions):
             for j, c in enumerate(cols):
                 n, n_obj = int(result.n_tokens[j]), int(result.n_span_tokens[j])
-                rows.append(dict(relation=name, condition=condition, seed=cond_seed, sentence=sentences.text[c],
-                                 object=sentences.object[c], n_tokens=n, nll=float(result.nll[i, j]),
-                                 ppl=float(np.exp(result.nll[i, j] / n)) if n else float("nan"),
-                                 n_object_tokens=n_obj, object_nll=float(result.span_nll[i, j]),
-                                 object_ppl=float(np.exp(result.span_nll[i, j] / n_obj)) if n_obj else float("nan")))
+                rows.append(
+                    dict(
+                        relation=name,
+                        condition=condition,
+                        seed=cond_seed,
+                        sentence=sentences.text[c],
+                        object=sentences.object[c],
+                        n_tokens=n,
+                        nll=float(result.nll[i, j]),
+                        ppl=float(np.exp(result.nll[i, j] / n)) if n else float("nan"),
+                        n_object_tokens=n_obj,
+                        object_nll=float(result.span_nll[i, j]),
+                        object_ppl=float(np.exp(result.span_nll[i, j] / n_obj)) if n_obj else float("nan"),
+                    )
+                )
         per_relation[name] = _relation_stats(result, n_random, int(cols.size))
     return Perplexity(rows=rows, per_relation=per_relation, summary=_summary(per_relation, k, n_random, max_objects))
 
 
 def _relation_stats(result: SentenceNLL, n_random: int, n_sentences: int) -> dict:
     stats: dict[str, float | int] = {"n_sentences": n_sentences}
-    for prefix, nll, count in (("ppl", result.nll, result.n_tokens), ("object_ppl", result.span_nll,
-                                                                      result.n_span_tokens)):
+    for prefix, nll, count in (
+        ("ppl", result.nll, result.n_tokens),
+        ("object_ppl", result.span_nll, result.n_span_tokens),
+    ):
         rand = np.array([pooled_perplexity(nll[2 + s], count) for s in range(n_random)])
-        stats.update({f"{prefix}_before": pooled_perplexity(nll[0], count),
-                      f"{prefix}_after_target": pooled_perplexity(nll[1], count),
-                      f"{prefix}_after_random_mean": float(rand.mean()) if rand.size else float("nan"),
-                      f"{prefix}_after_random_std": float(rand.std()) if rand.size else float("nan")})
+        stats.update(
+            {
+                f"{prefix}_before": pooled_perplexity(nll[0], count),
+                f"{prefix}_after_target": pooled_perplexity(nll[1], count),
+                f"{prefix}_after_random_mean": float(rand.mean()) if rand.size else float("nan"),
+                f"{prefix}_after_random_std": float(rand.std()) if rand.size else float("nan"),
+            }
+        )
     return stats
 
 
 def _summary(per_relation: dict[str, dict], k: int, n_random: int, max_objects: int) -> dict:
     def ratio(prefix: str, after: str) -> float | None:
         """Geometric mean over relations of PPL after / before."""
-        logs = [np.log(s[f"{prefix}_{after}"] / s[f"{prefix}_before"]) for s in per_relation.values()
-                if s[f"{prefix}_before"] > 0 and np.isfinite(s[f"{prefix}_{after}"])]
+        logs = [
+            np.log(s[f"{prefix}_{after}"] / s[f"{prefix}_before"])
+            for s in per_relation.values()
+            if s[f"{prefix}_before"] > 0 and np.isfinite(s[f"{prefix}_{after}"])
+        ]
         return float(np.exp(np.mean(logs))) if logs else None
 
     def rises(prefix: str, after: str) -> int:
         return sum(int(s[f"{prefix}_{after}"] > s[f"{prefix}_before"]) for s in per_relation.values())
 
-    return {"relations": list(per_relation), "k": k, "n_random_seeds": n_random, "max_objects": max_objects,
-            "per_relation": per_relation,
-            "ppl_ratio_target": ratio("ppl", "after_target"),
-            "ppl_ratio_random": ratio("ppl", "after_random_mean") if n_random else None,
-            "object_ppl_ratio_target": ratio("object_ppl", "after_target"),
-            "object_ppl_ratio_random": ratio("object_ppl", "after_random_mean") if n_random else None,
-            "relations_ppl_up_target": rises("ppl", "after_target"),
-            "relations_ppl_up_random": rises("ppl", "after_random_mean") if n_random else None,
-            "relations_object_ppl_up_target": rises("object_ppl", "after_target"),
-            "relations_object_ppl_up_random": rises("object_ppl", "after_random_mean") if n_random else None,
-            "n_relations": len(per_relation)}
+    return {
+        "relations": list(per_relation),
+        "k": k,
+        "n_random_seeds": n_random,
+        "max_objects": max_objects,
+        "per_relation": per_relation,
+        "ppl_ratio_target": ratio("ppl", "after_target"),
+        "ppl_ratio_random": ratio("ppl", "after_random_mean") if n_random else None,
+        "object_ppl_ratio_target": ratio("object_ppl", "after_target"),
+        "object_ppl_ratio_random": ratio("object_ppl", "after_random_mean") if n_random else None,
+        "relations_ppl_up_target": rises("ppl", "after_target"),
+        "relations_ppl_up_random": rises("ppl", "after_random_mean") if n_random else None,
+        "relations_object_ppl_up_target": rises("object_ppl", "after_target"),
+        "relations_object_ppl_up_random": rises("object_ppl", "after_random_mean") if n_random else None,
+        "n_relations": len(per_relation),
+    }

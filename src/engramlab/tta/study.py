@@ -13,15 +13,15 @@ from pathlib import Path
 import plotly.graph_objects as go
 import torch
 
-from engramlab.tta.source_model import load_source, mnist_rgb32_split
-from engramlab.tta.methods import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
-from engramlab.tta.streams import StreamBatch, build_stream, stream_from_benchmark
 from engramlab.data.corruptions import CORRUPTIONS
 from engramlab.data.image_benchmarks import check_corruption_dir
 from engramlab.errors import EngramError
 from engramlab.progress import track
 from engramlab.report import Section, key_values, table, write_report
 from engramlab.results import prepare_out_dir, write_json, write_parquet
+from engramlab.tta.methods import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
+from engramlab.tta.source_model import load_source, mnist_rgb32_split
+from engramlab.tta.streams import StreamBatch, build_stream, stream_from_benchmark
 
 PAPER_CIFAR10C = {"source": 43.5, "bn": 20.4, "tent": 20.7, "cotta": 16.2}  # CoTTA Table 2, error %, severity 5
 
@@ -51,12 +51,29 @@ class TTAStudyOptions:
 
 def _stream(opts: TTAStudyOptions):
     if opts.data_dir is not None:
-        return stream_from_benchmark(opts.data_dir, opts.setting, opts.severity, opts.rounds, opts.batch_size,
-                                     opts.n_examples, opts.seed, opts.corruptions)
+        return stream_from_benchmark(
+            opts.data_dir,
+            opts.setting,
+            opts.severity,
+            opts.rounds,
+            opts.batch_size,
+            opts.n_examples,
+            opts.seed,
+            opts.corruptions,
+        )
     _, _, x_test, y_test = mnist_rgb32_split()
     x_test, y_test = x_test[: opts.n_images], y_test[: opts.n_images]
-    return build_stream(x_test, y_test, opts.setting, opts.severity, opts.rounds, opts.batch_size, opts.seed,
-                        opts.corruptions, opts.constants)
+    return build_stream(
+        x_test,
+        y_test,
+        opts.setting,
+        opts.severity,
+        opts.rounds,
+        opts.batch_size,
+        opts.seed,
+        opts.corruptions,
+        opts.constants,
+    )
 
 
 def run_method(name: str, model: torch.nn.Module, opts: TTAStudyOptions) -> list[dict]:
@@ -73,10 +90,20 @@ def run_method(name: str, model: torch.nn.Module, opts: TTAStudyOptions) -> list
         # CoTTA diagnostic (labels are used for reporting only): would the plain teacher have been right?
         wrong_plain = (method.last_plain.argmax(1) != batch.y).float() if isinstance(method, CoTTA) else None
         for corruption, mask in _domains(batch):
-            records.append({"method": name, "step": step, "round": batch.round, "corruption": corruption,
-                            "severity": batch.severity, "n": int(mask.sum()), "wrong": float(wrong[mask].sum()),
-                            "augmented": gate, "seconds": seconds * float(mask.sum()) / len(batch.y),
-                            "wrong_plain_teacher": None if wrong_plain is None else float(wrong_plain[mask].sum())})
+            records.append(
+                {
+                    "method": name,
+                    "step": step,
+                    "round": batch.round,
+                    "corruption": corruption,
+                    "severity": batch.severity,
+                    "n": int(mask.sum()),
+                    "wrong": float(wrong[mask].sum()),
+                    "augmented": gate,
+                    "seconds": seconds * float(mask.sum()) / len(batch.y),
+                    "wrong_plain_teacher": None if wrong_plain is None else float(wrong_plain[mask].sum()),
+                }
+            )
     return records
 
 
@@ -96,8 +123,10 @@ def _error_table(records: list[dict]) -> list[dict]:
         key = (r["method"], r["round"], r["corruption"], r["severity"])
         sums[key][0] += r["wrong"]
         sums[key][1] += r["n"]
-    return [{"method": m, "round": rd, "corruption": c, "severity": s, "error": 100 * w / n, "n": int(n)}
-            for (m, rd, c, s), (w, n) in sums.items()]
+    return [
+        {"method": m, "round": rd, "corruption": c, "severity": s, "error": 100 * w / n, "n": int(n)}
+        for (m, rd, c, s), (w, n) in sums.items()
+    ]
 
 
 def _summary(opts: TTAStudyOptions, records: list[dict], n_steps: int) -> dict:
@@ -107,28 +136,47 @@ def _summary(opts: TTAStudyOptions, records: list[dict], n_steps: int) -> dict:
     error_mean, error_by_round, speed = {}, {}, {}
     for m, rows in by_method.items():
         error_mean[m] = 100 * sum(r["wrong"] for r in rows) / sum(r["n"] for r in rows)
-        error_by_round[m] = [100 * sum(r["wrong"] for r in rows if r["round"] == k) /
-                             sum(r["n"] for r in rows if r["round"] == k) for k in range(opts.rounds)]
+        error_by_round[m] = [
+            100 * sum(r["wrong"] for r in rows if r["round"] == k) / sum(r["n"] for r in rows if r["round"] == k)
+            for k in range(opts.rounds)
+        ]
         speed[m] = sum(r["n"] for r in rows) / sum(r["seconds"] for r in rows)
-    gates = {m: sum(bool(r["augmented"]) for r in rows) / len(rows) for m, rows in by_method.items()
-             if rows[0]["augmented"] is not None}
+    gates = {
+        m: sum(bool(r["augmented"]) for r in rows) / len(rows)
+        for m, rows in by_method.items()
+        if rows[0]["augmented"] is not None
+    }
     # On the batches where CoTTA used the augmented target: its error vs the plain teacher's on the same images.
     augmented_vs_plain = {}
     for m, rows in by_method.items():
         gated = [r for r in rows if r["augmented"]]
         if gated:
             n = sum(r["n"] for r in gated)
-            augmented_vs_plain[m] = {"error_augmented_target": 100 * sum(r["wrong"] for r in gated) / n,
-                                     "error_plain_teacher": 100 * sum(r["wrong_plain_teacher"] for r in gated) / n}
+            augmented_vs_plain[m] = {
+                "error_augmented_target": 100 * sum(r["wrong"] for r in gated) / n,
+                "error_plain_teacher": 100 * sum(r["wrong_plain_teacher"] for r in gated) / n,
+            }
     n_domains = len({(r["corruption"], r["severity"]) for r in records})
     return {
-        "setting": opts.setting, "rounds": opts.rounds, "severity": opts.severity, "batch_size": opts.batch_size,
+        "setting": opts.setting,
+        "rounds": opts.rounds,
+        "severity": opts.severity,
+        "batch_size": opts.batch_size,
         "data": str(opts.data_dir) if opts.data_dir else f"vendored MNIST test digits, {opts.constants} constants",
-        "methods": list(by_method), "error_mean": error_mean, "error_by_round": error_by_round,
-        "images_per_second": speed, "augmentation_rate": gates, "augmented_vs_plain_on_gated_batches": augmented_vs_plain,
-        "steps": n_steps, "steps_per_domain": n_steps / max(1, n_domains * opts.rounds),
+        "methods": list(by_method),
+        "error_mean": error_mean,
+        "error_by_round": error_by_round,
+        "images_per_second": speed,
+        "augmentation_rate": gates,
+        "augmented_vs_plain_on_gated_batches": augmented_vs_plain,
+        "steps": n_steps,
+        "steps_per_domain": n_steps / max(1, n_domains * opts.rounds),
         "ema_horizon_steps": 1 / (1 - opts.cotta.ema_alpha) if opts.cotta.ema_alpha < 1 else None,
-        "cotta": asdict(opts.cotta), "threshold_from_source": opts.threshold_from_source, "lr": opts.lr, "seed": opts.seed, "device": "cpu",
+        "cotta": asdict(opts.cotta),
+        "threshold_from_source": opts.threshold_from_source,
+        "lr": opts.lr,
+        "seed": opts.seed,
+        "device": "cpu",
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -142,18 +190,23 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
         raise EngramError(f"--rounds must be >= 1, got {opts.rounds}.")
     if opts.data_dir is not None:
         if opts.source is None:
-            raise EngramError("--data-dir needs --source: weights of a classifier trained on that benchmark's clean "
-                              "images (the shipped source model knows MNIST digits only).")
+            raise EngramError(
+                "--data-dir needs --source: weights of a classifier trained on that benchmark's clean "
+                "images (the shipped source model knows MNIST digits only)."
+            )
         check_corruption_dir(opts.data_dir, opts.corruptions)
     out = prepare_out_dir(opts.out, opts.overwrite)
     model = load_source(opts.source)
     if opts.threshold_from_source:
         if opts.data_dir is not None:
-            raise EngramError("--threshold source needs the source training data, which engramlab has only for its "
-                              "own MNIST stream; pass a number with --data-dir.")
+            raise EngramError(
+                "--threshold source needs the source training data, which engramlab has only for its "
+                "own MNIST stream; pass a number with --data-dir."
+            )
         x_train = mnist_rgb32_split()[0]
-        opts = replace(opts, cotta=replace(opts.cotta, threshold=source_confidence_threshold(model, x_train,
-                                                                                             opts.batch_size)))
+        opts = replace(
+            opts, cotta=replace(opts.cotta, threshold=source_confidence_threshold(model, x_train, opts.batch_size))
+        )
     records = []
     for name in opts.methods:
         records += run_method(name, model, opts)
@@ -163,8 +216,12 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
     write_parquet(out / "errors.parquet", errors)
     write_parquet(out / "batches.parquet", records)
     write_json(out / "summary.json", summary)
-    write_report(out / "report.html", "Continual test-time adaptation (CoTTA and baselines)",
-                 _sections(errors, summary, opts), summary)
+    write_report(
+        out / "report.html",
+        "Continual test-time adaptation (CoTTA and baselines)",
+        _sections(errors, summary, opts),
+        summary,
+    )
     return summary
 
 
@@ -184,11 +241,21 @@ def error_over_time(errors: list[dict]) -> go.Figure:
     fig = go.Figure()
     for m in dict.fromkeys(e["method"] for e in errors):
         rows = [e for e in errors if e["method"] == m]
-        fig.add_trace(go.Scatter(x=list(range(len(rows))), y=[e["error"] for e in rows], mode="lines+markers",
-                                 name=m, text=[f"round {e['round'] + 1}, {e['corruption']} s{e['severity']}"
-                                               for e in rows]))
-    fig.update_layout(title="Error per domain along the stream (all rounds)", xaxis_title="domain in stream order",
-                      yaxis_title="error %", height=420)
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(len(rows))),
+                y=[e["error"] for e in rows],
+                mode="lines+markers",
+                name=m,
+                text=[f"round {e['round'] + 1}, {e['corruption']} s{e['severity']}" for e in rows],
+            )
+        )
+    fig.update_layout(
+        title="Error per domain along the stream (all rounds)",
+        xaxis_title="domain in stream order",
+        yaxis_title="error %",
+        height=420,
+    )
     return fig
 
 
@@ -205,30 +272,43 @@ def _sections(errors: list[dict], summary: dict, opts: TTAStudyOptions) -> list[
     if opts.setting == "gradual":  # several severities per corruption: average them per (method, round, corruption)
         aggregated = _merge_severities(errors)
     rounds = sorted({e["round"] for e in errors})
-    tables = [f"<h3>Round {r + 1}</h3>" + table(paper_table(aggregated, r), digits=3) for r in
-              sorted({rounds[0], rounds[-1]})]
+    tables = [
+        f"<h3>Round {r + 1}</h3>" + table(paper_table(aggregated, r), digits=3) for r in sorted({rounds[0], rounds[-1]})
+    ]
     headline = {m: round(v, 2) for m, v in summary["error_mean"].items()}
-    context = ("<p>Error % (lower is better), severity "
-               f"{opts.severity}, setting <b>{opts.setting}</b>, batch {opts.batch_size}. Source = no adaptation; "
-               "BN = test-batch statistics; TENT = entropy minimisation of BN affine parameters (continual); CoTTA = "
-               "EMA teacher, augmentation-averaged pseudo-labels, stochastic restore. Paper, CIFAR10-C (Table 2): "
-               + ", ".join(f"{k} {v}" for k, v in PAPER_CIFAR10C.items()) + ".</p>")
-    diag = {"EMA horizon 1/(1−α) (steps)": summary["ema_horizon_steps"], "steps in the stream": summary["steps"],
-            "steps per domain": summary["steps_per_domain"]}
+    context = (
+        "<p>Error % (lower is better), severity "
+        f"{opts.severity}, setting <b>{opts.setting}</b>, batch {opts.batch_size}. Source = no adaptation; "
+        "BN = test-batch statistics; TENT = entropy minimisation of BN affine parameters (continual); CoTTA = "
+        "EMA teacher, augmentation-averaged pseudo-labels, stochastic restore. Paper, CIFAR10-C (Table 2): "
+        + ", ".join(f"{k} {v}" for k, v in PAPER_CIFAR10C.items())
+        + ".</p>"
+    )
+    diag = {
+        "EMA horizon 1/(1−α) (steps)": summary["ema_horizon_steps"],
+        "steps in the stream": summary["steps"],
+        "steps per domain": summary["steps_per_domain"],
+    }
     diag |= {f"augmentation rate ({m})": v for m, v in summary["augmentation_rate"].items()}
     for m, v in summary["augmented_vs_plain_on_gated_batches"].items():
-        diag |= {f"error % on augmented batches, augmented target ({m})": v["error_augmented_target"],
-                 f"error % on augmented batches, plain teacher ({m})": v["error_plain_teacher"]}
+        diag |= {
+            f"error % on augmented batches, augmented target ({m})": v["error_augmented_target"],
+            f"error % on augmented batches, plain teacher ({m})": v["error_plain_teacher"],
+        }
     return [
         Section("Error per corruption", context, tables=tables + [key_values(headline)]),
         Section("Over time and rounds", figures=[error_over_time(errors), error_by_round(summary)]),
-        Section("CoTTA diagnostics",
-                "<p>How far the teacher can move in this stream (EMA horizon vs its length), how often the "
-                "anchor's confidence fell below the threshold, switching on the 32-view average, and whether that "
-                "average was a better pseudo-label than the plain teacher prediction on those batches (labels used "
-                "for this report only).</p>",
-                tables=[key_values(diag), key_values({f"images/s ({m})": v
-                                                      for m, v in summary["images_per_second"].items()})]),
+        Section(
+            "CoTTA diagnostics",
+            "<p>How far the teacher can move in this stream (EMA horizon vs its length), how often the "
+            "anchor's confidence fell below the threshold, switching on the 32-view average, and whether that "
+            "average was a better pseudo-label than the plain teacher prediction on those batches (labels used "
+            "for this report only).</p>",
+            tables=[
+                key_values(diag),
+                key_values({f"images/s ({m})": v for m, v in summary["images_per_second"].items()}),
+            ],
+        ),
     ]
 
 
@@ -238,5 +318,7 @@ def _merge_severities(errors: list[dict]) -> list[dict]:
         key = (e["method"], e["round"], e["corruption"])
         merged[key][0] += e["error"] * e["n"]
         merged[key][1] += e["n"]
-    return [{"method": m, "round": r, "corruption": c, "severity": 0, "error": w / n, "n": int(n)}
-            for (m, r, c), (w, n) in merged.items()]
+    return [
+        {"method": m, "round": r, "corruption": c, "severity": 0, "error": w / n, "n": int(n)}
+        for (m, r, c), (w, n) in merged.items()
+    ]

@@ -42,8 +42,9 @@ class SmallResNetBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -63,7 +64,9 @@ class SmallResNet(nn.Module):
         for name, value in (("n_classes", n_classes), ("width", width), ("blocks_per_stage", blocks_per_stage)):
             if not isinstance(value, int) or value < 1:
                 raise EngramError(f"SmallResNet: {name} must be a positive integer, got {value!r}.")
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         stages, in_ch = [], width
         for i, out_ch in enumerate((width, 2 * width, 4 * width)):
             blocks = []
@@ -121,8 +124,11 @@ def all_weight_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
     These are also the parameters stochastic restore resets (spec §1.2 step 9). Returns {qualified name: parameter}.
     """
-    return {name: p for name, p in model.named_parameters()
-            if name.rsplit(".", 1)[-1] in ("weight", "bias") and p.requires_grad}
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if name.rsplit(".", 1)[-1] in ("weight", "bias") and p.requires_grad
+    }
 
 
 def _grouped_batch_norm(m: _BatchNorm, n_groups: int, x: torch.Tensor) -> torch.Tensor:
@@ -155,8 +161,10 @@ def per_view_batch_stats(model: nn.Module, n_views: int) -> Iterator[nn.Module]:
         if m.running_mean is None:
             patched.append(m)
         elif m.training:
-            raise EngramError(f"per_view_batch_stats: BatchNorm {name!r} tracks running statistics in train mode; "
-                              "call configure_for_tta(model) first.")
+            raise EngramError(
+                f"per_view_batch_stats: BatchNorm {name!r} tracks running statistics in train mode; "
+                "call configure_for_tta(model) first."
+            )
     try:
         for m in patched:
             m.forward = lambda x, m=m: _grouped_batch_norm(m, n_views, x)
@@ -180,8 +188,12 @@ def forward_views(model: nn.Module, views: torch.Tensor, views_per_forward: int 
     if not isinstance(views_per_forward, int) or views_per_forward < 1:
         raise EngramError(f"forward_views: views_per_forward must be a positive integer, got {views_per_forward!r}.")
     weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    channels_last = weight is not None and views.dim() == 5 and not weight.is_contiguous() and weight.is_contiguous(
-        memory_format=torch.channels_last)
+    channels_last = (
+        weight is not None
+        and views.dim() == 5
+        and not weight.is_contiguous()
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    )
     logits = []
     for chunk in views.split(views_per_forward):  # [v, B, ...]
         flat = chunk.flatten(0, 1)  # [v*B, ...]

@@ -30,8 +30,9 @@ class WideBasicBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.equal_in_out = in_planes == out_planes
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride,
-                                                                     bias=False)
+        self.convShortcut = (
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = self.relu1(self.bn1(x))
@@ -42,8 +43,12 @@ class WideBasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, n_blocks: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
-        self.layer = nn.Sequential(*[WideBasicBlock(in_planes if i == 0 else out_planes, out_planes,
-                                                    stride if i == 0 else 1) for i in range(n_blocks)])
+        self.layer = nn.Sequential(
+            *[
+                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(n_blocks)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -77,13 +82,16 @@ def load_robustbench_checkpoint(path: str | Path, n_classes: int = 10) -> WideRe
     prefixes), loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
-        raise EngramError(f"--source {path} does not exist; download RobustBench's cifar10 Linf 'Standard' "
-                          "checkpoint (Standard.pt) and pass its path.")
+        raise EngramError(
+            f"--source {path} does not exist; download RobustBench's cifar10 Linf 'Standard' "
+            "checkpoint (Standard.pt) and pass its path."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (torch raises several types for a file that is not a checkpoint)
-        raise EngramError(f"--source {path} is not a tensors-only torch checkpoint: {str(err).splitlines()[0]}") \
-            from err
+    except Exception as err:
+        raise EngramError(
+            f"--source {path} is not a tensors-only torch checkpoint: {str(err).splitlines()[0]}"
+        ) from err
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise EngramError(f"--source {path} holds no state dict.")
@@ -92,10 +100,13 @@ def load_robustbench_checkpoint(path: str | Path, n_classes: int = 10) -> WideRe
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor of the wrong shape
-        raise EngramError(f"--source {path} is not a WRN-28-10 in RobustBench's layout: "
-                          f"{str(err).splitlines()[-1].strip()}") from err
+        raise EngramError(
+            f"--source {path} is not a WRN-28-10 in RobustBench's layout: {str(err).splitlines()[-1].strip()}"
+        ) from err
     if missing or unexpected:
         first = (missing or unexpected)[0]
-        raise EngramError(f"--source {path} is not a WRN-28-10 in RobustBench's layout ({len(missing)} missing, "
-                          f"{len(unexpected)} unexpected tensors, e.g. {first!r}).")
+        raise EngramError(
+            f"--source {path} is not a WRN-28-10 in RobustBench's layout ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected tensors, e.g. {first!r})."
+        )
     return model.eval()
