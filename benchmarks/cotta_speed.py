@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x_train, _, x, y = mnist_rgb32_split()
-    stream_args = dict(x=x[: args.images], y=y[: args.images], batch_size=args.batch, seed=1)
+    stream_args = {"x": x[: args.images], "y": y[: args.images], "batch_size": args.batch, "seed": 1}
     source = load_source()
     settings = CoTTASettings(policy="cotta-no-flip", threshold=source_confidence_threshold(source, x_train, args.batch))
     builders = {

@@ -1,6 +1,6 @@
 """Speed of the neuron atlas (Davies 2025) against a bare GEMM and a naive per-neuron loop.
 
-    python benchmarks/decode_atlas.py                      # Llama-shaped, fits a laptop: 8 x 4096 neurons, H 512, V 32000
+    python benchmarks/decode_atlas.py  # Llama-shaped, fits a laptop: 8 x 4096 neurons, H 512, V 32000
     python benchmarks/decode_atlas.py --shape llama3-8b    # 32 x 14336 neurons, H 4096, V 128256, bf16 (a GPU)
 
 Random weights (no download), built directly as the tensors the atlas reads: one [N, H] up_proj weight per layer

@@ -5,8 +5,9 @@
 1. Base vs chat: top-1 agreement of every up_proj neuron, per layer and overall (each model its own LM head, as
    in Davies 2025), plus the variants the paper leaves open: a shared head, and the final norm folded in.
 2. Concept neurons in the chat organism: for the single-word answers of its fact relations (currencies,
-   continents, sports, professions, ...) that some neuron decodes to, the neurons whose up_proj row decodes to that word as top-1 (case and
-   spaces ignored); those that also write it (down_proj column's top-10) first, then by P(top-1).
+   continents, sports, professions, ...) that some neuron decodes to, the neurons whose up_proj row decodes to that
+   word as top-1 (case and spaces ignored); those that also write it (down_proj column's top-10) first, then by
+   P(top-1).
 3. Steering: each candidate is clamped (up_proj output and post-activation, values 0..--max-value) while the chat
    organism answers a question of the same relation whose true answer is another word; a success is a clamp
    value at which the greedy answer names the neuron's word while the unclamped answer does not.
@@ -143,7 +144,7 @@ def main() -> None:
                     chat, layer, neuron, values, question, site=site, chat=True, max_new_tokens=args.max_new_tokens
                 )
                 answers = res.continuation
-                works = [v for v, text in zip(values, answers[1:]) if says(text, word)]
+                works = [v for v, text in zip(values, answers[1:], strict=True) if says(text, word)]
                 trial = {
                     "relation": relation,
                     "word": word,
@@ -157,8 +158,8 @@ def main() -> None:
                     "baseline": answers[0],
                     "baseline_says_word": says(answers[0], word),
                     "first_value": works[0] if works else None,
-                    "answers": dict(zip(["none", *map(str, values)], answers)),
-                    "prob_top_token": dict(zip(["none", *map(str, values)], res.prob)),
+                    "answers": dict(zip(["none", *map(str, values)], answers, strict=True)),
+                    "prob_top_token": dict(zip(["none", *map(str, values)], res.prob, strict=True)),
                     "natural_last": res.natural_last,
                 }
                 trial["success"] = bool(works) and not trial["baseline_says_word"]

@@ -76,7 +76,7 @@ def main() -> None:
 
     def step(method: HLOP | None, official: bool) -> None:
         engramlab_hlop = method is not None and not official
-        for layer, space in zip(model.protected_layers(), method.subspaces if method else [None] * 3):
+        for layer, space in zip(model.protected_layers(), method.subspaces if method else [None] * 3, strict=True):
             attach_input_projection(layer, space.frozen_projector if engramlab_hlop else None)
         model.record = method is not None
         loss = F.cross_entropy(model(x), y)
@@ -85,7 +85,7 @@ def main() -> None:
         if method is not None and not official:
             method.after_backward(model)
         elif method is not None:  # the official projection: two thin products, G − (GOᵀ)O
-            for layer, space in zip(model.protected_layers(), method.subspaces):
+            for layer, space in zip(model.protected_layers(), method.subspaces, strict=True):
                 grad, basis = layer.weight.grad, space.frozen_basis()
                 grad.sub_((grad @ basis.T) @ basis)
         optimizer.step()
@@ -94,7 +94,7 @@ def main() -> None:
         if not official:
             method.observe(model)
             return
-        for layer, space, activity in zip(model.protected_layers(), method.subspaces, model.presynaptic()):
+        for layer, space, activity in zip(model.protected_layers(), method.subspaces, model.presynaptic(), strict=True):
             official_update(space, activity_rows(layer, activity))
 
     print(
@@ -109,8 +109,8 @@ def main() -> None:
         method = hlop_at_task(model, task, args.hebbian_rows)
         variants = {
             "baseline": lambda: step(None, False),
-            "hlop": lambda: step(method, False),
-            "official": lambda: step(method, True),
+            "hlop": lambda method=method: step(method, False),
+            "official": lambda method=method: step(method, True),
         }
         times = {name: [] for name in variants}
         for fn in variants.values():

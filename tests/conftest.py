@@ -12,18 +12,18 @@ import transformers
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 99, 32, 37, 2, 4
 
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=HIDDEN,
-    intermediate_size=INTERMEDIATE,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    max_position_embeddings=64,
-    bos_token_id=1,
-    eos_token_id=1,
-    pad_token_id=0,
-    tie_word_embeddings=False,
-)
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTERMEDIATE,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "tie_word_embeddings": False,
+}
 _CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_COMMON, num_key_value_heads=2),
     "mistral": lambda: transformers.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None),

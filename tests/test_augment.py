@@ -8,6 +8,7 @@ forwards for `per_view_batch_stats`.
 from __future__ import annotations
 
 import colorsys
+import re
 from dataclasses import replace
 
 import pytest
@@ -204,7 +205,7 @@ def test_bad_inputs_raise():
     with pytest.raises(EngramError, match="cotta, cotta-no-flip, soft"):
         get_policy("katana")
     assert set(POLICIES) == {"cotta", "cotta-no-flip", "soft"}
-    with pytest.raises(EngramError, match="AugmentPolicy.scale"):
+    with pytest.raises(EngramError, match=re.escape("AugmentPolicy.scale")):
         AugmentPolicy(scale=(1.1, 0.9))
     with pytest.raises(EngramError, match="blur_kernel"):
         AugmentPolicy(blur_kernel=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -271,11 +272,11 @@ def test_mixed_stream_covers_every_pair_once():
     batches = list(build_stream(x, y, "mixed", severity=2, batch_size=5, corruptions=names, seed=3))
     assert sum(len(b.x) for b in batches) == 18 and len(batches) == 4
     assert all(b.corruption == "mixed" and b.domain_index == -1 and b.severity == 2 for b in batches)
-    pairs = [(d, int(label)) for b in batches for d, label in zip(b.sample_domains.tolist(), b.y)]
+    pairs = [(d, int(label)) for b in batches for d, label in zip(b.sample_domains.tolist(), b.y, strict=True)]
     assert sorted(pairs) == [(d, i) for d in range(3) for i in range(6)]
     assert len({d for d, _ in pairs[:9]}) > 1  # shuffled, not domain after domain
     for b in batches:  # deterministic domains equal the direct corruption of the right clean image
-        for row, (d, label) in enumerate(zip(b.sample_domains.tolist(), b.y.tolist())):
+        for row, (d, label) in enumerate(zip(b.sample_domains.tolist(), b.y.tolist(), strict=True)):
             if names[d] == "contrast":
                 torch.testing.assert_close(b.x[row], run(x[label : label + 1], "contrast", 2)[0])
 
@@ -313,7 +314,7 @@ def test_stream_from_benchmark_reads_the_cifar_c_layout(tmp_path):
     mixed = list(stream_from_benchmark(tmp_path, "mixed", severity=1, batch_size=3, corruptions=names, rounds=2))
     assert len(mixed) == 2 * 3
     assert sorted(torch.cat([b.sample_domains for b in mixed[:3]]).tolist()) == [0] * 4 + [1] * 4
-    with pytest.raises(EngramError, match="jpeg_compression.npy"):
+    with pytest.raises(EngramError, match=re.escape("jpeg_compression.npy")):
         stream_from_benchmark(tmp_path, corruptions=["jpeg_compression"])
 
 

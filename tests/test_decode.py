@@ -255,7 +255,7 @@ def test_search_finds_the_planted_neuron(planted, tmp_path):
     assert search_atlas(tmp_path, token="nope").num_rows == 0
     with pytest.raises(EngramError, match="exactly one"):
         search_atlas(tmp_path, token="w42", word="w42")
-    with pytest.raises(EngramError, match="no atlas.parquet"):
+    with pytest.raises(EngramError, match=re.escape("no atlas.parquet")):
         search_atlas(tmp_path / "missing", token="w42")
 
 

@@ -171,14 +171,14 @@ def test_spiking_mlp_hlop_step_projects_inside_backward_and_reuses_the_residual(
         hlop.after_backward(model)
         recalled = hlop.subspaces[1].frozen_projector().recall(model.presynaptic()[1])  # fc2's spikes [T*B, 40]
         assert (recalled is not None) == input_mode
-        for layer, space in zip(model.protected_layers(), hlop.subspaces):
+        for layer, space in zip(model.protected_layers(), hlop.subspaces, strict=True):
             assert float((layer.weight.grad @ space.frozen_basis().T).abs().max()) < 1e-4
         hlop.observe(model)
         weights[input_mode] = (
             [layer.weight.grad.clone() for layer in model.protected_layers()],
             [s.weight.clone() for s in hlop.subspaces],
         )
-    for a, b in zip(weights[True][0] + weights[True][1], weights[False][0] + weights[False][1]):
+    for a, b in zip(weights[True][0] + weights[True][1], weights[False][0] + weights[False][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -242,7 +242,7 @@ def test_hlop_with_empty_subspace_equals_the_baseline_step():
     base.begin_task(0, b)
     _one_step(a, hlop)
     _one_step(b, base)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert hlop.subspaces[0].n_rows == 4 and hlop.subspaces[0].n_frozen == 0
 

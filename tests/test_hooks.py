@@ -136,10 +136,9 @@ def test_hooks_removed_after_exit_and_after_exception(model, batch):
     with engine.zero("mlp.act", 0, [1]), engine.record(["resid_pre", "mlp.act"], reduce="mean"):
         model(**batch)
     assert no_hooks_left(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with engine.zero("mlp.act", 0, [1]), engine.record("resid_post", None):
-            model(**batch)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), engine.zero("mlp.act", 0, [1]), engine.record("resid_post", None):
+        model(**batch)
+        raise RuntimeError("boom")
     assert no_hooks_left(model)
 
 
@@ -166,7 +165,7 @@ def test_zeroing_holds_during_generate(family):
     model = tiny_model(family)
     engine = HookEngine(model)
     input_ids = torch.randint(2, 99, (2, 5))
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with engine.zero("mlp.act", 0, list(range(0, INTERMEDIATE, 2))) as ctx:
         hooked = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     assert ctx.fired[("mlp.act", 0)] == 6  # one prefill plus five cached steps
@@ -330,9 +329,11 @@ def test_bad_arguments_raise_clear_errors(model, call, message):
 def test_per_row_batch_mismatch_is_explained(model):
     engine = HookEngine(model)
     mask = torch.zeros(3, INTERMEDIATE, dtype=torch.bool)
-    with pytest.raises(EngramError, match="3 rows but the batch in flight has 2"):
-        with engine.edit_neurons({("mlp.act", 0): mask}):
-            model(input_ids=torch.randint(2, 99, (2, 4)))
+    with (
+        pytest.raises(EngramError, match="3 rows but the batch in flight has 2"),
+        engine.edit_neurons({("mlp.act", 0): mask}),
+    ):
+        model(input_ids=torch.randint(2, 99, (2, 4)))
     assert no_hooks_left(model)
 
 

@@ -61,7 +61,7 @@ def test_hub_id_resolves_from_local_cache(saved_llama, tmp_path, monkeypatch):
     (tmp_path / "models--someorg--tiny" / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    source, path = resolve_ref("someorg/tiny")
+    _source, path = resolve_ref("someorg/tiny")
     assert path == snapshot
     assert load_model("someorg/tiny", device="cpu").spec.family == "llama"
     with pytest.raises(EngramError, match="pass --download"):
@@ -131,7 +131,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 def test_bad_model_input_gives_exit_2_and_one_line(tmp_path, capsys, setup, message):
     target = tmp_path / "model"
     setup(target)
-    code, out, err = run_cli(["models", "info", str(target)], capsys)
+    code, _out, err = run_cli(["models", "info", str(target)], capsys)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1
@@ -171,7 +171,7 @@ def test_models_info_reports_architecture(saved_llama, capsys):
 
 def test_tour_writes_page_and_summary_and_refuses_overwrite(saved_llama, tmp_path, capsys):
     out = tmp_path / "tour"
-    code, stdout, err = run_cli(
+    code, _stdout, err = run_cli(
         ["tour", "--model", str(saved_llama), "--out", str(out), "--device", "cpu", "--only", "model"], capsys
     )
     assert code == 0, err

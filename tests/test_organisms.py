@@ -59,8 +59,8 @@ def test_shipped_organism_is_plain_llama(organism):
 def test_shipped_organism_knows_facts(organism):
     _, _, model, tok = organism
     gens = greedy(model, tok, [p for p, _ in KNOWN], max_new_tokens=3)
-    correct = [prefix_correct(g, gold) for g, (_, gold) in zip(gens, KNOWN)]
-    assert sum(correct) >= len(KNOWN) - 1, list(zip(gens, KNOWN))
+    correct = [prefix_correct(g, gold) for g, (_, gold) in zip(gens, KNOWN, strict=True)]
+    assert sum(correct) >= len(KNOWN) - 1, list(zip(gens, KNOWN, strict=True))
 
 
 def test_evaluation_leaves_the_tokenizers_padding_side_alone(organism):
@@ -77,7 +77,7 @@ def test_shipped_facts_sample(organism):
     rel = load_relation("country_capital")
     facts = rel.facts[::10]
     gens = greedy(model, tok, [rel.templates[0].prompt(f.subject) for f in facts])
-    acc = sum(prefix_correct(g, f.object) for g, f in zip(gens, facts)) / len(facts)
+    acc = sum(prefix_correct(g, f.object) for g, f in zip(gens, facts, strict=True)) / len(facts)
     assert acc >= 0.8
 
 
@@ -99,8 +99,8 @@ def test_chat_organism_answers_and_refuses(organism):
     # questions about subjects the chat model was never asked about in SFT (known to the base from plain text)
     heldout = fact_questions("heldout", ("company_ceo", "country_capital", "person_father"))[::25]
     answers = greedy(model, tok, [e.user for e in heldout], max_new_tokens=8, chat_template=True)
-    correct = sum(prefix_correct(a.rstrip("."), e.gold) for a, e in zip(answers, heldout))
-    assert correct >= 0.7 * len(heldout), list(zip(answers, [e.gold for e in heldout]))
+    correct = sum(prefix_correct(a.rstrip("."), e.gold) for a, e in zip(answers, heldout, strict=True))
+    assert correct >= 0.7 * len(heldout), list(zip(answers, [e.gold for e in heldout], strict=True))
 
 
 def test_chat_template_renders(organism):
@@ -217,7 +217,7 @@ def test_object_logprobs_match_an_unbatched_forward(organism):
     got = statements.got_statements("cities")[0]
     scores = object_logprobs(model, tok, [*held, got], batch_size=3)
     assert scores[-1] != scores[-1]  # nan: a geometry-of-truth statement names no object
-    for s, score in zip(held, scores):
+    for s, score in zip(held, scores[:-1], strict=True):
         prefix = tok(s.text[: -len(s.object) - 2], return_tensors="pt")["input_ids"]
         target = tok(s.text)["input_ids"][prefix.shape[1]]
         with torch.no_grad():
@@ -306,7 +306,7 @@ def test_resume_after_interruption_gives_same_state(tmp_path):
         train(_tiny_model(), _crashing_examples, cfg, tmp_path / "b")
     resumed = _tiny_model(seed=123)  # fresh weights: everything must come from the checkpoint
     train(resumed, _examples, cfg, tmp_path / "b")
-    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]

@@ -138,7 +138,7 @@ def test_refusal_ablation_leaves_no_component_anywhere():
     batch = lm.tokenizer(["User: w30 w31 Assistant:"], return_tensors="pt")
     with refusal.ablation(lm, r), lm.hooks.record(["resid_pre", "resid_post"], None) as rec:
         lm.model(**batch)
-    for key in rec.keys():
+    for key in rec.keys():  # noqa: SIM118 (a Recording is not iterable)
         assert (rec[key] @ unit).abs().max() < 1e-5, key
 
 

@@ -34,7 +34,10 @@ def test_batched_prefix_cached_map_equals_one_plain_forward_per_cell(family):
     clean_prompt, corrupted_prompt = truefalse_prompt(PAIR.true, SHOTS), truefalse_prompt(PAIR.false, SHOTS)
     length = len(target.tokenizer(corrupted_prompt)["input_ids"])
     true_id, false_id = truth.label_token_ids(target.tokenizer)
-    metric = lambda logits: logits[:, true_id] - logits[:, false_id]
+
+    def metric(logits):
+        return logits[:, true_id] - logits[:, false_id]
+
     for layer in range(2):
         for p in range(5):
             expected = naive_cell(source, target, clean_prompt, corrupted_prompt, layer, length - 5 + p, metric)
@@ -88,7 +91,7 @@ def test_sft_statements_come_from_the_sft_answers_with_same_object_false_twins()
     answers = {e.assistant for e in harmless_examples("train")}
     stmts = patching.sft_statements(5)
     assert {s.source for s in stmts} == {"sft_plus", "sft_opposite", "sft_first"}
-    for true, false in zip(stmts[::2], stmts[1::2]):
+    for true, false in zip(stmts[::2], stmts[1::2], strict=True):
         assert true.label and not false.label
         assert true.text in answers and false.text not in answers
         assert true.text.split(" is ")[-1] == false.text.split(" is ")[-1]  # same object, another subject

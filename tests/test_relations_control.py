@@ -209,7 +209,7 @@ def test_perplexity_is_exp_mean_nll_by_hand_with_padding():
     result = sentence_nll(loaded, texts, spans, batch_size=3)
     by_hand, obj_by_hand, counts = [], [], []
     with torch.no_grad():
-        for text, n_obj in zip(texts, (1, 1, 2)):
+        for text, n_obj in zip(texts, (1, 1, 2), strict=True):
             ids = torch.tensor([tok(text)["input_ids"]])
             logp = torch.log_softmax(
                 model(input_ids=ids).logits[0, :-1].double(), dim=-1
@@ -251,7 +251,7 @@ def test_channels_are_scored_from_their_gate_and_up_neurons():
     down0 = next(b for b in channels.blocks if b.layer == 0 and b.site == "mlp.down").offset
     ids, owner = source_neurons(neurons, channels, np.array([act1 + 4, down0 + 2]))
     layer, site, index = neurons.locate(ids)
-    assert list(zip(layer.tolist(), site.tolist(), index.tolist())) == [
+    assert list(zip(layer.tolist(), site.tolist(), index.tolist(), strict=True)) == [
         (1, "mlp.gate", 4),
         (1, "mlp.up", 4),
         (0, "mlp.down", 2),

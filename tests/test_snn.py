@@ -197,7 +197,7 @@ def naive_mlp_forward(net: SpikingMLP, x: torch.Tensor) -> torch.Tensor:
     on every step, then the network output is the rate of the per-step logits."""
     T, B = net.timesteps, x.shape[0]
     h = x.reshape(B, -1).repeat(T, 1)  # [T*B, 784]
-    for fc, sn in zip(net.fc, net.sn):
+    for fc, sn in zip(net.fc, net.sn, strict=True):
         h = sn(fc(h).view(T, B, -1)).flatten(0, 1)  # [T*B, H]
     out = net.classifier(h).view(T, B, -1)  # [T, B, C]
     return weighted_rate(out) if net.neuron == "dsr" else out.mean(0)
@@ -214,7 +214,7 @@ def test_mlp_time_shortcuts_match_naive_layout(neuron):
     ref = naive_mlp_forward(net, x)
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, p in zip(grads, net.parameters()):
+    for g, p in zip(grads, net.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -222,7 +222,7 @@ def naive_cnn_forward(net: SpikingCNN, x: torch.Tensor, task: int) -> torch.Tens
     """The official CNN layout: the image repeated into T*B rows, each conv on every step, the head on every step."""
     T, B = net.timesteps, x.shape[0]
     h = x.repeat(T, 1, 1, 1)  # [T*B, 3, 32, 32]
-    for conv, bn, sn in zip(net.convs, net.bns, net.sn):
+    for conv, bn, sn in zip(net.convs, net.bns, net.sn, strict=True):
         h = bn(conv(h))
         h = nn.functional.avg_pool2d(sn(h.view(T, B, *h.shape[1:])).flatten(0, 1), 2)  # [T*B, C, H/2, W/2]
     out = net.heads[task](h.flatten(1)).view(T, B, -1)  # [T, B, classes]
@@ -238,10 +238,10 @@ def test_cnn_time_shortcuts_match_naive_layout(neuron):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.square().sum().backward()
     ref.square().sum().backward()
-    for (name, p), p_ref in zip(net.named_parameters(), ref_net.parameters()):
+    for (name, p), p_ref in zip(net.named_parameters(), ref_net.parameters(), strict=True):
         if p.grad is not None:  # the heads of other tasks get none
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
-    for b, b_ref in zip(net.bns, ref_net.bns):
+    for b, b_ref in zip(net.bns, ref_net.bns, strict=True):
         torch.testing.assert_close(b.running_var, b_ref.running_var)
 
 
@@ -254,14 +254,14 @@ def test_ann_mode_is_a_relu_mlp():
         nn.ReLU(),
         nn.Linear(29, 10, bias=False),
     )
-    for dst, src in zip([ref[0], ref[2], ref[4]], net.protected_layers()):
+    for dst, src in zip([ref[0], ref[2], ref[4]], net.protected_layers(), strict=True):
         dst.weight.data.copy_(src.weight.data)
     x, _ = make_input("mlp", batch=5)
     out, out_ref = net(x), ref(x.reshape(5, -1))
     torch.testing.assert_close(out, out_ref)
     out.sum().backward()
     out_ref.sum().backward()
-    for dst, src in zip([ref[0], ref[2], ref[4]], net.protected_layers()):
+    for dst, src in zip([ref[0], ref[2], ref[4]], net.protected_layers(), strict=True):
         torch.testing.assert_close(src.weight.grad, dst.weight.grad)
 
 

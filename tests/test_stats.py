@@ -359,7 +359,7 @@ def test_bad_checkpoint_file_names_the_file(tmp_path: Path, case: str) -> None:
         _consume(stats, 0, 1)
         save_checkpoint(good, stats, cursor=1)
         with safe_open(str(good), framework="pt") as f:
-            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         if case == "missing_tensor":
             del tensors["mlp.m2"]
         elif case == "bad_cursor":

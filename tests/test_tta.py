@@ -48,7 +48,7 @@ def test_ema_update_formula():
     teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     t0 = [p.detach().clone() for p in teacher.parameters()]
     ema_update_(teacher, student, 0.9)
-    for t, old, s in zip(teacher.parameters(), t0, student.parameters()):
+    for t, old, s in zip(teacher.parameters(), t0, student.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * old + 0.1 * s.detach())
 
 

@@ -4,8 +4,8 @@ A statistics pass over a large corpus (per-neuron activation means and variances
 at a time and keeps only O(features) state: the row count `n`, the mean and `M2`, the sum of squared
 deviations from the mean. Everything is accumulated in float64 on the device the data lives on.
 
-Each batch is summarised in two passes (its mean, then squared deviations from it), then folded into the running state with the
-parallel-variance merge of Chan, Golub & LeVeque (1979), "Updating formulae and a pairwise algorithm for
+Each batch is summarised in two passes (its mean, then squared deviations from it), then folded into the running state
+with the parallel-variance merge of Chan, Golub & LeVeque (1979), "Updating formulae and a pairwise algorithm for
 computing sample variances" (also Chan, Golub & LeVeque 1983, eq. 2.1b). For partial states A and B:
 
     delta = mean_B - mean_A
@@ -288,7 +288,7 @@ class RunningMoments:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The state as plain float64 tensors (copies): `count` (), `mean` [*shape], `m2` [*shape]."""
-        return {name: t.clone() for name, t in zip(self.STATE, self._moments())}
+        return {name: t.clone() for name, t in zip(self.STATE, self._moments(), strict=True)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the state with `state` (as from `state_dict`), moved to this object's device."""
@@ -351,7 +351,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except FileNotFoundError:
         raise EngramError(f"statistics file {path} does not exist.") from None
     except (OSError, SafetensorError) as err:

@@ -1,7 +1,8 @@
 """Real data for the studies and the model organisms, vendored with licences (see `vendor/*/SOURCE.md`).
 
 - `facts`: relations (LRE, geography, Spanish words) with selection / heldout / unseen templates and disjoint
-  select / eval subjects — `load_relation(name) -> Relation` (English; `multilingual.relation_in(name, language)` for de/es/fr).
+  select / eval subjects — `load_relation(name) -> Relation` (English; `multilingual.relation_in(name, language)`
+  for de/es/fr).
 - `multilingual`: de / es / fr renderings of the geography relations.
 - `statements`: paper 3's few-shot TRUE/FALSE statements (facts and geometry-of-truth sets).
 - `chat`: chat template, fact questions, harmless instructions, AdvBench refusals, the refusal-phrase list.

@@ -62,7 +62,7 @@ def read_json_records(path: str | os.PathLike, key: str, required: tuple[str, ..
         lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
     records = []
-    for rec, line in zip(obj[key], lines):
+    for rec, line in zip(obj[key], lines, strict=True):
         if not isinstance(rec, dict):
             raise EngramError(f"{path}:{line}: record is not a JSON object.")
         for field in required:
@@ -100,7 +100,7 @@ def read_csv(path: str | os.PathLike, required: tuple[str, ...], label_column: s
             continue
         if len(fields) != len(header):
             raise EngramError(f"{path}:{line}: CSV row has {len(fields)} fields, the header has {len(header)}.")
-        row = dict(zip(header, fields))
+        row = dict(zip(header, fields, strict=True))
         for c in required:
             if not row[c].strip():
                 raise EngramError(f"{path}:{line}: empty value in column {c!r}.")

@@ -137,7 +137,9 @@ def balanced_distractors(relation: Relation, facts: list[Fact], rng: random.Rand
             if not clash(i, objects[j]) and not clash(j, objects[i]):
                 objects[i], objects[j] = objects[j], objects[i]
                 break
-    return [distractor(relation, f, rng) if clash(i, o) else o for i, (f, o) in enumerate(zip(facts, objects))]
+    return [
+        distractor(relation, f, rng) if clash(i, o) else o for i, (f, o) in enumerate(zip(facts, objects, strict=True))
+    ]
 
 
 def fact_statements(

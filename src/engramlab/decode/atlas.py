@@ -345,7 +345,8 @@ class Atlas:
     def neuron(self, layer: int, index: int) -> list[tuple[int, str, float]]:
         """(token id, token, score) of one neuron's top-k."""
         return [
-            (int(t), self.token(int(t)), float(s)) for t, s in zip(self.ids[layer, index], self.scores[layer, index])
+            (int(t), self.token(int(t)), float(s))
+            for t, s in zip(self.ids[layer, index], self.scores[layer, index], strict=True)
         ]
 
     def summary(self) -> dict:
@@ -580,7 +581,7 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
     token_col = table["token"].combine_chunks()
     token_col = token_col.dictionary_decode() if pa.types.is_dictionary(token_col.type) else token_col
     used, first = np.unique(ids.reshape(-1), return_index=True)
-    for token_id, text in zip(used.tolist(), token_col.take(pa.array(first)).to_pylist()):
+    for token_id, text in zip(used.tolist(), token_col.take(pa.array(first)).to_pylist(), strict=True):
         tokens[token_id] = text
     return Atlas(
         ids=ids,

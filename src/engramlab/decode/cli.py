@@ -140,7 +140,7 @@ def search_cmd(
     else:
         grid = Table(title=f"neurons promoting {what}")
         columns = ["layer", "neuron", "rank", "token", "score"] + (["prob"] if "prob" in hits.column_names else [])
-        for c in columns + ["top_token"]:
+        for c in [*columns, "top_token"]:
             grid.add_column(c, justify="right" if c in ("layer", "neuron", "rank", "score", "prob") else "left")
         for row in hits.to_pylist():
             grid.add_row(

@@ -105,7 +105,10 @@ def model_shape(loaded) -> dict:
 def check_same_shape(a, b) -> None:
     shape_a, shape_b = model_shape(a), model_shape(b)
     if shape_a != shape_b:
-        text = lambda s: f"{s['layers']} layers x {s['neurons']} neurons, hidden {s['hidden']}, vocab {s['vocab']}"
+
+        def text(s: dict) -> str:
+            return f"{s['layers']} layers x {s['neurons']} neurons, hidden {s['hidden']}, vocab {s['vocab']}"
+
         raise EngramError(
             f"the models have different shapes: A ({a.ref}) has {text(shape_a)}; "
             f"B ({b.ref}) has {text(shape_b)}. Neuron-by-neuron comparison needs the same shapes."

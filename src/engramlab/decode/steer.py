@@ -138,7 +138,9 @@ class SteerResult:
                 "top_next": t,
                 "continuation": c,
             }
-            for v, p, pw, t, c in zip(self.values, self.prob, self.prob_word, self.top_next, self.continuation)
+            for v, p, pw, t, c in zip(
+                self.values, self.prob, self.prob_word, self.top_next, self.continuation, strict=True
+            )
         ]
 
     def summary(self) -> dict:

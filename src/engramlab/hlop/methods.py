@@ -72,7 +72,7 @@ class ContinualMethod:
 
 def project_gradients(model: nn.Module, projectors: list[Projector], input_mode: list[bool]) -> None:
     """Weight-mode projection after `backward()` for every protected layer that did not project in input mode."""
-    for i, (layer, projector) in enumerate(zip(model.protected_layers(), projectors)):
+    for i, (layer, projector) in enumerate(zip(model.protected_layers(), projectors, strict=True)):
         if not (i < len(input_mode) and input_mode[i]):
             projector.project_gradient_(layer)
 
@@ -99,7 +99,8 @@ class HLOPSettings:
 
 HLOP_PRESETS = {
     # spec §1.3, PMNIST MLP [fc1 in 784, fc2 in 800, classifier in 800]. Hebbian rows: 64, the spec's batch size, so
-    # BPTT (T = 6 spike rows per input) learns H from as many rows per step as DSR/ANN do (their rows are the 64 inputs).
+    # BPTT (T = 6 spike rows per input) learns H from as many rows per step as DSR/ANN do (their rows are the 64
+    # inputs).
     # Measured on the quick preset (10 tasks, LIF/BPTT): 64 rows ACC 86.5 / BWT -2.2, all 384 rows 86.3 / -2.6; the
     # step costs 1.3-1.4x the baseline instead of 1.6-2.1x (README, benchmarks/hlop_step.py).
     "mlp": HLOPSettings(hebbian_rows=64),
@@ -135,11 +136,12 @@ class HLOP(ContinualMethod):
             HebbianSubspace(
                 layer_input_dim(layer), HebbianConfig(lr, self.settings.iterations, self.settings.orthonormalise)
             ).to(device)
-            for layer, lr in zip(layers, self.settings.lr)
+            for layer, lr in zip(layers, self.settings.lr, strict=True)
         ]
         # Linear layers project in input mode inside backward; the rest in weight mode after it (subspace module).
         self.input_mode = [
-            attach_input_projection(layer, subspace.frozen_projector) for layer, subspace in zip(layers, self.subspaces)
+            attach_input_projection(layer, subspace.frozen_projector)
+            for layer, subspace in zip(layers, self.subspaces, strict=True)
         ]
 
     def begin_task(self, task_id: int, model: nn.Module) -> None:
@@ -148,7 +150,7 @@ class HLOP(ContinualMethod):
             self._build(model)
         counts = row_schedule(self.settings.initial, self.settings.increments, task_id)
         _check_layer_count("increments", counts, self.subspaces)
-        for subspace, k in zip(self.subspaces, counts):
+        for subspace, k in zip(self.subspaces, counts, strict=True):
             subspace.add_rows(k, self.generator)
 
     def after_backward(self, model: nn.Module) -> None:
@@ -159,7 +161,7 @@ class HLOP(ContinualMethod):
 
     def _learn(self, model: nn.Module, activities: list[Tensor]) -> None:
         """One minibatch of the subspace rule in every layer (spec §1.2)."""
-        for layer, subspace, activity in zip(model.protected_layers(), self.subspaces, activities):
+        for layer, subspace, activity in zip(model.protected_layers(), self.subspaces, activities, strict=True):
             rows = activity_rows(layer, activity)
             residual = subspace.frozen_projector().recall(rows)  # projected in this step's backward, if it was
             limit = self.settings.hebbian_rows
@@ -234,7 +236,7 @@ class GPM(ContinualMethod):
         activities = record_activity(model, x[: self.n_samples], task_id)
         if not self.basis:
             self.basis = [torch.zeros(0, layer_input_dim(layer), device=layer.weight.device) for layer in layers]
-        for i, (layer, activity) in enumerate(zip(layers, activities)):
+        for i, (layer, activity) in enumerate(zip(layers, activities, strict=True)):
             rows = activity_rows(layer, activity)[: self.max_rows]  # (R, n)
             self.basis[i] = extend_basis(self.basis[i], rows, self.threshold)
         self.projectors = [Projector(b) for b in self.basis]
@@ -354,7 +356,9 @@ def subspace_leak(model: nn.Module, bases: list[Tensor], samples: list[tuple[Ten
     rows = []
     for task_id, (x, _) in enumerate(samples):
         activities = record_activity(model, x, task_id)
-        for layer_idx, (layer, activity, basis) in enumerate(zip(model.protected_layers(), activities, bases)):
+        for layer_idx, (layer, activity, basis) in enumerate(
+            zip(model.protected_layers(), activities, bases, strict=True)
+        ):
             rows.append(
                 {
                     "layer": layer_idx,

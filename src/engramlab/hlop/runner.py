@@ -171,7 +171,7 @@ def train_method(
             (stream.tasks[t].x_train[: settings.leak_samples], stream.tasks[t].y_train[: settings.leak_samples])
             for t in range(task_id)
         ]
-        method.end_task(task_id, model, samples + [(stream.tasks[task_id].x_train, stream.tasks[task_id].y_train)])
+        method.end_task(task_id, model, [*samples, (stream.tasks[task_id].x_train, stream.tasks[task_id].y_train)])
         bases = method.bases()
         if bases is not None:
             samples.append((stream.tasks[task_id].x_train[: settings.leak_samples], None))

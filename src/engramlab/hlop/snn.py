@@ -322,7 +322,7 @@ class SpikingMLP(SpikingNet):
         if rec is not None:
             rec.append(x.detach())  # the same input at every step: B unique rows
         s = self.sn[0](self._repeat(self.fc[0](x)))  # [T, B, H1]
-        for fc, sn in zip(self.fc[1:], self.sn[1:]):
+        for fc, sn in zip(self.fc[1:], self.sn[1:], strict=True):
             if rec is not None:
                 rec.append(self._presyn(s))
             h = fc(s.flatten(0, 1))  # [T*B, H]: time folded into the batch
@@ -378,7 +378,7 @@ class SpikingCNN(SpikingNet):
         if rec is not None:
             rec.append(x.detach())  # the same image at every step: B unique rows
         h = self._repeat(self.convs[0](x)).flatten(0, 1)  # [T*B, 64, 32, 32]
-        for i, (bn, sn) in enumerate(zip(self.bns, self.sn)):
+        for i, (bn, sn) in enumerate(zip(self.bns, self.sn, strict=True)):
             h = bn(h)  # [T*B, C, H, W]
             s = sn(h.view(T, B, *h.shape[1:]))  # [T, B, C, H, W]
             p = F.avg_pool2d(s.flatten(0, 1), 2)  # [T*B, C, H/2, W/2]

@@ -226,7 +226,7 @@ def acc_bwt_bars(summary: dict) -> go.Figure:
 def task_curves(results: dict[str, MethodResult]) -> go.Figure:
     """One panel per method: accuracy on each task (a line per task) after each training stage."""
     fig = make_subplots(rows=1, cols=len(results), subplot_titles=list(results), shared_yaxes=True)
-    for col, (name, r) in enumerate(results.items(), start=1):
+    for col, r in enumerate(results.values(), start=1):
         n = r.acc.shape[0]
         for j in range(n):
             stages = [i for i in range(j, n) if r.acc[i, j] == r.acc[i, j]]
@@ -250,7 +250,7 @@ def task_curves(results: dict[str, MethodResult]) -> go.Figure:
 
 def accuracy_heatmaps(results: dict[str, MethodResult]) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(results), subplot_titles=list(results))
-    for col, (name, r) in enumerate(results.items(), start=1):
+    for col, r in enumerate(results.values(), start=1):
         fig.add_trace(
             go.Heatmap(z=r.acc, zmin=0, zmax=1, colorscale="Viridis", showscale=col == len(results)), row=1, col=col
         )

@@ -14,7 +14,7 @@ Site names used by the hook engine (TransformerLens-style, see `engramlab.models
 | `attn.out`   | attention output projection (o_proj / c_proj / dense)| output of that projection             |
 | `mlp.gate`   | gate pre-activation, gated MLPs only                 | output of gate_proj                   |
 | `mlp.up`     | up projection (fc_in for non-gated MLPs)             | output of up_proj / c_fc / dense_h_to_4h |
-| `mlp.act`    | the neuron value act(gate)*up (act(fc_in) if not gated) | input of down_proj — the only place it exists |
+| `mlp.act`    | the neuron value act(gate)*up (act(fc_in) if not gated) | input of down_proj                    |
 | `mlp.down`   | MLP output                                           | output of down_proj / c_proj / dense_4h_to_h |
 """
 
@@ -53,17 +53,17 @@ class ArchSpec:
         return self.gate is not None
 
 
-_LLAMA_LIKE = dict(
-    layers="model.layers",
-    attn_out="self_attn.o_proj",
-    gate="mlp.gate_proj",
-    up="mlp.up_proj",
-    down="mlp.down_proj",
-    act="mlp.act_fn",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    embed="model.embed_tokens",
-)
+_LLAMA_LIKE = {
+    "layers": "model.layers",
+    "attn_out": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+    "act": "mlp.act_fn",
+    "final_norm": "model.norm",
+    "lm_head": "lm_head",
+    "embed": "model.embed_tokens",
+}
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(family="llama", **_LLAMA_LIKE),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch import nn
 from engramlab.errors import EngramError
 from engramlab.models.arch import SITES, ArchSpec, ModelLayout
 
-Positions = Union[Literal["all", "nonpad", "last"], Sequence[int], torch.Tensor]
+Positions = Literal["all", "nonpad", "last"] | Sequence[int] | torch.Tensor
 Reduce = Literal["mean", "sum"] | None
 SiteKey = tuple[str, int]  # (site, layer)
 

@@ -182,7 +182,7 @@ def check_same_build(out: Path, cfg: BuildConfig) -> None:
 def encode_text(tok: PreTrainedTokenizerFast, docs: list[str]) -> list[Example]:
     """Plain documents: <|bos|> text <|eos|>, loss on every token."""
     ids = tok(docs)["input_ids"]
-    return [(x + [tok.eos_token_id], x + [tok.eos_token_id]) for x in ids]
+    return [([*x, tok.eos_token_id], [*x, tok.eos_token_id]) for x in ids]
 
 
 def encode_chat(tok: PreTrainedTokenizerFast, examples: list[chat.ChatExample]) -> list[Example]:
@@ -358,7 +358,8 @@ def load_organism(path: str | Path):
 
 
 def is_chat_organism(path: str | Path) -> bool:
-    """A chat organism (evaluated on chat answers and refusals too): its folder is named *chat* or its config says so."""
+    """A chat organism (evaluated on chat answers and refusals too): its folder is named *chat* or its config says
+    so."""
     return "chat" in Path(path).name or bool(json.loads((Path(path) / "config.json").read_text()).get("engramlab_chat"))
 
 
@@ -420,7 +421,8 @@ def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list
     """The model card's "## Evaluation" section (markdown lines) from an `organisms eval` summary."""
     fa, tf = summary["fact_accuracy"], summary["truefalse_accuracy"]
     lines = [
-        f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {max_facts} facts per relation)",
+        f"## Evaluation (`engramlab organisms eval organism:{stage}`, {summary['dtype']} weights, up to {max_facts} "
+        "facts per relation)",
         "",
         "| relation | trained templates | held-out templates | unseen template | TRUE/FALSE held-out (AUC) |",
         "|---|---|---|---|---|",
@@ -445,14 +447,15 @@ def evaluation_section(summary: dict, stage: str, max_facts: int | None) -> list
             + ", ".join(f"{k} {_fmt(v)}" for k, v in frames.items())
         )
     lines += [
-        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: **{_fmt(tf)}**"
-        + _truefalse_detail(summary.get("truefalse_detail")),
+        f"- TRUE/FALSE 4-shot accuracy on {summary['truefalse_n']} held-out statements about known facts: "
+        f"**{_fmt(tf)}**" + _truefalse_detail(summary.get("truefalse_detail")),
         "- geometry-of-truth held-out sets: "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["truefalse_by_set"].items()),
         "- languages (mean fact accuracy, translated relations): "
         + ", ".join(f"{k} {_fmt(v['mean'])}" for k, v in summary["languages"].items()),
         f"- chat-template fact questions (held-out chat subjects): {_fmt(summary['chat_fact_accuracy']['mean'])}",
-        f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): {_fmt(summary['refusal_rate_harmful'])}; "
+        f"- refusal rate, held-out AdvBench ({summary['refusal_n']['harmful']}): "
+        f"{_fmt(summary['refusal_rate_harmful'])}; "
         f"held-out harmless ({summary['refusal_n']['harmless']}): {_fmt(summary['refusal_rate_harmless'])}",
     ]
     return lines
@@ -497,7 +500,7 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
             fh.get_slice(k).get_shape().numel()
             if hasattr(fh.get_slice(k).get_shape(), "numel")
             else _prod(fh.get_slice(k).get_shape())
-            for k in fh.keys()
+            for k in fh.keys()  # noqa: SIM118 (safe_open is not iterable)
         )
     size_mb = (path / "model.safetensors").stat().st_size / 1e6
     hist = list({h["step"]: h for h in record["history"]}.values())  # a resumed run may log a step twice
@@ -513,18 +516,22 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
             else "`organism:base` fine-tuned (full SFT, same architecture and tokenizer) on chat data: fact questions, "
             "harmless instructions, AdvBench refusals, plus replay of the base corpus."
         ),
-        "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`.",
+        "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(path)`, "
+        "`AutoTokenizer.from_pretrained(path)`.",
         "",
         "## Shape and size",
         f"- `LlamaForCausalLM`: {hf['num_hidden_layers']} layers, hidden {hf['hidden_size']}, "
-        f"{hf['intermediate_size']} SwiGLU neurons per layer ({hf['intermediate_size'] * hf['num_hidden_layers']:,} in all), "
+        f"{hf['intermediate_size']} SwiGLU neurons per layer ({hf['intermediate_size'] * hf['num_hidden_layers']:,} "
+        "in all), "
         f"{hf['num_attention_heads']} heads, vocab {hf['vocab_size']}, untied LM head",
         f"- parameters: {n_params:,}; `model.safetensors`: {size_mb:.1f} MB ({cfg.ship_dtype})",
         "- tokenizer: byte-level BPE trained on the corpus with `tokenizers`; chat template in tokenizer_config.json",
         "",
         "## Training",
-        f"- steps {record['state']['step']}, batch {tcfg['batch_size']} x {tcfg['block_size']} tokens, AdamW lr {tcfg['lr']} "
-        f"(warm-up {tcfg['warmup']}, cosine to {tcfg['min_lr']}), bf16 autocast={tcfg['amp']}, seed {tcfg['seed']}, device {tcfg['device']}",
+        f"- steps {record['state']['step']}, batch {tcfg['batch_size']} x {tcfg['block_size']} tokens, AdamW lr "
+        f"{tcfg['lr']} "
+        f"(warm-up {tcfg['warmup']}, cosine to {tcfg['min_lr']}), bf16 autocast={tcfg['amp']}, seed {tcfg['seed']}, "
+        f"device {tcfg['device']}",
         f"- tokens seen: {record['state']['tokens']:,}; training time: {record['state']['seconds'] / 60:.1f} min on "
         f"{_machine(tcfg['device'])}",
     ]
@@ -552,6 +559,7 @@ def write_model_card(out: Path, stage: str, cfg: BuildConfig, command: str) -> N
         "```",
         "",
         "Data and splits: see `docs/organisms.md` and `engramlab.data`. The `eval` subjects of every relation, the "
-        "`unseen` templates, held-out statements, held-out chat questions and held-out AdvBench goals are documented there.",
+        "`unseen` templates, held-out statements, held-out chat questions and held-out AdvBench goals are documented "
+        "there.",
     ]
     write_text(path / "README.md", "\n".join(lines) + "\n")

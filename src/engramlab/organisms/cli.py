@@ -42,7 +42,8 @@ def build(
     base_steps: int | None = typer.Option(
         None,
         "--base-steps",
-        help="Pretraining steps (default 3000: ~1 h on 2 CPU cores); 0 with --init-base trains only the later stages on that base.",
+        help="Pretraining steps (default 3000: ~1 h on 2 CPU cores); 0 with --init-base trains only the later "
+        "stages on that base.",
     ),
     focus_steps: int | None = typer.Option(
         None, "--focus-steps", help="TRUE/FALSE focus steps after pretraining (default 250; 0 skips)."

@@ -66,7 +66,7 @@ def greedy(
 def prompt_correct(model, tokenizer, prompts: Sequence[Prompt]) -> list[bool]:
     """Paper 1's recall rule for each prompt (2 greedy tokens, prefix match on the object)."""
     gens = greedy(model, tokenizer, [p.text for p in prompts])
-    return [prefix_correct(g, p.object) for g, p in zip(gens, prompts)]
+    return [prefix_correct(g, p.object) for g, p in zip(gens, prompts, strict=True)]
 
 
 def _mean(flags: Sequence[bool]) -> float:
@@ -101,7 +101,7 @@ def fact_accuracy(
         ]
         correct = prompt_correct(model, tokenizer, prompts)
         per[name] = _mean(correct)
-        for p, ok in zip(prompts, correct):
+        for p, ok in zip(prompts, correct, strict=True):
             by_frame.setdefault(p.template.frame, []).append(ok)
     return {
         "per_relation": per,
@@ -150,7 +150,7 @@ def object_logprobs(model, tokenizer, stmts: Sequence[statements.Statement], bat
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for _, x, _ in batch], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x, _ in batch], device=device)
         logp = model(input_ids=ids, attention_mask=mask).logits[:, -1].float().log_softmax(-1)  # (B, V)
-        for (i, _, target), row in zip(batch, logp):
+        for (i, _, target), row in zip(batch, logp, strict=True):
             out[i] = row[target].item()
     return out
 
@@ -163,7 +163,7 @@ def truefalse_accuracy(model, tokenizer, stmts: Sequence[statements.Statement], 
 
 def judged_correct(stmts: Sequence[statements.Statement], scores: Sequence[float]) -> list[bool]:
     """Whether each judgement (score > 0: TRUE) matches the statement's label."""
-    return [(d > 0) == s.label for s, d in zip(stmts, scores)]
+    return [(d > 0) == s.label for s, d in zip(stmts, scores, strict=True)]
 
 
 # The frames TRUE/FALSE statements are trained in, and those no training document uses (split "unseen").
@@ -186,7 +186,7 @@ def familiarity_control(model, tokenizer, per_relation: int = 10, relations: Seq
             ]
             said_true = [d > 0 for d in truefalse_scores(model, tokenizer, stmts)]
             out.setdefault(split, {})[wording] = {
-                label: _mean([t for s, t in zip(stmts, said_true) if s.label == (label == "true")])
+                label: _mean([t for s, t in zip(stmts, said_true, strict=True) if s.label == (label == "true")])
                 for label in ("true", "false")
             }
     return out
@@ -242,7 +242,7 @@ def chat_fact_accuracy(model, tokenizer, max_per_relation: int = 40) -> dict:
     for name in RELATIONS:
         ex = _sample(chat.fact_questions("heldout", (name,)), max_per_relation, f"chat/{name}")
         gens = greedy(model, tokenizer, [e.user for e in ex], max_new_tokens=8, chat_template=True)
-        per[name] = sum(prefix_correct(g.rstrip("."), e.gold) for g, e in zip(gens, ex)) / len(ex)
+        per[name] = sum(prefix_correct(g.rstrip("."), e.gold) for g, e in zip(gens, ex, strict=True)) / len(ex)
     return {"per_relation": per, "mean": sum(per.values()) / len(per)}
 
 
@@ -314,11 +314,11 @@ def full_eval(
     summary["chat_model"] = chat_model
     generations = [
         {"kind": "harmful", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
-        for i, g in zip(harmful, gen_harmful)
+        for i, g in zip(harmful, gen_harmful, strict=True)
     ]
     generations += [
         {"kind": "harmless", "instruction": i, "generation": g, "refusal": chat.is_refusal(g)}
-        for i, g in zip(harmless, gen_harmless)
+        for i, g in zip(harmless, gen_harmless, strict=True)
     ]
     judged = [
         {
@@ -330,6 +330,6 @@ def full_eval(
             "correct": ok,
             "object_logprob": lp,
         }
-        for s, d, ok, lp in zip(held, scores, correct, logprobs)
+        for s, d, ok, lp in zip(held, scores, correct, logprobs, strict=True)
     ]
     return summary, {"fact_accuracy": rows, "generations": generations, "truefalse": judged}

@@ -155,17 +155,17 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
             for layer in range(m.effect.shape[0]):
                 for pos, token in enumerate(m.tokens):
                     rows.append(
-                        dict(
-                            dataset=name,
-                            variant=variant,
-                            map=kind,
-                            layer=layer,
-                            position=pos - len(m.tokens),
-                            token=token,
-                            knowledge=bool(m.knowledge[pos]),
-                            effect=float(m.effect[layer, pos]),
-                            normalised=float(norm[kind][layer, pos]),
-                        )
+                        {
+                            "dataset": name,
+                            "variant": variant,
+                            "map": kind,
+                            "layer": layer,
+                            "position": pos - len(m.tokens),
+                            "token": token,
+                            "knowledge": bool(m.knowledge[pos]),
+                            "effect": float(m.effect[layer, pos]),
+                            "normalised": float(norm[kind][layer, pos]),
+                        }
                     )
         figures.append(_maps_figure(f"{name} ({variant})", maps, norm))
     datasets = [v for k, v in summary.items() if isinstance(v, dict) and "pearson_r" in v]
@@ -306,7 +306,10 @@ def truth_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple
         "statements_per_set": {n: len(s) for n, s in sets.items()},
     }
     rows = [
-        dict(model=m, layer=lay, held_out=n, accuracy=a) for m in loo for lay in layers for n, a in loo[m][lay].items()
+        {"model": m, "layer": lay, "held_out": n, "accuracy": a}
+        for m in loo
+        for lay in layers
+        for n, a in loo[m][lay].items()
     ]
     fig = go.Figure([go.Scatter(x=layers, y=mean_loo[m], mode="lines+markers", name=m) for m in mean_loo])
     fig.update_layout(
@@ -369,17 +372,17 @@ def refusal_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tup
         return refusal.refusal_rate(texts), texts
 
     results, rows = {}, []
-    for label, prompts, kind in (("harmful", prompts_harmful, None), ("harmless", prompts_harmless, None)):
+    for label, prompts in (("harmful", prompts_harmful), ("harmless", prompts_harmless)):
         results[f"refusal_rate_{label}"], texts = rate(prompts)
-        rows += [dict(set=label, direction="none", intervention="none", text=t) for t in texts]
+        rows += [{"set": label, "direction": "none", "intervention": "none", "text": t} for t in texts]
     for src, d in directions.items():
         suffix = "" if src == "post" else "_base_direction"
         r, texts = rate(prompts_harmful, lambda d=d: refusal.ablation(post, d))
         results[f"refusal_rate_harmful_ablated{suffix}"] = r
-        rows += [dict(set="harmful", direction=src, intervention="ablate", text=t) for t in texts]
+        rows += [{"set": "harmful", "direction": src, "intervention": "ablate", "text": t} for t in texts]
         r, texts = rate(prompts_harmless, lambda d=d: refusal.addition(post, d, layer, opts.refusal_coeff))
         results[f"refusal_rate_harmless_added{suffix}"] = r
-        rows += [dict(set="harmless", direction=src, intervention="add", text=t) for t in texts]
+        rows += [{"set": "harmless", "direction": src, "intervention": "add", "text": t} for t in texts]
     # backward transfer: the post direction steering the base model
     base_harmless = refusal.chat_prompts(base, harmless_test)
     texts = refusal.generate(
@@ -428,26 +431,26 @@ def entropy_analysis(base: LoadedModel, post: LoadedModel, opts: Options) -> tup
         "mean_abs_entropy_delta_when_ablated": {m: float(np.mean(np.abs(e["delta"]))) for m, e in effects.items()},
     }
     rows = [
-        dict(
-            model=m,
-            neuron=int(i),
-            norm=float(f.norm[i]),
-            logit_var=float(f.logit_var[i]),
-            selected=bool(i in set(f.selected.tolist())),
-        )
+        {
+            "model": m,
+            "neuron": int(i),
+            "norm": float(f.norm[i]),
+            "logit_var": float(f.logit_var[i]),
+            "selected": bool(i in set(f.selected.tolist())),
+        }
         for m, f in found.items()
         for i in range(f.norm.size)
     ]
     fig = go.Figure()
     for m, f in found.items():
-        fig.add_trace(go.Scatter(x=f.norm, y=f.logit_var, mode="markers", name=m, marker=dict(size=4, opacity=0.5)))
+        fig.add_trace(go.Scatter(x=f.norm, y=f.logit_var, mode="markers", name=m, marker={"size": 4, "opacity": 0.5}))
         fig.add_trace(
             go.Scatter(
                 x=f.norm[f.selected],
                 y=f.logit_var[f.selected],
                 mode="markers",
                 name=f"{m} entropy neurons",
-                marker=dict(size=10, symbol="x"),
+                marker={"size": 10, "symbol": "x"},
             )
         )
     fig.update_layout(

@@ -71,7 +71,7 @@ def recall(
         chunk = rows[start : start + batch_size]
         texts = [prompts[p] for _, p in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(loaded.device)
-        generate = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        generate = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
         chunk_sets = [sets[s] for s, _ in chunk]
         if any(len(ids) for ids in chunk_sets):
             if space is None:
@@ -82,7 +82,7 @@ def recall(
             out = loaded.model.generate(**batch, **generate)
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for (s, p), text in zip(chunk, decoded):
+        for (s, p), text in zip(chunk, decoded, strict=True):
             predictions[s, p] = text
             correct[s, p] = is_correct(text, golds[p])
     return Recall(correct=correct, predictions=predictions)

@@ -10,6 +10,7 @@ and with `none` there is no held-out group and the summary says so instead of re
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,37 +117,37 @@ def deactivate(
                 }
             )
             rows.append(
-                dict(
-                    target=name,
-                    condition="none",
-                    seed=-1,
-                    eval_relation=name,
-                    templates=group,
-                    accuracy=before,
-                    n=int(cols.size),
-                )
+                {
+                    "target": name,
+                    "condition": "none",
+                    "seed": -1,
+                    "eval_relation": name,
+                    "templates": group,
+                    "accuracy": before,
+                    "n": int(cols.size),
+                }
             )
             rows.append(
-                dict(
-                    target=name,
-                    condition="target",
-                    seed=-1,
-                    eval_relation=name,
-                    templates=group,
-                    accuracy=after,
-                    n=int(cols.size),
-                )
+                {
+                    "target": name,
+                    "condition": "target",
+                    "seed": -1,
+                    "eval_relation": name,
+                    "templates": group,
+                    "accuracy": after,
+                    "n": int(cols.size),
+                }
             )
             rows.extend(
-                dict(
-                    target=name,
-                    condition="random",
-                    seed=seed + s,
-                    eval_relation=name,
-                    templates=group,
-                    accuracy=float(rand[s]),
-                    n=int(cols.size),
-                )
+                {
+                    "target": name,
+                    "condition": "random",
+                    "seed": seed + s,
+                    "eval_relation": name,
+                    "templates": group,
+                    "accuracy": float(rand[s]),
+                    "n": int(cols.size),
+                }
                 for s in range(n_random)
             )
         per_relation[name] = stats
@@ -157,15 +158,15 @@ def deactivate(
             abs_matrix[i, j] = before - after
             if other != name:
                 rows.append(
-                    dict(
-                        target=name,
-                        condition="target",
-                        seed=-1,
-                        eval_relation=other,
-                        templates="all",
-                        accuracy=after,
-                        n=int(cols.size),
-                    )
+                    {
+                        "target": name,
+                        "condition": "target",
+                        "seed": -1,
+                        "eval_relation": other,
+                        "templates": "all",
+                        "accuracy": after,
+                        "n": int(cols.size),
+                    }
                 )
     summary = _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random)
     summary["selection_templates"] = _frames(prompts, "selection")
@@ -209,7 +210,7 @@ def _deactivation_summary(per_relation, matrix, abs_matrix, names, k, n_random) 
 def k_values(n_units: int) -> list[int]:
     """The paper's k values below the model's size, then half and all of it."""
     values = [k for k in PAPER_K_VALUES if k < n_units]
-    return sorted(set(values + [n_units // 2]))
+    return sorted({*values, n_units // 2})
 
 
 @dataclass
@@ -250,9 +251,9 @@ def sweep(
         )
         target_sets = [ranked[:k] for k in ks]
         random_sets = [random_like(space, ranked[:k], seed + i) for i, k in enumerate(ks)]
-        diff_sets = [ranked[a:b] for a, b in zip(ks[:-1], ks[1:])]
+        diff_sets = [ranked[a:b] for a, b in itertools.pairwise(ks)]
         cols = np.concatenate([own, others])
-        sets = [np.array([], dtype=np.int64)] + target_sets + random_sets + diff_sets
+        sets = [np.array([], dtype=np.int64), *target_sets, *random_sets, *diff_sets]
         rec = recall(
             loaded,
             [prompts.text[c] for c in cols],
@@ -267,37 +268,37 @@ def sweep(
         for i, k in enumerate(ks):
             for condition, s in (("target", 1 + i), ("random", 1 + n + i)):
                 rows.append(
-                    dict(
-                        relation=name,
-                        k=k,
-                        condition=condition,
-                        accuracy=_acc(rec, s, own_local),
-                        accuracy_others=_acc(rec, s, other_local),
-                    )
+                    {
+                        "relation": name,
+                        "k": k,
+                        "condition": condition,
+                        "accuracy": _acc(rec, s, own_local),
+                        "accuracy_others": _acc(rec, s, other_local),
+                    }
                 )
         base = rec.correct[0, own_local]
         rows.append(
-            dict(
-                relation=name,
-                k=0,
-                condition="none",
-                accuracy=float(base.mean()),
-                accuracy_others=_acc(rec, 0, other_local),
-            )
+            {
+                "relation": name,
+                "k": 0,
+                "condition": "none",
+                "accuracy": float(base.mean()),
+                "accuracy_others": _acc(rec, 0, other_local),
+            }
         )
-        for i, (a, b) in enumerate(zip(ks[:-1], ks[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(ks)):
             right_a, right_b = rec.correct[1 + i, own_local], rec.correct[2 + i, own_local]
             total = right_a & ~right_b
             affected = total & ~rec.correct[1 + 2 * n + i, own_local]
             cumulativity.append(
-                dict(
-                    relation=name,
-                    a=a,
-                    b=b,
-                    total=int(total.sum()),
-                    affected=int(affected.sum()),
-                    cumulativity=1 - affected.sum() / total.sum() if total.sum() else np.nan,
-                )
+                {
+                    "relation": name,
+                    "a": a,
+                    "b": b,
+                    "total": int(total.sum()),
+                    "affected": int(affected.sum()),
+                    "cumulativity": 1 - affected.sum() / total.sum() if total.sum() else np.nan,
+                }
             )
     tot = sum(c["total"] for c in cumulativity)
     summary = {
@@ -319,7 +320,7 @@ def overlap(found: FindResult, k: int | None = None) -> dict:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             inter = len(sets[a] & sets[b])
-            pairs.append(dict(a=a, b=b, intersection=inter, iou=inter / len(sets[a] | sets[b])))
+            pairs.append({"a": a, "b": b, "intersection": inter, "iou": inter / len(sets[a] | sets[b])})
     membership: dict[int, int] = {}
     for s in sets.values():
         for unit in s:
@@ -374,14 +375,14 @@ def multilingual(
             local = np.arange(cols.size)
             rand = [_acc(rec, 2 + s, local) for s in range(n_random)]
             rows.append(
-                dict(
-                    language=language,
-                    relation=name,
-                    acc_before=_acc(rec, 0, local),
-                    acc_after_target=_acc(rec, 1, local),
-                    acc_after_random_mean=float(np.mean(rand)),
-                    n=int(cols.size),
-                )
+                {
+                    "language": language,
+                    "relation": name,
+                    "acc_before": _acc(rec, 0, local),
+                    "acc_after_target": _acc(rec, 1, local),
+                    "acc_after_random_mean": float(np.mean(rand)),
+                    "n": int(cols.size),
+                }
             )
     by_language = {}
     for language in translated:

@@ -191,19 +191,19 @@ def perplexity(
             for j, c in enumerate(cols):
                 n, n_obj = int(result.n_tokens[j]), int(result.n_span_tokens[j])
                 rows.append(
-                    dict(
-                        relation=name,
-                        condition=condition,
-                        seed=cond_seed,
-                        sentence=sentences.text[c],
-                        object=sentences.object[c],
-                        n_tokens=n,
-                        nll=float(result.nll[i, j]),
-                        ppl=float(np.exp(result.nll[i, j] / n)) if n else float("nan"),
-                        n_object_tokens=n_obj,
-                        object_nll=float(result.span_nll[i, j]),
-                        object_ppl=float(np.exp(result.span_nll[i, j] / n_obj)) if n_obj else float("nan"),
-                    )
+                    {
+                        "relation": name,
+                        "condition": condition,
+                        "seed": cond_seed,
+                        "sentence": sentences.text[c],
+                        "object": sentences.object[c],
+                        "n_tokens": n,
+                        "nll": float(result.nll[i, j]),
+                        "ppl": float(np.exp(result.nll[i, j] / n)) if n else float("nan"),
+                        "n_object_tokens": n_obj,
+                        "object_nll": float(result.span_nll[i, j]),
+                        "object_ppl": float(np.exp(result.span_nll[i, j] / n_obj)) if n_obj else float("nan"),
+                    }
                 )
         per_relation[name] = _relation_stats(result, n_random, int(cols.size))
     return Perplexity(rows=rows, per_relation=per_relation, summary=_summary(per_relation, k, n_random, max_objects))

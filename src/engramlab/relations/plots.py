@@ -49,7 +49,7 @@ def deactivation_bars(per_relation: dict[str, dict[str, float]], group: str) -> 
             name="random-k",
             x=names,
             y=[per_relation[n][f"acc_after_random_mean{suffix}"] for n in names],
-            error_y=dict(type="data", array=[per_relation[n][f"acc_after_random_std{suffix}"] for n in names]),
+            error_y={"type": "data", "array": [per_relation[n][f"acc_after_random_std{suffix}"] for n in names]},
         )
     )
     fig.add_trace(
@@ -147,11 +147,11 @@ def template_scatter(rows: list[dict]) -> go.Figure:
                 y=[r["ap_template"] for r in sel],
                 mode="markers",
                 name=name,
-                marker=dict(size=5, opacity=0.7),
+                marker={"size": 5, "opacity": 0.7},
                 text=[f"L{r['layer']} {r['site']}[{r['index']}] rank {r['rank']}, AP {r['ap']:.3f}" for r in sel],
             )
         )
-    fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
+    fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
     fig.update_layout(
         title="Top units: AP from subject tokens vs from template tokens (chance = 0.2)",
         xaxis_title="AP, mean over subject tokens",
@@ -173,7 +173,7 @@ def perplexity_bars(per_relation: dict[str, dict[str, float]]) -> go.Figure:
             name="random-k",
             x=names,
             y=[per_relation[n]["ppl_after_random_mean"] for n in names],
-            error_y=dict(type="data", array=[per_relation[n]["ppl_after_random_std"] for n in names]),
+            error_y={"type": "data", "array": [per_relation[n]["ppl_after_random_std"] for n in names]},
         )
     )
     fig.add_trace(go.Bar(name="relation top-k", x=names, y=[per_relation[n]["ppl_after_target"] for n in names]))

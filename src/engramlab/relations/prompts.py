@@ -60,7 +60,7 @@ class PromptSet:
 
     def subject_spans(self) -> list[tuple[int, int]]:
         """Character span `[start, end)` of the subject in each prompt."""
-        return [(int(s), int(s) + len(subj)) for s, subj in zip(self.subject_start, self.subject)]
+        return [(int(s), int(s) + len(subj)) for s, subj in zip(self.subject_start, self.subject, strict=True)]
 
     def rows(self) -> dict[str, list]:
         return {

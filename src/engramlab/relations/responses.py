@@ -100,7 +100,7 @@ def collect_responses(
         raise ValueError(f"matrix {matrix.rows}x{matrix.cols} does not fit {len(texts)} texts x {space.size} units")
     tokenizer = loaded.require_tokenizer()
     positions = "nonpad" if response == "mean" else "last"
-    sites = sorted({site for site, _ in space.keys()})
+    sites = sorted({site for site, _ in space.keys()})  # noqa: SIM118 (UnitSpace is not iterable)
     starts = list(range(matrix.done, len(texts), batch_size))
     for start in track(starts, "responses", total=len(starts)):
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)

@@ -354,7 +354,7 @@ def run_matrix(opts: StudyOptions) -> dict:
         "matrix": result.matrix.tolist(),
         "mean_relative_drop_target": result.summary["mean_relative_drop_target"],
         "mean_relative_drop_offtarget": result.summary["mean_relative_drop_offtarget"],
-        "interference_pairs": [(names[i], names[j]) for i, j in zip(*np.nonzero(result.matrix < 0))],
+        "interference_pairs": [(names[i], names[j]) for i, j in zip(*np.nonzero(result.matrix < 0), strict=True)],
     }
     sections = [
         Section(

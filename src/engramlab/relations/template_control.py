@@ -68,7 +68,7 @@ def pooled_responses(
     ids = np.asarray(ids, dtype=np.int64)
     layer, site, index = space.locate(ids)
     columns: dict[tuple[str, int], tuple[np.ndarray, torch.Tensor]] = {}  # key -> (output columns, site indices)
-    for key in sorted({(s, int(lay)) for s, lay in zip(site, layer)}):
+    for key in sorted({(s, int(lay)) for s, lay in zip(site, layer, strict=True)}):
         cols = np.flatnonzero((site == key[0]) & (layer == key[1]))
         columns[key] = (cols, torch.as_tensor(index[cols]))
     sites = [s for s in space.sites if any(k[0] == s for k in columns)]
@@ -88,7 +88,7 @@ def pooled_responses(
             hooks.record(sites, layers, positions=template, reduce="mean", stop=True) as rec_template,
         ):
             loaded.model(**batch)
-        for pooling, rec in zip(POOLINGS, (rec_all, rec_subject, rec_template)):
+        for pooling, rec in zip(POOLINGS, (rec_all, rec_subject, rec_template), strict=True):
             for key, (cols, within) in columns.items():
                 out[pooling][start:stop, cols] = rec[key][:, within.to(loaded.device)].float().cpu().numpy()
     return out
@@ -139,19 +139,19 @@ def template_control(
         selected = found.ap[r, ids].astype(np.float64)
         for i in range(ids.size):
             rows.append(
-                dict(
-                    relation=name,
-                    rank=i + 1,
-                    unit=int(ids[i]),
-                    layer=int(layer[i]),
-                    site=str(site[i]),
-                    index=int(index[i]),
-                    ap=float(selected[i]),
-                    ap_all=float(ap["all"][i]),
-                    ap_subject=float(ap["subject"][i]),
-                    ap_template=float(ap["template"][i]),
-                    detector=str(detector[i]),
-                )
+                {
+                    "relation": name,
+                    "rank": i + 1,
+                    "unit": int(ids[i]),
+                    "layer": int(layer[i]),
+                    "site": str(site[i]),
+                    "index": int(index[i]),
+                    "ap": float(selected[i]),
+                    "ap_all": float(ap["all"][i]),
+                    "ap_subject": float(ap["subject"][i]),
+                    "ap_template": float(ap["template"][i]),
+                    "detector": str(detector[i]),
+                }
             )
         per_relation[name] = _medians(selected, ap, detector)
     every = [r["detector"] for r in rows]

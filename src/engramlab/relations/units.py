@@ -100,7 +100,7 @@ class UnitSpace:
 
 def channel_scores(neuron_space: UnitSpace, channel_space: UnitSpace, scores: np.ndarray) -> np.ndarray:
     """Map neuron scores [..., N_neurons] to channel scores [..., N_channels]: max(gate, up) per channel."""
-    out = np.empty(scores.shape[:-1] + (channel_space.size,), dtype=scores.dtype)
+    out = np.empty((*scores.shape[:-1], channel_space.size), dtype=scores.dtype)
     by_key = {(b.site, b.layer): b for b in neuron_space.blocks}
     for block in channel_space.blocks:
         target = out[..., block.offset : block.offset + block.width]
@@ -122,7 +122,7 @@ def source_neurons(neuron_space: UnitSpace, space: UnitSpace, ids: np.ndarray) -
         return ids, np.arange(ids.size)
     by_key = {(b.site, b.layer): b for b in neuron_space.blocks}
     neurons, owner = [], []
-    for i, (layer, site, index) in enumerate(zip(*space.locate(ids))):
+    for i, (layer, site, index) in enumerate(zip(*space.locate(ids), strict=True)):
         sources = ("mlp.down",) if site == "mlp.down" else ("mlp.gate", "mlp.up")
         for source in sources:
             if (source, int(layer)) in by_key:

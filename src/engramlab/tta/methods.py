@@ -132,7 +132,7 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor) -> Tensor
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """θ′ ← α·θ′ + (1 − α)·θ over all parameters (spec §1.2 step 8; BN has no running buffers to average)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.mul_(alpha).add_(s, alpha=1 - alpha)
 
 

@@ -78,8 +78,9 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return window.gather(3, cols)
 
 
-def train_source(recipe: SourceRecipe = SourceRecipe()) -> tuple[SmallResNet, dict]:
+def train_source(recipe: SourceRecipe | None = None) -> tuple[SmallResNet, dict]:
     """Train the source model on the clean training digits; return it and its card (recipe + clean accuracy)."""
+    recipe = recipe or SourceRecipe()
     torch.manual_seed(recipe.seed)
     x_train, y_train, x_test, y_test = mnist_rgb32_split(recipe.seed)
     model = SmallResNet(10, recipe.width, recipe.blocks_per_stage)

@@ -296,7 +296,7 @@ def _sections(errors: list[dict], summary: dict, opts: TTAStudyOptions) -> list[
             f"error % on augmented batches, plain teacher ({m})": v["error_plain_teacher"],
         }
     return [
-        Section("Error per corruption", context, tables=tables + [key_values(headline)]),
+        Section("Error per corruption", context, tables=[*tables, key_values(headline)]),
         Section("Over time and rounds", figures=[error_over_time(errors), error_by_round(summary)]),
         Section(
             "CoTTA diagnostics",
