@@ -101,3 +101,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def cli(capsys):
     """`run_cli` bound to the test's capsys: cli([...]) -> (exit code, stdout, stderr)."""
     return lambda args: run_cli(args, capsys)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The house checks (tests/test_house.py: ruff and the strict docs build) run first, as CI's lint step."""
+    items.sort(key=lambda item: item.path.name != "test_house.py")  # stable: the rest keep their order

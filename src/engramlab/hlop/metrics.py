@@ -1,7 +1,7 @@
 """Continual-learning metrics (HLOP spec §3; Lopez-Paz & Ranzato 2017, GEM, arXiv 1706.08840 §3).
 
-acc[i][j] = accuracy on task j after training task i (T × T). ACC = mean of the last row; BWT = mean over j < T−1 of
-acc[T−1][j] − acc[j][j] (negative = forgetting).
+`acc[i][j]` = accuracy on task j after training task i (T × T). ACC = mean of the last row; BWT = mean over j < T−1
+of `acc[T−1][j] − acc[j][j]` (negative = forgetting).
 """
 
 from __future__ import annotations
