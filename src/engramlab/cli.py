@@ -65,13 +65,22 @@ def models_info(
         print(json.dumps(info, indent=2))
         return
     grid = Table(title=f"{info['ref']}  ({info['class']})", show_header=False)
-    for key in ("family", "n_layers", "hidden_size", "vocab_size", "gated_mlp", "dtype", "device", "tied_embeddings"):
+    keys = ("family", "n_layers", "hidden_size", "vocab_size", "mlp_kind", "gated_mlp", "dtype", "device")
+    for key in (*keys, "tied_embeddings"):
         grid.add_row(key, str(info[key]))
+    if info["experts"]:
+        moe = info["experts"]
+        grid.add_row(
+            "experts",
+            f"{moe['experts']} x {moe['neurons_per_expert']:,} neurons (+{moe['shared_neurons']:,} shared) "
+            f"in {len(moe['moe_layers'])} MoE layers",
+        )
     grid.add_row("parameters", f"{info['parameters']:,}")
     for part, n in info["parameters_by_part"].items():
         grid.add_row(f"  {part}", f"{n:,}")
     for site, width in info["units_per_layer"].items():
-        grid.add_row(f"units {site}", f"{width:,} per layer, {info['units_total'][site]:,} in all")
+        per_layer = f"{width:,}" if isinstance(width, int) else f"{min(width):,}..{max(width):,}"
+        grid.add_row(f"units {site}", f"{per_layer} per layer, {info['units_total'][site]:,} in all")
     console.print(grid)
 
 
