@@ -1,10 +1,10 @@
 """Loading HF causal LMs safely: local directories, the project's organisms, and (only when asked) the Hub.
 
-`load_model(ref)` follows transformers' from-pretrained flow but checks everything a user can get wrong first
-and turns it into one sentence: a missing path, a folder without `config.json` or weights, a checkpoint that
-cannot be loaded safely, or a model whose layout `engramlab.models.layout.discover` cannot resolve. Weights come
-from safetensors; a pickle-only `pytorch_model.bin` is read with `torch.load(weights_only=True)` semantics (refused if it holds arbitrary
-objects). `trust_remote_code` stays off unless the caller passes it.
+`load_model(ref)` follows transformers' from-pretrained flow but checks everything a user can get wrong first and
+turns it into one sentence: a missing path, a folder without `config.json` or weights, a checkpoint that cannot be
+loaded safely, or a model whose layout `engramlab.models.layout.discover` cannot resolve. Weights come from
+safetensors; a pickle-only `pytorch_model.bin` is read with `torch.load(weights_only=True)` semantics (refused if it
+holds arbitrary objects). `trust_remote_code` stays off unless the caller passes it.
 """
 
 from __future__ import annotations
