@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from engramlab.errors import EngramError
-from engramlab.models.arch import ROUTER_SITES, SITES, ArchSpec, ExpertsMlp
+from engramlab.models.arch import ROUTER_SITES, SITES, ArchSpec
 from engramlab.models.experts import ExpertRows, ExpertsTap
 from engramlab.models.layout import ModelLayout, Part
 
@@ -62,7 +62,7 @@ class _CallState:
     attention_mask: torch.Tensor | None = None  # [B, L] over the whole sequence so far (cache included)
     offset: int = 0  # absolute position of this call's first input token
     n_calls: int = 0
-    shape: tuple[int, int] | None = None  # [B, T] of the decoder layer in flight (for flattened [B*T, D] tensors)
+    shape: tuple[int, int] | None = None  # [B, T] of this call's input (to unflatten [B*T, D] tensors)
 
 
 class _Dense:
@@ -398,6 +398,10 @@ class HookEngine:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")  # by keyword only: the positional order differs between families
         length = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else 0)
+        batch = input_ids.shape[0] if input_ids is not None and input_ids.dim() == 2 else None
+        if embeds is not None and embeds.dim() == 3:
+            batch = embeds.shape[0]
+        self.call.shape = (batch, length) if batch is not None else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.call.attention_mask = mask
             self.call.offset = mask.shape[1] - length
@@ -410,28 +414,19 @@ class HookEngine:
         self.call.attention_mask = None
         self.call.offset = 0
 
-    def _track_shape(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
-            self.call.shape = (hidden.shape[0], hidden.shape[1])
-
     def _batch_shape(self, x: torch.Tensor, n_tokens: int) -> tuple[int, int]:
-        """[B, T] of a flattened [B*T, ...] tensor, from the decoder layer in flight."""
+        """[B, T] of a flattened [B*T, ...] tensor (MoE blocks and some MLPs flatten the tokens), from the call."""
         shape = self.call.shape
         if shape is None or shape[0] * shape[1] != n_tokens:
             raise EngramError(
-                f"a MoE block passed {n_tokens} tokens to its experts but the layer holds "
-                f"{'?' if shape is None else shape[0] * shape[1]}; positions cannot be attributed."
+                f"a module received {n_tokens} flattened tokens but the forward call holds "
+                f"{'an unknown number' if shape is None else shape[0] * shape[1]}; positions cannot be attributed."
             )
         return shape
 
     def _register(self, part: Part, site: str, fn: HookFn) -> list:
         """Attach `fn(x, where) -> new x or None` to one part of a site; returns removable handles."""
         handles = []
-        if isinstance(self.layout.mlp(part.layer), ExpertsMlp):  # MoE blocks flatten [B, T] to B*T tokens
-            handles.append(
-                self.layout.layers[part.layer].register_forward_pre_hook(self._track_shape, with_kwargs=True)
-            )
         if part.source == "experts":
             tap = self._taps.setdefault(id(part.module), ExpertsTap(part.module, part.experts))  # type: ignore[arg-type]
 
@@ -481,9 +476,9 @@ class HookEngine:
             return y
 
         def hook(mod, args, output):
-            if isinstance(output, tuple):
+            if isinstance(output, (tuple, list)):  # (hidden, extras...); a few families return a list
                 new = on_output(output[0])
-                return None if new is None else (new, *output[1:])
+                return None if new is None else type(output)([new, *output[1:]])
             return on_output(output)
 
         handles.append(part.module.register_forward_hook(hook))
@@ -517,7 +512,7 @@ class HookEngine:
             return part.module.register_forward_pre_hook(routing, with_kwargs=True)
 
         def router_output(mod, args, output):
-            emit(output[0] if isinstance(output, tuple) else output)
+            emit(output[0] if isinstance(output, (tuple, list)) else output)
 
         return part.module.register_forward_hook(router_output)
 
@@ -674,8 +669,8 @@ class Recording(HookContext):
             offset = where.part.offset
             if self.reduce is None:
                 chunks = acc.chunks.setdefault(offset, [])
-                if self.positions == "all":
-                    chunks.append(x.to(self.dtype))
+                if self.positions == "all":  # a copy: some families add into their MLP output in place
+                    chunks.append(x.to(self.dtype, copy=True))
                 elif self.positions == "last":
                     sel = engine._positions("last", where.batch, where.length, x.device)  # [B, T] one-hot
                     acc.chunks[offset] = [x[sel].to(self.dtype)]  # [B, w]

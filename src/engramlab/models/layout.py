@@ -47,7 +47,12 @@ from engramlab.models.arch import (
 from engramlab.models.experts import expert_vectors, outputs_match, probe_experts
 
 # Name sets of MLP projections, most specific first. Gated: (gate, up, down); paired: (up or fused gate_up, down).
-GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("proj_up_gate", "proj_up", "proj_down"))
+GATED_NAMES = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("w1", "w3", "w2"),
+    ("proj_up_gate", "proj_up", "proj_down"),
+    ("w_in.w_0", "w_in.w_1", "w_out"),
+)
 PAIR_NAMES = (
     ("gate_up_proj", "down_proj"),
     ("up_proj", "down_proj"),
@@ -66,10 +71,11 @@ PAIR_NAMES = (
 )
 ACT_NAMES = ("act_fn", "act", "activation_fn", "activation", "gelu_impl", "intermediate_act_fn", "activation_function")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "self_att")
-ATTN_OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj", "wo", "o", "attention_out", "output.dense")
+ATTN_OUT_NAMES = ("o_proj", "c_proj", "dense", "out_proj", "wo", "Wo", "o", "o_b_proj", "attention_out", "output.dense")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm", "layer_norm")
 SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 ROUTER_NAMES = ("gate", "router")
+_TOWERS = re.compile(r"(^|\.|_)(vision|visual|image|audio|speech|vqmodel)", re.IGNORECASE)  # not the text decoder
 _SKIP_SUBTREES = re.compile(r"(^|\.)(mamba|mixer|linear_attn|temporal_block|conv|encoder_attn|crossattention)(\.|$)")
 
 
@@ -124,10 +130,10 @@ def _find_layers(model: nn.Module, family: str, embed: str) -> tuple[str, nn.Mod
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and name
     ]
-    if len(found) > 1:  # keep the lists that sit beside the input embedding (not a vision tower's)
+    if len(found) > 1:  # keep the lists that sit beside the input embedding, then those outside vision/audio towers
         parent = embed.rsplit(".", 1)[0] if "." in embed else ""
         beside = [(n, m) for n, m in found if (n.rsplit(".", 1)[0] if "." in n else "") == parent]
-        found = beside or found
+        found = beside or [(n, m) for n, m in found if not _TOWERS.search(n)] or found
     if len(found) != 1:
         where = ", ".join(n for n, _ in found) or "none"
         raise EngramError(
@@ -232,8 +238,7 @@ def _find_attn_out(modules, attn_paths: list[str], hidden: int, family: str, ind
             if not path.startswith(attn + "."):
                 continue
             rel = path[len(attn) + 1 :]
-            dims = _dims(module)
-            if dims and dims[1] == hidden and any(rel == n or rel.endswith("." + n) for n in ATTN_OUT_NAMES):
+            if any(rel == n or rel.endswith("." + n) for n in ATTN_OUT_NAMES) and _writes_hidden(module, hidden):
                 found.append(path)
     if len(found) > 1:  # prefer the shallowest (bert: attention.output.dense over deeper helpers)
         depth = min(p.count(".") for p in found)
@@ -242,6 +247,15 @@ def _find_attn_out(modules, attn_paths: list[str], hidden: int, family: str, ind
         what = "no" if not found else f"{len(found)} candidate"
         raise EngramError(f"{family}: {what} attention output projection found in layer {index} ({', '.join(found)}).")
     return found[0]
+
+
+def _writes_hidden(module: nn.Module, hidden: int) -> bool:
+    """A linear map to the hidden size, or a wrapper whose last linear-like descendant is one (Moshi, Inkling)."""
+    dims = _dims(module)
+    if dims is not None:
+        return dims[1] == hidden
+    inner = [d for d in (_dims(m) for m in module.modules()) if d is not None]
+    return bool(inner) and inner[-1][1] == hidden
 
 
 def _dense_mlps(layer, modules, hidden, excluded, family, index, probes, within: str | None = None) -> list[DenseMlp]:
