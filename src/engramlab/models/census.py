@@ -72,7 +72,8 @@ def scope_of(model_type: str, model: nn.Module | None) -> str:
     )
 
     config = getattr(model, "config", None)
-    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+    seq2seq = getattr(config, "is_encoder_decoder", False) or bool(getattr(config, "encoder_layers", 0))
+    if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or seq2seq:
         return "encoder-decoder"
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "encoder"

@@ -117,8 +117,11 @@ def _text_layers(config) -> int | None:
         text = config.get_text_config()
     except ValueError:  # several text configs (e.g. an encoder and a decoder): no single decoder stack
         return None
-    n = getattr(text, "num_hidden_layers", None)
-    return int(n) if isinstance(n, int) else None
+    for name in ("decoder_layers", "num_hidden_layers"):  # a seq2seq decoder run alone counts decoder_layers
+        n = getattr(text, name, None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return None
 
 
 def _find_layers(model: nn.Module, family: str, embed: str) -> tuple[str, nn.ModuleList]:

@@ -38,7 +38,9 @@ SIZES = {
     **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "decoder_ffn_dim"), INTERMEDIATE),
     **dict.fromkeys(("encoder_ffn_dim", "d_inner", "dff", "dim_ff", "intermediate_size_mlp"), INTERMEDIATE),
     **dict.fromkeys(("dense_intermediate_size", "feed_forward_size"), INTERMEDIATE),
-    **dict.fromkeys(("moe_intermediate_size", "expert_ffn_hidden_size", "shared_expert_intermediate_size"), 48),
+    **dict.fromkeys(
+        ("moe_intermediate_size", "expert_ffn_hidden_size", "shared_expert_intermediate_size"), EXPERT_INTERMEDIATE
+    ),
     **dict.fromkeys(
         ("shared_experts_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size"),
         EXPERT_INTERMEDIATE,
@@ -135,6 +137,9 @@ def shrink(d: dict) -> dict:
         for name in FIRST_DENSE:
             if isinstance(d.get(name), int) and d[name] > 0:
                 out[name] = sum(1 for i in keep if i < d[name])
+    for name in ("num_key_value_heads", "num_kv_heads"):  # keep multi-head attention multi-head (MLA needs it)
+        if name in out and d.get(name) == d.get("num_attention_heads"):
+            out[name] = SIZES["num_attention_heads"]
     if "kv_lora_rank" in d:  # multi-head latent attention: head_dim is the rotary part
         out["head_dim"] = SIZES["qk_rope_head_dim"]
         if "qk_head_dim" in d:
