@@ -9,14 +9,15 @@ experts (llama4_text). References come from plain PyTorch hooks and from weight 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 from conftest import no_hooks_left
 from engramlab.errors import EngramError
-from engramlab.models import ExpertsMlp, HookEngine, load_model
-from engramlab.models.census import check_family, run_checks
+from engramlab.models import ExpertsMlp, load_model
+from engramlab.models.census import check_family, run_census, run_checks, summary
 from engramlab.models.layout import iter_dense
 from engramlab.models.tiny import tiny_model
 
@@ -243,7 +244,7 @@ def test_add_direction_on_neurons(loaded, batch):
 
 @pytest.mark.parametrize("site", ["resid_pre", "attn.out", "mlp.down", "resid_post"])
 def test_hidden_site_edits(loaded, batch, site):
-    layout, engine = loaded.layout, loaded.hooks
+    engine = loaded.hooks
     layer = 0
     v = torch.randn(64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -320,3 +321,63 @@ def test_generate_with_expert_edit(loaded):
 def test_unmappable_family_is_refused_in_one_line():
     row = check_family("hrm_text")
     assert row.result == "unsupported" and "hrm_text" in row.reason and "\n" not in row.reason
+
+
+NAMED_IN_ISSUE = [
+    "qwen3",
+    "gemma3_text",
+    "olmo2",
+    "olmo3",
+    "granite",
+    "cohere",
+    "exaone",
+    "internlm3",
+    "smollm3",
+    "ministral",
+    "bloom",
+    "gptj",
+    "codegen",
+    "starcoder2",
+    "phi",
+    "mpt",
+    "gpt_bigcode",
+    "opt",
+    "biogpt",
+    "nemotron",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "llama4_text",
+    "phimoe",
+    "phi3",
+    "phi4_multimodal",
+]
+
+
+def test_census_command_prints_pass_and_unsupported(cli, tmp_path):
+    code, out, err = cli(
+        ["models", "census", "--families", "llama,mixtral,phi3,hrm_text", "--json", "--out", str(tmp_path / "c.json")]
+    )
+    assert code == 0, err
+    payload = json.loads(out)
+    results = {row["family"]: row["result"] for row in payload["rows"]}
+    assert results == {"llama": "pass", "mixtral": "pass", "phi3": "pass", "hrm_text": "unsupported"}
+    assert payload["summary"]["silently_wrong"] == 0
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == payload["rows"]
+    code, _, err = cli(["models", "census", "--families", "nope"])
+    assert code == 2 and "nope" in err
+
+
+@pytest.mark.slow
+def test_full_census_of_the_installed_transformers():
+    rows = run_census()
+    totals = summary(rows)
+    assert totals["silently_wrong"] == 0, [r.family for r in rows if r.result == "FAIL"]
+    assert totals["decoder_pass_rate"] >= 0.9, totals
+    by_family = {row.family: row.result for row in rows}
+    assert all(by_family[f] == "pass" for f in NAMED_IN_ISSUE), {f: by_family[f] for f in NAMED_IN_ISSUE}

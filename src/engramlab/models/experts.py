@@ -3,13 +3,14 @@
 transformers 5 keeps a MoE layer's experts in one module with `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
 (or their transposes) and computes every neuron inside one fused function (`use_experts_implementation`), so no
 module boundary exists at `act(gate)·up`. While a hook engine context touches expert neurons, `ExpertsTap` runs
-engramlab's own expert loop in place of the module's forward (restored on exit) and calls the engine's callbacks
-on the [rows, I] gate / up / act values, where row r is one (token, expert) pair.
+engramlab's own expert loop in place of the module's forward (restored on exit) and calls the engine's callbacks on
+the [rows, I] gate / up / act values, where row r is one (token, expert) pair.
 
 The loop mirrors transformers' `grouped_mm_experts_forward` (rows sorted by expert, transformers' own grouped
-linear, the module's own `_apply_gate` / `act_fn`), so with no edit the output equals the default implementation
-bit for bit on the same device. `probe_experts` checks at layout discovery that the loop reproduces the
-module's forward on random routing; a family for which it does not is refused.
+linear, the module's own `_apply_gate` / `act_fn`), so with no edit the output equals the default implementation bit
+for bit on the same device. A model set to another experts implementation (eager, batched_mm: float64 needs one)
+gets one GEMM per expert, equal to its forward up to float rounding. `probe_experts` checks at layout discovery that
+the loop reproduces the module's forward on random routing; a family for which it does not is refused.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
 
 
 def _grouped(
-    x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor, bias, transposed: bool
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int] | None, offsets: torch.Tensor, bias, transposed: bool
 ) -> torch.Tensor:
-    """Rows of `x` sorted by expert times their expert's weight; `bias` is per row."""
-    if _grouped_linear is not None:
+    """Rows of `x` sorted by expert times their expert's weight; `bias` is per row. transformers' grouped GEMM when
+    the model runs its experts that way (`counts` None), else one GEMM per expert (any dtype, e.g. float64)."""
+    if counts is None:
         return _grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
     out, start = [], 0
     for expert, n in enumerate(counts):
@@ -128,7 +130,8 @@ class ExpertsTap:
         histc_input = expert_sorted.float() if x.device.type in ("cpu", "mps") else expert_sorted.int()
         per_expert = torch.histc(histc_input, bins=spec.n_experts, min=0, max=spec.n_experts - 1)
         offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
-        counts = per_expert.long().tolist() if _grouped_linear is None else []
+        grouped = _grouped_linear is not None and _implementation(module) == "grouped_mm"
+        counts = None if grouped else per_expert.long().tolist()
         rows = ExpertRows(expert=expert_sorted, token=token, n_tokens=n_tokens)
         has_bias = getattr(module, "has_bias", False)
         first = module.gate_up_proj if spec.gated else module.up_proj
@@ -162,6 +165,11 @@ class ExpertsTap:
         gate_up = torch.bmm(x, module.gate_up_proj)  # [E, N, 2I]
         act = self._gate_up(gate_up.reshape(-1, gate_up.shape[-1]), rows).view(spec.n_experts, n_tokens, -1)
         return torch.bmm(act, module.down_proj).view(-1, hidden_states.shape[-1])
+
+
+def _implementation(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "_experts_implementation", None)
 
 
 def expert_vectors(module: nn.Module, spec: ExpertsMlp, part: str) -> torch.Tensor:
@@ -213,7 +221,8 @@ def probe_experts(module: nn.Module, spec: ExpertsMlp, hidden: int) -> str | Non
         expected = module(*args)
         got = tap._forward(*args)
     except Exception as err:  # a forward with another signature or extra state: not the format we reproduce
-        return f"{type(err).__name__} on a probe forward"
+        message = (str(err).strip().splitlines() or [""])[0][:120]
+        return f"{type(err).__name__} on a probe forward ({message})."
     if isinstance(expected, tuple):
         expected = expected[0]
     if not outputs_match(got, expected):
