@@ -381,3 +381,19 @@ def test_full_census_of_the_installed_transformers():
     assert totals["decoder_pass_rate"] >= 0.9, totals
     by_family = {row.family: row.result for row in rows}
     assert all(by_family[f] == "pass" for f in NAMED_IN_ISSUE), {f: by_family[f] for f in NAMED_IN_ISSUE}
+
+
+def test_experts_kept_as_a_list_of_modules_are_refused():
+    """transformers 4 and some remote code keep one module per expert; it is refused, not half-mapped."""
+    from engramlab.models import discover
+
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {"w1": torch.nn.Linear(64, 96), "w3": torch.nn.Linear(64, 96), "w2": torch.nn.Linear(96, 64)}
+            )
+            for _ in range(4)
+        )
+    with pytest.raises(EngramError, match="list of modules"):
+        discover(model)

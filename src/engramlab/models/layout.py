@@ -178,6 +178,12 @@ def _layer_spec(layer: nn.Module, index: int, family: str, probes: dict) -> Laye
         if _param3(m, "down_proj") is not None
         and (_param3(m, "gate_up_proj") is not None or _param3(m, "up_proj") is not None)
     ]
+    listed = [p for p, m in modules.items() if p.rsplit(".", 1)[-1] == "experts" and isinstance(m, nn.ModuleList)]
+    if listed:  # transformers 4 / remote code: one module per expert, fed a gathered subset of the tokens
+        raise EngramError(
+            f"{family}: layer {index} keeps its experts as a list of modules ({listed[0]}); engramlab addresses "
+            f"experts stored as batched tensors (transformers 5's layout), not lists."
+        )
     if len(experts) > 1:
         raise EngramError(
             f"{family}: layer {index} holds {len(experts)} batched-experts modules ({', '.join(experts)})."
