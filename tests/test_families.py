@@ -397,3 +397,13 @@ def test_experts_kept_as_a_list_of_modules_are_refused():
         )
     with pytest.raises(EngramError, match="list of modules"):
         discover(model)
+
+
+def test_final_norm_is_the_one_the_head_reads():
+    """LFM2 names its final norm embedding_norm; a BERT-style prediction head puts a transform in between, so
+    there is no final norm to fold in and the studies that need one refuse it in one line."""
+    from engramlab.models import ModelLayout
+
+    assert ModelLayout(tiny_model("lfm2")).final_norm is not None
+    with pytest.raises(EngramError, match="does not read"):
+        ModelLayout(tiny_model("megatron-bert")).final_norm  # noqa: B018

@@ -153,9 +153,9 @@ def _is_norm(module: nn.Module) -> bool:
 def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
     parent_path = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
     parent = model.get_submodule(parent_path) if parent_path else model
-    norms = [name for name, child in parent.named_children() if _is_norm(child) and "emb" not in name.lower()]
-    if len(norms) > 1:
-        norms = [n for n in norms if n in FINAL_NORM_NAMES] or norms
+    norms = [name for name, child in parent.named_children() if _is_norm(child)]
+    if len(norms) > 1:  # e.g. BLOOM's word_embeddings_layernorm beside ln_f
+        norms = [n for n in norms if n in FINAL_NORM_NAMES] or [n for n in norms if "emb" not in n.lower()]
     if len(norms) != 1:
         return None
     return f"{parent_path}.{norms[0]}" if parent_path else norms[0]
@@ -545,6 +545,7 @@ class ModelLayout:
         self.layers: nn.ModuleList = get_module(model, self.spec.layers)  # type: ignore[assignment]
         self.hidden_size = _hidden_size(self.layers[0], dict(self.layers[0].named_modules()))
         self._parts: dict[tuple[str, int], list[Part]] = {}
+        self._final_norm_checked: bool | None = None
 
     @property
     def family(self) -> str:
@@ -572,9 +573,20 @@ class ModelLayout:
 
     @property
     def final_norm(self) -> nn.Module:
+        """The norm whose output the LM head reads, checked once on a 2-token forward (up to a positive scale, as
+        MiniCPM divides by a constant): a family with a head transform in between (BERT-style prediction heads)
+        has no such norm, and the studies that fold it in refuse it."""
         if self.spec.final_norm is None:
             raise EngramError(f"{self.family} has no final norm module beside its decoder layers.")
-        return self.module(self.spec.final_norm)
+        module = self.module(self.spec.final_norm)
+        if self._final_norm_checked is None:
+            self._final_norm_checked = _head_reads(self.model, module, self.lm_head)
+        if not self._final_norm_checked:
+            raise EngramError(
+                f"{self.family}: the LM head does not read {self.spec.final_norm}'s output directly (a head "
+                f"transform sits in between), so there is no final norm to fold in."
+            )
+        return module
 
     @property
     def embed(self) -> nn.Module:
@@ -697,6 +709,33 @@ class ModelLayout:
             rows = None if on_input else proj.rows  # type: ignore[union-attr]
             parts.append(Part(get_module(block, proj.path), layer, offset, dense.width, on_input, rows))  # type: ignore[union-attr]
         return parts
+
+
+@torch.no_grad()
+def _head_reads(model: nn.Module, norm: nn.Module, head: nn.Module) -> bool:
+    """Whether the LM head's input is the norm's output times a positive scalar, on a plain 2-token forward."""
+    weight = head.weight
+    if weight.device.type == "meta":
+        return True  # cannot run; nothing reads a meta model's norm anyway
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        norm.register_forward_hook(
+            lambda m, a, out: captured.setdefault("norm", out[0] if isinstance(out, tuple) else out)
+        ),
+        head.register_forward_pre_hook(lambda m, a: captured.setdefault("head", a[0])),
+    ]
+    ids = torch.tensor([[1, 2]], device=weight.device)
+    try:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out, seen = captured.get("norm"), captured.get("head")
+    if out is None or seen is None or out.shape != seen.shape:
+        return False
+    out, seen = out.float(), seen.float()
+    scale = float((seen * out).sum() / (out * out).sum().clamp_min(1e-30))
+    return scale > 0 and outputs_match(seen, scale * out)
 
 
 def _dense_vectors(block: nn.Module, mlp: DenseMlp, part: str) -> torch.Tensor:
