@@ -451,6 +451,14 @@ def _experts_mlp(layer, modules, path: str, hidden: int, excluded, family: str, 
             f"{family}: layer {index} has a dense MLP outside its MoE block ({others[0].down.path}); mlp.down would "
             f"miss it."
         )
+    routers = [f"{block}.{n}" for n in ROUTER_NAMES]
+    known = [path, *routers, *[f"{block}.{n}" for n in SHARED_NAMES]]
+    unknown = _dense_mlps(layer, modules, hidden, [*excluded, *known], family, index, probes, within=block)
+    if unknown:  # an MLP in the block that is neither an expert nor a shared expert: its neurons would be missed
+        raise EngramError(
+            f"{family}: the MoE block of layer {index} holds an MLP that is not a known shared expert "
+            f"({unknown[0].down.path}); its neurons would be missed."
+        )
     spec = ExpertsMlp(
         experts=path,
         block=block,

@@ -119,6 +119,11 @@ def shrink(d: dict) -> dict:
             out[name] = VOCAB - 1 - ("pad" in name)
         elif name.endswith("token_id") and isinstance(value, list):
             out[name] = [min(v, VOCAB - 1) for v in value]
+    patterns = [d[k] for k in PER_LAYER_LISTS if isinstance(d.get(k), list) and n and 1 < len(d[k]) < n]
+    if key and patterns and len(patterns[0]) <= MAX_LAYERS:  # a repeating pattern (RecurrentGemma): one period
+        keep = list(range(len(patterns[0])))
+    if d.get("attn_layer_indices", 0) is None and n and n > 1:  # Bamba: no attention layer by default; make one
+        out["attn_layer_indices"] = [1]
     if keep:
         if key:
             out[key] = len(keep)
