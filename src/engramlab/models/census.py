@@ -38,6 +38,7 @@ from engramlab.models.hooks import HookEngine
 from engramlab.models.layout import ModelLayout, discover, iter_dense
 
 CHECKS = ("act", "halves", "zero", "identity", "generate")
+_ATTENTION = re.compile(r"attention|attn|MLA", re.IGNORECASE)  # attention module class names (LongcatFlashMLA)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def scope_of(model_type: str, model: nn.Module | None) -> str:
         return "encoder-decoder"
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "encoder"
-    if model is not None and not any("attention" in type(m).__name__.lower() for m in model.modules()):
+    if model is not None and not any(_ATTENTION.search(type(m).__name__) for m in model.modules()):
         return "recurrent"
     return "decoder"
 
