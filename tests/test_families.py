@@ -407,3 +407,27 @@ def test_final_norm_is_the_one_the_head_reads():
     assert ModelLayout(tiny_model("lfm2")).final_norm is not None
     with pytest.raises(EngramError, match="does not read"):
         ModelLayout(tiny_model("megatron-bert")).final_norm  # noqa: B018
+
+
+def test_expert_tap_keeps_accelerate_device_hooks():
+    """With device_map="auto" accelerate wraps each module's forward; the expert loop slots in behind that wrapper
+    (so inputs still move to the experts' device) and the wrapper is back in place afterwards."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("mixtral")
+    reference = copy.deepcopy(model)
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.experts, AlignDevicesHook(execution_device="cpu"))
+    wrappers = [vars(layer.mlp.experts)["forward"] for layer in model.model.layers]
+    from engramlab.models import HookEngine
+
+    engine = HookEngine(model)
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(2))
+    even = list(range(0, 384, 2))  # the even neurons of every expert (4 experts x 96)
+    with torch.no_grad(), engine.zero("mlp.act", 1, even):
+        hooked = model(input_ids=ids).logits
+    with torch.no_grad():
+        reference.model.layers[1].mlp.experts.down_proj[:, :, ::2] = 0
+        torch.testing.assert_close(hooked, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert [vars(layer.mlp.experts)["forward"] for layer in model.model.layers] == wrappers
+    assert all(vars(layer.mlp.experts)["_old_forward"].__self__ is layer.mlp.experts for layer in model.model.layers)

@@ -70,20 +70,35 @@ class ExpertsTap:
         self.module = module
         self.spec = spec
         self.callbacks: dict[str, list[Callback]] = {"mlp.gate": [], "mlp.up": [], "mlp.act": []}
+        self._attribute, self._previous = "forward", None
 
     def add(self, site: str, fn: Callback) -> Callable[[], None]:
         """Register `fn(values [S, I], rows) -> new values or None`; returns a function that removes it."""
         if not any(self.callbacks.values()):
-            self.module.forward = self._forward  # instance attribute: shadows the class forward until removed
+            self._install()
         self.callbacks[site].append(fn)
 
         def remove() -> None:
             if fn in self.callbacks[site]:
                 self.callbacks[site].remove(fn)
-            if not any(self.callbacks.values()) and "forward" in self.module.__dict__:
-                del self.module.forward
+            if not any(self.callbacks.values()):
+                self._uninstall()
 
         return remove
+
+    def _install(self) -> None:
+        """Shadow the forward with an instance attribute. Under accelerate's device hooks (device_map="auto") the
+        module's forward is accelerate's wrapper, which calls `_old_forward` after moving the inputs: replace that
+        one instead, so the inputs still land on the experts' device."""
+        self._attribute = "_old_forward" if hasattr(self.module, "_hf_hook") else "forward"
+        self._previous = self.module.__dict__.get(self._attribute)
+        setattr(self.module, self._attribute, self._forward)
+
+    def _uninstall(self) -> None:
+        if self._previous is None:
+            self.module.__dict__.pop(self._attribute, None)
+        else:
+            setattr(self.module, self._attribute, self._previous)
 
     def _call(self, site: str, values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         for fn in self.callbacks[site]:

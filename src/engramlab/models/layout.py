@@ -210,7 +210,6 @@ def _skipped(path: str) -> bool:
 
 
 def _hidden_size(layer: nn.Module, modules: dict[str, nn.Module]) -> int:
-    config = getattr(layer, "config", None)
     for module in [layer, *modules.values()]:
         config = getattr(module, "config", None)
         if config is not None and isinstance(getattr(config, "hidden_size", None), int):
