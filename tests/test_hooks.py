@@ -12,7 +12,8 @@ from engramlab.models import SITES, HookEngine
 
 
 def _sites(engine: HookEngine) -> list[str]:
-    return [s for s in SITES if engine.layout.spec.gated or s != "mlp.gate"]
+    layout = engine.layout
+    return [s for s in SITES if all(layout.has_site(s, i) for i in range(layout.n_layers))]
 
 
 def _linear(module: torch.nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -22,23 +23,23 @@ def _linear(module: torch.nn.Module, x: torch.Tensor, transposed: bool) -> torch
 
 def test_recording_equals_manual_mlp_computation(model, batch):
     engine = HookEngine(model)
-    spec = engine.layout.spec
     with engine.record(_sites(engine), positions="all") as rec:
         logits = model(**batch).logits
     for layer in range(LAYERS):
         block = engine.layout.layers[layer]
+        spec = engine.layout.mlp(layer)
         x = _mlp_input(model, engine, layer, batch)
-        up = _linear(block.get_submodule(spec.up), x, spec.transposed_linear)
+        up = _linear(block.get_submodule(spec.up.path), x, spec.up.transposed)
         act_fn = block.get_submodule(spec.act)
         if spec.gated:
-            gate = _linear(block.get_submodule(spec.gate), x, spec.transposed_linear)
+            gate = _linear(block.get_submodule(spec.gate.path), x, spec.gate.transposed)
             torch.testing.assert_close(rec["mlp.gate", layer], gate)
             expected = act_fn(gate) * up
         else:
             expected = act_fn(up)
         torch.testing.assert_close(rec["mlp.up", layer], up)
         torch.testing.assert_close(rec["mlp.act", layer], expected)
-        down = _linear(block.get_submodule(spec.down), expected, spec.transposed_linear)
+        down = _linear(block.get_submodule(spec.down.path), expected, spec.down.transposed)
         torch.testing.assert_close(rec["mlp.down", layer], down)
         assert rec["resid_pre", layer].shape == (2, 7, HIDDEN)
         assert rec["mlp.act", layer].shape == (2, 7, INTERMEDIATE)
@@ -50,7 +51,7 @@ def test_recording_equals_manual_mlp_computation(model, batch):
 def _mlp_input(model, engine, layer, batch) -> torch.Tensor:
     """The MLP's input, read with a plain PyTorch hook (independent of the engine)."""
     captured = {}
-    mlp_parent = engine.layout.layer_module(layer, engine.layout.spec.up.rsplit(".", 1)[0])
+    mlp_parent = engine.layout.layer_module(layer, engine.layout.mlp(layer).up.path.rsplit(".", 1)[0])
     handle = mlp_parent.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
     try:
         model(**batch)
@@ -77,16 +78,17 @@ def test_no_intervention_is_bit_identical(model, batch):
 
 def _zero_weights(model, engine, site, layer, neuron):
     """The weight edit equivalent to zeroing one neuron at a site."""
-    spec = engine.layout.spec
+    spec = engine.layout.mlp(layer)
     block = engine.layout.layers[layer]
     if site == "mlp.act":  # down_proj input channel -> the down_proj column
-        down = block.get_submodule(spec.down)
+        down = block.get_submodule(spec.down.path)
         w = down.weight
-        (w[neuron, :] if spec.transposed_linear else w[:, neuron]).zero_()
+        (w[neuron, :] if spec.down.transposed else w[:, neuron]).zero_()
     else:  # an output channel of up/gate -> its row and bias
-        module = block.get_submodule(spec.up if site == "mlp.up" else spec.gate)
+        proj = spec.up if site == "mlp.up" else spec.gate
+        module = block.get_submodule(proj.path)
         w = module.weight
-        (w[:, neuron] if spec.transposed_linear else w[neuron, :]).zero_()
+        (w[:, neuron] if proj.transposed else w[neuron, :]).zero_()
         if module.bias is not None:
             module.bias[neuron] = 0
 

@@ -14,6 +14,7 @@ from conftest import run_cli, tiny_model
 from engramlab.errors import EngramError
 from engramlab.models import load_model
 from engramlab.models.loading import resolve_ref
+from engramlab.models.tiny import tiny_model as engramlab_tiny
 
 
 def _tiny_tokenizer():
@@ -102,19 +103,8 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
         (lambda p: p.mkdir(), "no config.json"),
         (lambda p: (p.mkdir(), tiny_model("llama").config.save_pretrained(p)), "has no weights"),
         (
-            lambda p: (
-                p.mkdir(),
-                transformers.OPTConfig(
-                    vocab_size=99,
-                    hidden_size=16,
-                    num_hidden_layers=1,
-                    ffn_dim=16,
-                    num_attention_heads=2,
-                    word_embed_proj_dim=16,
-                ).save_pretrained(p),
-                (p / "model.safetensors").write_bytes(b"x"),
-            ),
-            "no entry in engramlab's architecture table",
+            lambda p: (p.mkdir(), engramlab_tiny("hrm_text").save_pretrained(p)),  # two stacks of layers: refused
+            "hrm_text: cannot tell the decoder layers apart",
         ),
         (
             lambda p: (
@@ -131,6 +121,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 def test_bad_model_input_gives_exit_2_and_one_line(tmp_path, capsys, setup, message):
     target = tmp_path / "model"
     setup(target)
+    capsys.readouterr()  # drop what the setup printed (save_pretrained's progress bar)
     code, _out, err = run_cli(["models", "info", str(target)], capsys)
     assert code == 2
     assert message in err

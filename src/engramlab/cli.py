@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -65,14 +66,79 @@ def models_info(
         print(json.dumps(info, indent=2))
         return
     grid = Table(title=f"{info['ref']}  ({info['class']})", show_header=False)
-    for key in ("family", "n_layers", "hidden_size", "vocab_size", "gated_mlp", "dtype", "device", "tied_embeddings"):
+    keys = ("family", "n_layers", "hidden_size", "vocab_size", "mlp_kind", "gated_mlp", "dtype", "device")
+    for key in (*keys, "tied_embeddings"):
         grid.add_row(key, str(info[key]))
+    if info["experts"]:
+        moe = info["experts"]
+        grid.add_row(
+            "experts",
+            f"{moe['experts']} x {moe['neurons_per_expert']:,} neurons (+{moe['shared_neurons']:,} shared) "
+            f"in {len(moe['moe_layers'])} MoE layers",
+        )
     grid.add_row("parameters", f"{info['parameters']:,}")
     for part, n in info["parameters_by_part"].items():
         grid.add_row(f"  {part}", f"{n:,}")
     for site, width in info["units_per_layer"].items():
-        grid.add_row(f"units {site}", f"{width:,} per layer, {info['units_total'][site]:,} in all")
+        per_layer = f"{width:,}" if isinstance(width, int) else f"{min(width):,}..{max(width):,}"
+        grid.add_row(f"units {site}", f"{per_layer} per layer, {info['units_total'][site]:,} in all")
     console.print(grid)
+
+
+@models_app.command("census")
+def models_census(
+    families: str = typer.Option(
+        "all", "--families", help="Comma-separated model types, or 'all' (every causal-LM family installed)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows and the summary as JSON."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the rows and summary to this JSON file."),
+    show: str = typer.Option("all", "--show", help="Rows to print: all, decoder, or problems (not pass)."),
+) -> None:
+    """Build a tiny random model of every causal-LM family of the installed transformers, map its layout and run
+    the engine's exactness checks on it; print pass / unsupported (with the reason) per family."""
+    from engramlab.cli_options import comma_list
+    from engramlab.models.census import causal_lm_families, run_census, summary
+    from engramlab.results import write_json
+
+    known = causal_lm_families()
+    chosen = known if families == "all" else comma_list(families, "--families")
+    unknown = [f for f in chosen if f not in known]
+    if unknown:
+        raise EngramError(f"--families: {', '.join(unknown)} is not a causal-LM model type of this transformers.")
+    if show not in ("all", "decoder", "problems"):
+        raise EngramError(f"--show {show!r} is not one of: all, decoder, problems.")
+    progress = None if as_json else (lambda name: console.print(f"[dim]{name}[/dim]", end=" "))
+    rows = run_census(chosen, progress=progress)
+    totals = summary(rows)
+    payload = {"transformers": _transformers_version(), "summary": totals, "rows": [r.as_dict() for r in rows]}
+    if out is not None:
+        write_json(out, payload)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    console.print()
+    table = Table(title=f"Model families of transformers {payload['transformers']}")
+    for column in ("family", "scope", "MLP kind", "layers x neurons", "result", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if (show == "decoder" and row.scope != "decoder") or (show == "problems" and row.result == "pass"):
+            continue
+        size = f"{row.layers} x {row.neurons}" if row.layers else ""
+        table.add_row(row.family, row.scope, row.kind, size, row.result, row.reason)
+    console.print(table)
+    rate = totals["decoder_pass_rate"]
+    console.print(
+        f"decoder-only families: {totals['decoder_pass']} of {totals['decoder_built']} that build as tiny models "
+        f"pass ({rate:.0%}); silently wrong: {totals['silently_wrong']}."
+        if rate is not None
+        else "no decoder-only family was built."
+    )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 @app.command()

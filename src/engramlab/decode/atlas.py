@@ -8,7 +8,8 @@ Choices the paper leaves open (§A.2), made here and named by argument:
 
 - `site`: `"up"` (rows of up_proj, the paper's object; fc_in for non-gated MLPs), `"gate"` (rows of gate_proj) or
   `"down"` (columns of down_proj: the direction the neuron writes into the residual stream). All three come from
-  `ModelLayout.linear_weight`, so GPT-2's transposed Conv1D needs no special case.
+  `ModelLayout.neuron_vectors`, so GPT-2's transposed Conv1D, fused gate_up halves and batched experts need no
+  special case here.
 - `fold_norm`: decode lm_head(final_norm(w_i)) with the model's own final norm module instead of W_U · w_i. For a
   Llama RMSNorm this is W_U (g ⊙ w_i / rms(w_i)); the gain g changes the ranking, the scalar rms does not. The raw
   top-1 is computed alongside, so `Atlas.top1_changed_by_fold_norm` says how much the choice matters (§A.2.1).
@@ -49,21 +50,16 @@ _MAX_ROWS = {"cpu": 2048, "cuda": 16384}  # beyond this the GEMM is already at f
 
 
 def neuron_vectors(layout, site: str = "up") -> list[torch.Tensor]:
-    """One `[N, H]` tensor per layer: the vector of each neuron at `site` (views of the weights, no copies).
+    """One `[N, H]` tensor per layer: the vector of each neuron at `site` (views of the weights where possible).
 
-    up: rows of up_proj (fc_in); gate: rows of gate_proj; down: columns of down_proj.
+    up: rows of up_proj (fc_in; the up half of a fused gate_up_proj); gate: rows of gate_proj; down: columns of
+    down_proj. In a MoE layer the rows are every expert's neurons, expert by expert, then the shared expert's.
     """
-    spec = layout.spec
     if site not in DECODE_SITES:
         raise EngramError(f"--site {site!r} is not a decode site; choose one of: {', '.join(DECODE_SITES)}.")
-    if site == "gate" and not spec.gated:
-        raise EngramError(f"--site gate does not exist in {spec.family}: its MLP is not gated (use up or down).")
-    rel = {"up": spec.up, "gate": spec.gate, "down": spec.down}[site]
-    vectors = []
-    for layer in range(layout.n_layers):
-        weight = layout.linear_weight(layer, rel).detach()  # [out, in]
-        vectors.append(weight.T if site == "down" else weight)  # down: [H, N] -> [N, H]
-    return vectors
+    if site == "gate" and not layout.spec.gated:
+        raise EngramError(f"--site gate does not exist in {layout.family}: its MLP is not gated (use up or down).")
+    return [layout.neuron_vectors(layer, site).detach() for layer in range(layout.n_layers)]
 
 
 def unembedding(layout) -> torch.Tensor:
@@ -391,6 +387,12 @@ def decode_atlas(
     layout = loaded.layout
     head_layout = (head or loaded).layout
     vectors = neuron_vectors(layout, site)
+    n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
+    if any(int(v.shape[0]) != per_layer for v in vectors):
+        raise EngramError(
+            f"layers of {layout.family} have different MLP widths (dense and MoE layers mixed); the atlas needs one "
+            f"width for all layers."
+        )
     unembed = unembedding(head_layout)
     norm = _norm_fn(head_layout.final_norm) if fold_norm else None
     tracker = None
@@ -415,9 +417,6 @@ def decode_atlas(
     )
     _sync(device)
     seconds = time.perf_counter() - start
-    n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
-    if any(int(v.shape[0]) != per_layer for v in vectors):
-        raise EngramError("layers have different MLP widths; the atlas needs one width for all layers.")
     shape = (n_layers, per_layer, top_k)
     tokenizer = getattr(head or loaded, "tokenizer", None) or getattr(loaded, "tokenizer", None)
     return Atlas(

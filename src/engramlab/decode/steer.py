@@ -53,7 +53,7 @@ def parse_values(text: str | list[float]) -> list[float]:
 def check_neuron(loaded, layer: int, index: int) -> tuple[int, int]:
     layout = loaded.layout
     layer = layout.check_layer(layer)
-    width = layout.site_width("mlp.up")
+    width = layout.site_width("mlp.up", layer)
     if not 0 <= index < width:
         raise EngramError(f"neuron index {index} is out of range: layer {layer} has neurons 0..{width - 1}.")
     return layer, index
@@ -181,7 +181,7 @@ def steer_neuron(
     token_id = token_id_of(tokenizer, token) if token is not None else neuron_top_token(loaded, layer, neuron)[0]
 
     hook_site = STEER_SITES[site]
-    width = loaded.layout.site_width(hook_site)
+    width = loaded.layout.site_width(hook_site, layer)
     batch_size = 1 + len(values)
     mask = torch.zeros(batch_size, width, dtype=torch.bool)  # [B, D]: row 0 unclamped
     mask[1:, neuron] = True

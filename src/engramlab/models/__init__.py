@@ -1,20 +1,23 @@
-"""Model loading, the architecture table and the hook engine shared by every LLM study."""
+"""Model loading, layout discovery and the hook engine shared by every LLM study."""
 
-from engramlab.models.arch import ARCHITECTURES, SITES, ArchSpec, ModelLayout, arch_for_config
+from engramlab.models.arch import SITES, ArchSpec, DenseMlp, ExpertsMlp, LayerSpec
 from engramlab.models.hooks import HookContext, HookEngine, Recording, StopForward
+from engramlab.models.layout import ModelLayout, discover
 from engramlab.models.loading import LoadedModel, from_hf, load_model, parse_device, parse_dtype
 
 __all__ = [
-    "ARCHITECTURES",
     "SITES",
     "ArchSpec",
+    "DenseMlp",
+    "ExpertsMlp",
     "HookContext",
     "HookEngine",
+    "LayerSpec",
     "LoadedModel",
     "ModelLayout",
     "Recording",
     "StopForward",
-    "arch_for_config",
+    "discover",
     "from_hf",
     "load_model",
     "parse_device",

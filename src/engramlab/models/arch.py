@@ -1,189 +1,168 @@
-"""The architecture table: where each model family keeps the modules a study needs.
+"""Site names and the description of where a model keeps them: one `LayerSpec` per decoder layer.
 
-One row per family, keyed by `config.model_type`. Paths are dotted `named_modules` names; `{i}` is the decoder
-layer index. Sub-module paths (MLP, attention) are relative to a decoder layer. Adding a family is one entry;
-`resolve_arch` checks every path against the loaded model so a renamed module in a new transformers release
-gives a clear error instead of a silent no-op hook.
+`engramlab.models.layout.discover` fills these in from the module tree and the config; `OVERRIDES` below holds
+the exceptions a human had to write by hand (none are needed for the families transformers 5 ships). Paths are
+dotted `named_modules` names; sub-module paths (MLP, attention) are relative to a decoder layer.
 
 Site names used by the hook engine (TransformerLens-style, see `engramlab.models.hooks`):
 
-| site         | tensor                                               | where it is read                      |
-|--------------|------------------------------------------------------|---------------------------------------|
-| `resid_pre`  | residual stream entering layer i                     | input of the decoder layer            |
-| `resid_post` | residual stream leaving layer i                      | output of the decoder layer           |
-| `attn.out`   | attention output projection (o_proj / c_proj / dense)| output of that projection             |
-| `mlp.gate`   | gate pre-activation, gated MLPs only                 | output of gate_proj                   |
-| `mlp.up`     | up projection (fc_in for non-gated MLPs)             | output of up_proj / c_fc / dense_h_to_4h |
-| `mlp.act`    | the neuron value act(gate)*up (act(fc_in) if not gated) | input of down_proj                    |
-| `mlp.down`   | MLP output                                           | output of down_proj / c_proj / dense_4h_to_h |
+| site          | tensor                                                   | width            |
+|---------------|----------------------------------------------------------|------------------|
+| `resid_pre`   | residual stream entering layer i (input of the layer)    | hidden           |
+| `resid_post`  | residual stream leaving layer i (output of the layer)    | hidden           |
+| `attn.out`    | output of the attention output projection                | hidden           |
+| `mlp.gate`    | gate pre-activation, gated MLPs only                     | neurons          |
+| `mlp.up`      | up projection (fc_in for non-gated MLPs)                 | neurons          |
+| `mlp.act`     | neuron value act(gate)*up (act(up) if not gated): the down projection's input | neurons |
+| `mlp.down`    | MLP output: the down projection's output (a MoE block's output in MoE layers) | hidden |
+| `moe.router`  | router scores x·W_r (+ b), MoE layers only, record-only  | experts          |
+| `moe.routing` | routing weight of each expert (0 = not chosen), MoE layers only, record-only | experts |
+
+Neurons of a MoE layer lie on one axis: expert e's neuron j is unit `e * width + j`, then the shared expert's
+neurons (if any) follow the routed ones. `LayerSpec.neurons` is the total, `ExpertsMlp.unit(e, j)` the index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-import torch
-from torch import nn
-
-from engramlab.errors import EngramError
-
-SITES = ("resid_pre", "resid_post", "attn.out", "mlp.gate", "mlp.up", "mlp.act", "mlp.down")
-MLP_NEURON_SITES = ("mlp.gate", "mlp.up", "mlp.act")  # width = intermediate size
+SITES = (
+    "resid_pre",
+    "resid_post",
+    "attn.out",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.act",
+    "mlp.down",
+    "moe.router",
+    "moe.routing",
+)
+MLP_NEURON_SITES = ("mlp.gate", "mlp.up", "mlp.act")  # width = neurons of the layer
 HIDDEN_SITES = ("resid_pre", "resid_post", "attn.out", "mlp.down")  # width = hidden size
+ROUTER_SITES = ("moe.router", "moe.routing")  # width = number of routed experts; record-only
+
+FusedOrder = Literal["gate_up", "up_gate", "interleaved"]
+
+
+def fused_rows(order: FusedOrder, width: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(gate rows, up rows) of a fused projection's 2·width outputs as (start, stop, step)."""
+    if order == "gate_up":
+        return (0, width, 1), (width, 2 * width, 1)
+    if order == "up_gate":
+        return (width, 2 * width, 1), (0, width, 1)
+    return (0, 2 * width, 2), (1, 2 * width, 2)
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    """Module paths of one model family."""
+class Projection:
+    """One linear map of an MLP, relative to the decoder layer.
 
-    family: str
-    layers: str  # ModuleList of decoder layers
-    attn_out: str  # relative to a layer
-    up: str  # relative to a layer; fc_in for non-gated MLPs
-    down: str  # relative to a layer; fc_out for non-gated MLPs
-    act: str  # activation module, relative to a layer
-    final_norm: str
-    lm_head: str
-    embed: str
-    gate: str | None = None  # None for non-gated MLPs
-    transposed_linear: bool = False  # GPT-2's Conv1D stores weight as [in, out]
+    `rows` is set for one half of a fused gate+up projection: (start, stop, step) of the module's output features
+    that hold this half (e.g. (0, I, 1) for the gate of a [gate; up] layout, (1, 2I, 2) for the up of an
+    interleaved one)."""
+
+    path: str
+    transposed: bool = False  # weight stored as [in, out] (GPT-2's Conv1D)
+    rows: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class DenseMlp:
+    """A dense MLP (or a MoE layer's shared expert): neuron i is act(gate_i)·up_i, or act(up_i) if not gated."""
+
+    up: Projection
+    down: Projection
+    width: int
+    gate: Projection | None = None
+    act: str | None = None  # activation module, relative to the layer (None: applied as a function)
+    fused: FusedOrder | None = None  # gate and up are halves of one projection's output
 
     @property
     def gated(self) -> bool:
         return self.gate is not None
 
-
-_LLAMA_LIKE = {
-    "layers": "model.layers",
-    "attn_out": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-    "act": "mlp.act_fn",
-    "final_norm": "model.norm",
-    "lm_head": "lm_head",
-    "embed": "model.embed_tokens",
-}
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec(family="llama", **_LLAMA_LIKE),
-    "mistral": ArchSpec(family="mistral", **_LLAMA_LIKE),
-    "qwen2": ArchSpec(family="qwen2", **_LLAMA_LIKE),
-    "gemma": ArchSpec(family="gemma", **_LLAMA_LIKE),
-    "gemma2": ArchSpec(family="gemma2", **_LLAMA_LIKE),
-    "gpt2": ArchSpec(
-        family="gpt2",
-        layers="transformer.h",
-        attn_out="attn.c_proj",
-        up="mlp.c_fc",
-        down="mlp.c_proj",
-        act="mlp.act",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-        embed="transformer.wte",
-        transposed_linear=True,
-    ),
-    "gpt_neox": ArchSpec(
-        family="gpt_neox",
-        layers="gpt_neox.layers",
-        attn_out="attention.dense",
-        up="mlp.dense_h_to_4h",
-        down="mlp.dense_4h_to_h",
-        act="mlp.act",
-        final_norm="gpt_neox.final_layer_norm",
-        lm_head="lm_head",
-        embed="gpt_neox.embed_in",
-    ),
-}
+    @property
+    def kind(self) -> str:
+        if self.fused:
+            return "fused"
+        return "gated" if self.gated else "non-gated"
 
 
-def arch_for_config(config) -> ArchSpec:
-    """The table entry for a transformers config, or a clear error listing the supported families."""
-    model_type = getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
-    if spec is None:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise EngramError(
-            f"architecture '{model_type}' has no entry in engramlab's architecture table (supported: {supported}); "
-            f"add one row to engramlab/models/arch.py."
-        )
-    return spec
+@dataclass(frozen=True)
+class ExpertsMlp:
+    """A mixture-of-experts MLP whose experts are stored as batched parameter tensors, as transformers 5 does.
 
+    `routing="top_k"`: the experts module is called as experts(x [N, H], top_k_index [N, k], top_k_weights [N, k])
+    (every family decorated with transformers' `use_experts_implementation`). `routing="all"`: every expert sees
+    every token, scaled by its router score (Llama 4); a token counts as routed to e when that score is non-zero.
+    """
 
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    """`model.get_submodule(path)` with an error that names the path and the family."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError as err:
-        raise EngramError(
-            f"module '{path}' not found in this {type(model).__name__}; the architecture table entry in "
-            f"engramlab/models/arch.py does not match this transformers version."
-        ) from err
+    experts: str  # the batched experts module, relative to the layer
+    block: str  # the MoE block holding router, experts and shared expert; its output is `mlp.down`
+    n_experts: int
+    width: int  # neurons per expert
+    gated: bool
+    transposed: bool  # weights stored [E, in, out]
+    fused: FusedOrder  # gate/up layout of gate_up_proj (gated experts)
+    routing: Literal["top_k", "all"] = "top_k"
+    router: str | None = None  # module whose input and linear weight give the router scores
+    shared: DenseMlp | None = None  # shared expert, paths relative to the layer
 
-
-class ModelLayout:
-    """An `ArchSpec` bound to one model instance: layer modules, site modules and widths."""
-
-    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
-        self.model = model
-        self.spec = spec or arch_for_config(model.config)
-        self.layers: nn.ModuleList = get_module(model, self.spec.layers)  # type: ignore[assignment]
-        for rel in (self.spec.attn_out, self.spec.up, self.spec.down, self.spec.act, self.spec.gate):
-            if rel is not None:
-                get_module(self.layers[0], rel)
-        for path in (self.spec.final_norm, self.spec.lm_head, self.spec.embed):
-            get_module(model, path)
+    def unit(self, expert: int, neuron: int) -> int:
+        """Index of neuron j of expert e on the layer's neuron axis."""
+        return expert * self.width + neuron
 
     @property
-    def n_layers(self) -> int:
-        return len(self.layers)
-
-    def layer_module(self, layer: int, rel: str) -> nn.Module:
-        return get_module(self.layers[layer], rel)
-
-    def module(self, path: str) -> nn.Module:
-        return get_module(self.model, path)
+    def routed_width(self) -> int:
+        return self.n_experts * self.width
 
     @property
-    def lm_head(self) -> nn.Module:
-        return self.module(self.spec.lm_head)
+    def kind(self) -> str:
+        return "moe+shared" if self.shared is not None else "moe"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Where one decoder layer keeps its attention output and its MLP."""
+
+    attn_out: str | None  # None: the layer has no attention (a state-space or recurrent mixer)
+    mlp: DenseMlp | ExpertsMlp
 
     @property
-    def final_norm(self) -> nn.Module:
-        return self.module(self.spec.final_norm)
+    def gated(self) -> bool:
+        return self.mlp.gated
 
     @property
-    def embed(self) -> nn.Module:
-        return self.module(self.spec.embed)
-
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
-            raise EngramError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}.")
-        return layer % self.n_layers
-
-    def check_site(self, site: str) -> str:
-        if site not in SITES:
-            raise EngramError(f"unknown site '{site}'; choose one of: {', '.join(SITES)}.")
-        if site == "mlp.gate" and not self.spec.gated:
-            raise EngramError(f"site 'mlp.gate' does not exist in {self.spec.family}: its MLP is not gated.")
-        return site
-
-    def site_width(self, site: str) -> int:
-        """Number of units (neurons or hidden dims) at a site."""
-        self.check_site(site)
-        if site in HIDDEN_SITES:
-            return int(self.model.config.get_text_config().hidden_size)
-        return _out_features(self.layer_module(0, self.spec.up))
-
-    def linear_weight(self, layer: int, rel: str) -> torch.Tensor:
-        """A projection's weight as [out_features, in_features], whatever the module type (Linear or Conv1D)."""
-        weight = self.layer_module(layer, rel).weight
-        return weight.T if self.spec.transposed_linear else weight
+    def neurons(self) -> int:
+        if isinstance(self.mlp, ExpertsMlp):
+            return self.mlp.routed_width + (self.mlp.shared.width if self.mlp.shared else 0)
+        return self.mlp.width
 
 
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if hasattr(module, "nf"):  # transformers' Conv1D
-        return int(module.nf)
-    return int(module.weight.shape[0])
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where a model keeps the modules a study needs: found by `discover`, or written in `OVERRIDES`."""
+
+    family: str
+    layers: str  # ModuleList of decoder layers
+    embed: str
+    lm_head: str
+    final_norm: str | None  # None: the family has no final norm module
+    layer_specs: tuple[LayerSpec, ...]
+
+    @property
+    def gated(self) -> bool:
+        """Every layer's MLP is gated (mlp.gate exists everywhere)."""
+        return all(spec.gated for spec in self.layer_specs)
+
+    @property
+    def mlp_kinds(self) -> tuple[str, ...]:
+        """The distinct MLP kinds of the layers, in layer order: gated, non-gated, fused, moe, moe+shared."""
+        return tuple(dict.fromkeys(spec.mlp.kind for spec in self.layer_specs))
+
+
+# Families whose layout discovery cannot find on its own, keyed by `config.model_type`. Each value is a function of
+# the model returning an `ArchSpec`. transformers 5.24 needs none; the table exists so that a checkpoint with a
+# custom module tree (trust_remote_code) can be described in one place instead of by editing the discovery.
+OVERRIDES: dict[str, object] = {}

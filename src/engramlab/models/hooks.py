@@ -2,11 +2,18 @@
 
 This is the only place in engramlab that touches PyTorch hooks. Its design follows baukit's `Trace`/`TraceDict`
 (context managers over dotted module paths that always remove their handles, an early-stop exception) with
-TransformerLens-style site names mapped per family by `engramlab.models.arch`.
+TransformerLens-style site names whose modules `engramlab.models.layout` discovers per model.
 
 Every method returns a `HookContext`; hooks exist only inside its `with` block and are removed on exit, also on
 an exception. Nothing in the model is rewritten, so a context with no edit leaves the logits bit-identical, and
-edits keep working inside `model.generate` (KV cache, batching and dtype are HF's own).
+edits keep working inside `model.generate` (KV cache, batching and dtype are HF's own). The one exception is a MoE
+layer's routed experts: transformers computes their neurons inside one fused function, so while a context touches
+them `engramlab.models.experts.ExpertsTap` runs an equivalent expert loop in place of the experts module's forward.
+
+A site may live in several places ("parts"): one module output for most sites, the two halves of a fused gate+up
+projection's output, or the routed-expert rows and the shared expert of a MoE layer, each covering its own units
+of the site's axis. Every edit and recording below works per part, so a mask or vector over the whole axis lands
+on the right neurons.
 
 Positions (`positions=`) are resolved per forward call from the attention mask the model was called with:
 - `"all"`: every position, padding included (the default for edits: prompt and generated tokens alike);
@@ -18,6 +25,11 @@ Positions (`positions=`) are resolved per forward call from the attention mask t
 
 Per-row edits: neuron masks of shape `[B, D]`, directions `[B, D]` and coefficients `[B]` give each batch row its
 own intervention, so a k-sweep or a set of random controls runs as one batched forward.
+
+Expert neurons: an edit acts on the tokens routed to that expert (an expert's neuron does not exist for the other
+tokens); a mean recording averages over the tokens routed to each expert (`Recording.expert_counts`), 0 where
+none was. Directional ablation and patching need the whole axis as one tensor, so they are refused on the neuron
+sites of MoE layers.
 """
 
 from __future__ import annotations
@@ -30,14 +42,13 @@ import torch
 from torch import nn
 
 from engramlab.errors import EngramError
-from engramlab.models.arch import SITES, ArchSpec, ModelLayout
+from engramlab.models.arch import ROUTER_SITES, SITES, ArchSpec
+from engramlab.models.experts import ExpertRows, ExpertsTap
+from engramlab.models.layout import ModelLayout, Part
 
 Positions = Literal["all", "nonpad", "last"] | Sequence[int] | torch.Tensor
 Reduce = Literal["mean", "sum"] | None
 SiteKey = tuple[str, int]  # (site, layer)
-
-# Forward order of the sites inside one decoder layer, used to find the last hook of a recording (early stop).
-_SITE_ORDER = {"resid_pre": 0, "attn.out": 1, "mlp.gate": 2, "mlp.up": 3, "mlp.act": 4, "mlp.down": 5, "resid_post": 6}
 
 
 class StopForward(Exception):
@@ -51,6 +62,46 @@ class _CallState:
     attention_mask: torch.Tensor | None = None  # [B, L] over the whole sequence so far (cache included)
     offset: int = 0  # absolute position of this call's first input token
     n_calls: int = 0
+    shape: tuple[int, int] | None = None  # [B, T] of this call's input (to unflatten [B*T, D] tensors)
+
+
+class _Dense:
+    """A part that is a `[B, T, width]` tensor: units `offset .. offset + width` of the site's axis."""
+
+    def __init__(self, part: Part, batch: int, length: int):
+        self.part, self.batch, self.length = part, batch, length
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """`[rows, D]` over the site axis -> this part's units, `[rows, 1, width]`."""
+        return t[:, None, self.part.offset : self.part.offset + self.part.width]
+
+    def select(self, sel: torch.Tensor) -> torch.Tensor:
+        return sel[:, :, None]  # [B, T, 1]
+
+
+class _Rows:
+    """A part that is `[S, I]` routed-expert rows: row r is (token, expert); units `offset + e*I .. + I`."""
+
+    def __init__(self, part: Part, rows: ExpertRows, batch: int, length: int):
+        self.part, self.rows, self.batch, self.length = part, rows, batch, length
+        self.per_expert = part.experts.width  # type: ignore[union-attr]
+        self.row_batch = rows.token // length  # [S]
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        block = t[:, self.part.offset : self.part.offset + self.part.width]
+        block = block.reshape(t.shape[0], -1, self.per_expert)  # [rows, E, I]
+        batch = self.row_batch if t.shape[0] > 1 else torch.zeros_like(self.row_batch)
+        return block[batch.to(block.device), self.rows.expert.to(block.device)]  # [S, I]
+
+    def select(self, sel: torch.Tensor) -> torch.Tensor:
+        return sel.reshape(-1)[self.rows.token][:, None]  # [S, 1]
+
+    def routed(self) -> torch.Tensor | None:
+        return None if self.rows.routed is None else self.rows.routed[:, None]
+
+
+Where = _Dense | _Rows
+HookFn = Callable[[torch.Tensor, Where], torch.Tensor | None]
 
 
 class HookEngine:
@@ -59,17 +110,18 @@ class HookEngine:
     >>> engine = HookEngine(model)
     >>> with engine.record(["mlp.act"], positions="nonpad", reduce="mean") as rec:
     ...     model(**batch)
-    >>> rec["mlp.act", 3]            # [B, intermediate_size], mean over each row's real tokens
+    >>> rec["mlp.act", 3]            # [B, neurons], mean over each row's real tokens
     >>> with engine.zero("mlp.act", 3, neurons=[17, 42]):
     ...     model.generate(**batch, max_new_tokens=5)
     """
 
-    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None, layout: ModelLayout | None = None):
         self.model = model
-        self.layout = ModelLayout(model, spec)
+        self.layout = layout if layout is not None else ModelLayout(model, spec)
         self.call = _CallState()
         self._tracker_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._open_contexts = 0
+        self._taps: dict[int, ExpertsTap] = {}
 
     # ----------------------------------------------------------------------------------------------------------
     # Public API: each returns a context manager.
@@ -89,7 +141,7 @@ class HookEngine:
         yields the whole sequence), `[B, D]` for `"last"` (the latest call) and `[B, n, D]` for a list of ints.
         `reduce="mean"`/`"sum"` accumulates `[B, D]` over the selected positions of every call in `dtype`, so
         memory is O(batch x neurons) whatever the sequence length. `stop=True` ends the forward right after the
-        last recorded site (no logits are computed; only for plain forwards, not `generate`).
+        last recorded layer (no logits are computed; only for plain forwards, not `generate`).
         """
         keys = self._keys(sites, layers)
         if reduce not in (None, "mean", "sum"):
@@ -114,8 +166,8 @@ class HookEngine:
             raise EngramError(f"mode={mode!r} is not supported; use 'zero', 'clamp' or 'scale'.")
         hooks = []
         for (site, layer), neurons in masks.items():
-            layer = self._check(site, layer)
-            mask = self._neuron_mask(site, neurons)
+            layer = self._check(site, layer, edit=True)
+            mask = self._neuron_mask(site, layer, neurons)
             hooks.append((site, layer, _neuron_edit(self, mask, mode, value, positions)))
         return HookContext(self, hooks)
 
@@ -141,17 +193,19 @@ class HookEngine:
     ) -> HookContext:
         """Activation addition x <- x + c*v at the chosen positions. `vector` is `[D]` or `[B, D]`, `coeff` a
         scalar or `[B]`. The vector is used as given (not normalised)."""
-        keys = self._keys(site, layers)
-        vector = self._direction(site, vector)
+        keys = self._keys(site, layers, edit=True)
+        vector = self._direction(site, keys, vector)
 
-        def edit(x: torch.Tensor) -> torch.Tensor:
-            v = _per_row(vector, x, "vector").to(x.dtype)  # [B or 1, D]
-            c = _coeff(coeff, x)  # [B or 1, 1]
-            delta = (c * v)[:, None, :]  # [B, 1, D]
-            sel = self._positions(positions, x)
-            if sel is None:
-                return x + delta
-            return x + delta * sel[:, :, None].to(x.dtype)
+        def edit(x: torch.Tensor, where: Where) -> torch.Tensor:
+            v = _per_row(vector, x, "vector", where.batch).to(x.dtype)  # [B or 1, D]
+            c = _coeff(coeff, x, where.batch)  # [B or 1, 1]
+            delta = where.take(c * v)  # [B or 1, 1, w] or [S, I]
+            sel = self._positions(positions, where.batch, where.length, x.device)
+            if sel is not None:
+                delta = delta * where.select(sel).to(x.dtype)
+            if isinstance(where, _Rows) and where.routed() is not None:
+                delta = delta * where.routed().to(x.dtype)
+            return x + delta
 
         return HookContext(self, [(s, layer, edit) for s, layer in keys])
 
@@ -163,15 +217,16 @@ class HookEngine:
         positions: Positions = "all",
     ) -> HookContext:
         """Directional ablation x <- x - (x . v_hat) v_hat (Arditi et al. 2024) at the chosen positions."""
-        keys = self._keys(site, layers)
-        vector = self._direction(site, vector)
+        keys = self._keys(site, layers, edit=True)
+        self._require_flat("ablate_direction", keys)
+        vector = self._direction(site, keys, vector)
         unit = vector / vector.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
-        def edit(x: torch.Tensor) -> torch.Tensor:
+        def edit(x: torch.Tensor, where: Where) -> torch.Tensor:
             u = _per_row(unit, x, "vector").float()  # [B or 1, D]
             xf = x.float()
             proj = torch.einsum("btd,bd->bt", xf, u.expand(x.shape[0], -1))  # [B, T]
-            sel = self._positions(positions, x)
+            sel = self._positions(positions, where.batch, where.length, x.device)
             if sel is not None:
                 proj = proj * sel.to(proj.dtype)
             return (xf - proj[:, :, None] * u[:, None, :]).to(x.dtype)
@@ -191,19 +246,20 @@ class HookEngine:
         this run takes `source[:, p]`. Positions past L are left alone. With a bool `[B, L]` mask each row patches
         its own positions, so a whole (layer x position) patching map runs in a few batched forwards.
         """
-        layer = self._check(site, layer)
-        width = self.layout.site_width(site)
+        layer = self._check(site, layer, edit=True)
+        self._require_flat("patch", [(site, layer)])
+        width = self.layout.site_width(site, layer)
         if source.dim() != 3 or source.shape[-1] != width:
             raise EngramError(f"patch source must be [B, L, {width}] for site '{site}', got {list(source.shape)}.")
 
-        def edit(x: torch.Tensor) -> torch.Tensor:
+        def edit(x: torch.Tensor, where: Where) -> torch.Tensor:
             batch, length = x.shape[:2]
             start = self.call.offset
             src = source[:, start : start + length].to(device=x.device, dtype=x.dtype)  # [B or 1, <=T, D]
             src = _per_row(src, x, "patch source")
             if src.shape[1] < length:  # this call runs past the recorded sequence: keep those positions
                 src = torch.cat([src.expand(batch, -1, -1), x[:, src.shape[1] :]], dim=1)
-            sel = self._positions(positions, x)
+            sel = self._positions(positions, batch, length, x.device)
             if sel is None:
                 return src.expand(batch, -1, -1).clone()
             return torch.where(sel[:, :, None], src, x)
@@ -213,11 +269,16 @@ class HookEngine:
     # ----------------------------------------------------------------------------------------------------------
     # Argument checks.
 
-    def _check(self, site: str, layer: int) -> int:
-        self.layout.check_site(site)
-        return self.layout.check_layer(layer)
+    def _check(self, site: str, layer: int, edit: bool = False) -> int:
+        if site not in SITES:
+            self.layout.check_site(site)  # raises naming the valid sites
+        layer = self.layout.check_layer(layer)
+        self.layout.check_site(site, layer)
+        if edit and site in ROUTER_SITES:
+            raise EngramError(f"site '{site}' is record-only (the router's scores and routing weights).")
+        return layer
 
-    def _keys(self, sites: str | Iterable[str], layers: int | Iterable[int] | None) -> list[SiteKey]:
+    def _keys(self, sites, layers, edit: bool = False) -> list[SiteKey]:
         site_list = [sites] if isinstance(sites, str) else list(sites)
         if layers is None:
             layer_list = list(range(self.layout.n_layers))
@@ -227,11 +288,20 @@ class HookEngine:
             layer_list = list(layers)
         if not site_list or not layer_list:
             raise EngramError("choose at least one site and one layer.")
-        return [(site, self._check(site, layer)) for site in site_list for layer in layer_list]
+        return [(site, self._check(site, layer, edit)) for site in site_list for layer in layer_list]
 
-    def _neuron_mask(self, site: str, neurons) -> torch.Tensor:
+    def _require_flat(self, what: str, keys: list[SiteKey]) -> None:
+        for site, layer in keys:
+            parts = self.layout.parts(site, layer)
+            if len(parts) != 1 or not parts[0].flat_ok:
+                raise EngramError(
+                    f"{what} on '{site}' in layer {layer} is not supported: that site is split over routed experts "
+                    f"(an expert's neurons exist only for the tokens routed to it); use edit_neurons or add_direction."
+                )
+
+    def _neuron_mask(self, site: str, layer: int, neurons) -> torch.Tensor:
         """Neuron indices or a bool mask -> bool mask `[D]` or `[B, D]`."""
-        width = self.layout.site_width(site)
+        width = self.layout.site_width(site, layer)
         if isinstance(neurons, torch.Tensor) and neurons.dtype == torch.bool:
             if neurons.shape[-1] != width or neurons.dim() not in (1, 2):
                 raise EngramError(
@@ -245,8 +315,11 @@ class HookEngine:
         mask[index] = True
         return mask
 
-    def _direction(self, site: str, vector: torch.Tensor) -> torch.Tensor:
-        width = self.layout.site_width(site)
+    def _direction(self, site: str, keys: list[SiteKey], vector: torch.Tensor) -> torch.Tensor:
+        widths = {self.layout.site_width(site, layer) for _, layer in keys}
+        if len(widths) != 1:
+            raise EngramError(f"site '{site}' has different widths in the chosen layers ({sorted(widths)}).")
+        width = widths.pop()
         vector = torch.as_tensor(vector)
         if vector.dim() not in (1, 2) or vector.shape[-1] != width:
             raise EngramError(f"direction for '{site}' must be [{width}] or [B, {width}], got {list(vector.shape)}.")
@@ -255,10 +328,9 @@ class HookEngine:
     # ----------------------------------------------------------------------------------------------------------
     # Position resolution for the call in flight.
 
-    def _positions(self, positions: Positions, x: torch.Tensor) -> torch.Tensor | None:
+    def _positions(self, positions: Positions, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
         """Bool `[B, T]` of the positions selected in this call, or None for all of them."""
-        batch, length = x.shape[:2]
-        mask = self._window_mask(batch, length, x.device)  # [B, T] bool or None
+        mask = self._window_mask(batch, length, device)  # [B, T] bool or None
         if isinstance(positions, str):
             if positions == "all":
                 return None
@@ -266,9 +338,9 @@ class HookEngine:
                 return mask
             if positions == "last":
                 if mask is None:
-                    last = torch.full((batch,), length - 1, device=x.device)
+                    last = torch.full((batch,), length - 1, device=device)
                 else:  # index of the last True in each row
-                    ar = torch.arange(length, device=x.device)
+                    ar = torch.arange(length, device=device)
                     last = torch.where(mask, ar, -1).amax(dim=1).clamp_min(0)
                 return torch.nn.functional.one_hot(last, length).bool()
             raise EngramError(f"positions={positions!r} is not supported; use 'all', 'nonpad', 'last', ints or a mask.")
@@ -276,11 +348,11 @@ class HookEngine:
             if positions.dim() != 2:
                 raise EngramError(f"a positions mask must be bool [B, L], got {list(positions.shape)}.")
             start = self.call.offset
-            window = positions[:, start : start + length].to(x.device)
+            window = positions[:, start : start + length].to(device)
             if window.shape[1] < length:
                 window = torch.nn.functional.pad(window, (0, length - window.shape[1]), value=False)
-            return _per_row(window, x, "positions mask").expand(batch, -1)
-        sel = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+            return _rows_for(window, batch, "positions mask").expand(batch, -1)
+        sel = torch.zeros(batch, length, dtype=torch.bool, device=device)
         cols = self._columns(positions, length)
         sel[:, cols] = True
         return sel
@@ -326,6 +398,10 @@ class HookEngine:
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")  # by keyword only: the positional order differs between families
         length = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else 0)
+        batch = input_ids.shape[0] if input_ids is not None and input_ids.dim() == 2 else None
+        if embeds is not None and embeds.dim() == 3:
+            batch = embeds.shape[0]
+        self.call.shape = (batch, length) if batch is not None else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.call.attention_mask = mask
             self.call.offset = mask.shape[1] - length
@@ -338,44 +414,117 @@ class HookEngine:
         self.call.attention_mask = None
         self.call.offset = 0
 
-    def _site_module(self, site: str, layer: int) -> tuple[nn.Module, bool]:
-        """The module to hook for a site and whether the tensor is its input (pre-hook) or its output."""
-        spec = self.layout.spec
-        if site in ("resid_pre", "resid_post"):
-            return self.layout.layers[layer], site == "resid_pre"
-        relative = {
-            "attn.out": spec.attn_out,
-            "mlp.gate": spec.gate,
-            "mlp.up": spec.up,
-            "mlp.act": spec.down,
-            "mlp.down": spec.down,
-        }[site]
-        return self.layout.layer_module(layer, relative), site == "mlp.act"
+    def _batch_shape(self, x: torch.Tensor, n_tokens: int) -> tuple[int, int]:
+        """[B, T] of a flattened [B*T, ...] tensor (MoE blocks and some MLPs flatten the tokens), from the call."""
+        shape = self.call.shape
+        if shape is None or shape[0] * shape[1] != n_tokens:
+            raise EngramError(
+                f"a module received {n_tokens} flattened tokens but the forward call holds "
+                f"{'an unknown number' if shape is None else shape[0] * shape[1]}; positions cannot be attributed."
+            )
+        return shape
 
-    def _register(self, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-        """Attach `fn(x) -> new x or None` to a site, unpacking the module's tuple input or output."""
-        module, on_input = self._site_module(site, layer)
-        if on_input:
+    def _register(self, part: Part, site: str, fn: HookFn) -> list:
+        """Attach `fn(x, where) -> new x or None` to one part of a site; returns removable handles."""
+        handles = []
+        if part.source == "experts":
+            tap = self._taps.setdefault(id(part.module), ExpertsTap(part.module, part.experts))  # type: ignore[arg-type]
+
+            def on_rows(values: torch.Tensor, rows: ExpertRows):
+                batch, length = self._batch_shape(values, rows.n_tokens)
+                return fn(values, _Rows(part, rows, batch, length))
+
+            handles.append(_Remover(tap.add(site, on_rows)))
+            return handles
+        if part.source in ("router", "routing"):
+            handles.append(self._register_router(part, fn))
+            return handles
+
+        def apply(x: torch.Tensor) -> torch.Tensor | None:
+            flat = x.dim() == 2
+            if flat:
+                batch, length = self._batch_shape(x, x.shape[0])
+                x = x.view(batch, length, x.shape[-1])
+            new = fn(x, _Dense(part, x.shape[0], x.shape[1]))
+            if new is None or not flat:
+                return new
+            return new.reshape(-1, new.shape[-1])
+
+        if part.on_input:
 
             def pre_hook(mod, args, kwargs):
                 if args:
-                    new = fn(args[0])
+                    new = apply(args[0])
                     return None if new is None else ((new, *args[1:]), kwargs)
-                new = fn(kwargs["hidden_states"])
+                new = apply(kwargs["hidden_states"])
                 return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            handles.append(part.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            return handles
+
+        rows = part.rows
+
+        def on_output(y: torch.Tensor) -> torch.Tensor | None:
+            if rows is None:
+                return apply(y)
+            start, stop, step = rows
+            new = apply(y[..., start:stop:step])
+            if new is None:
+                return None
+            y = y.clone()
+            y[..., start:stop:step] = new
+            return y
 
         def hook(mod, args, output):
-            if isinstance(output, tuple):
-                new = fn(output[0])
-                return None if new is None else (new, *output[1:])
-            return fn(output)
+            if isinstance(output, (tuple, list)):  # (hidden, extras...); a few families return a list
+                new = on_output(output[0])
+                return None if new is None else type(output)([new, *output[1:]])
+            return on_output(output)
 
-        return module.register_forward_hook(hook)
+        handles.append(part.module.register_forward_hook(hook))
+        return handles
+
+    def _register_router(self, part: Part, fn: HookFn):
+        """Record-only router sites: scores x·W_r (+ b) from the router's input, routing weights from the experts
+        module's (top_k_index, top_k_weights) arguments or from Llama 4's router output."""
+        n_experts = part.width
+
+        def emit(values: torch.Tensor) -> None:  # [N, E] or [B, T, E]
+            if values.dim() == 2:
+                batch, length = self._batch_shape(values, values.shape[0])
+                values = values.view(batch, length, n_experts)
+            fn(values, _Dense(part, values.shape[0], values.shape[1]))
+
+        if part.source == "router":
+
+            def scores(mod, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]
+                emit(torch.nn.functional.linear(x.to(mod.weight.dtype), mod.weight, getattr(mod, "bias", None)))
+
+            return part.module.register_forward_pre_hook(scores, with_kwargs=True)
+        if part.on_input:  # top-k: experts(hidden_states, top_k_index, top_k_weights)
+
+            def routing(mod, args, kwargs):
+                index, weights = [*args[1:], *kwargs.values()][:2]
+                dense = torch.zeros(index.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
+                emit(dense.scatter_add(1, index.reshape(index.shape[0], -1), weights.reshape(index.shape[0], -1)))
+
+            return part.module.register_forward_pre_hook(routing, with_kwargs=True)
+
+        def router_output(mod, args, output):
+            emit(output[0] if isinstance(output, (tuple, list)) else output)
+
+        return part.module.register_forward_hook(router_output)
 
 
-HookSpec = tuple[str, int, Callable[[torch.Tensor], torch.Tensor | None]]
+class _Remover:
+    """Gives a plain remove() function the interface of a torch hook handle."""
+
+    def __init__(self, remove: Callable[[], None]):
+        self.remove = remove
+
+
+HookSpec = tuple[str, int, HookFn]
 
 
 class HookContext:
@@ -385,18 +534,24 @@ class HookContext:
         self.engine = engine
         self.hooks = hooks
         self.fired: dict[SiteKey, int] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list = []
 
     def __enter__(self) -> HookContext:
         self.engine._open()
         try:
             for site, layer, fn in self.hooks:
                 self.fired[(site, layer)] = 0
-                self._handles.append(self.engine._register(site, layer, self._counting(site, layer, fn)))
+                for i, part in enumerate(self.engine.layout.parts(site, layer)):
+                    counted = self._counting(site, layer, fn) if i == 0 else fn
+                    self._handles.extend(self.engine._register(part, site, counted))
+            self._after_register()
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _after_register(self) -> None:
+        """Extra hooks registered after every site hook (a recording's early stop)."""
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._remove()
@@ -408,19 +563,20 @@ class HookContext:
         self._handles = []
         self.engine._close()
 
-    def _counting(self, site: str, layer: int, fn):
-        def wrapped(x: torch.Tensor):
+    def _counting(self, site: str, layer: int, fn: HookFn) -> HookFn:
+        def wrapped(x: torch.Tensor, where: Where):
             self.fired[(site, layer)] += 1
-            return fn(x)
+            return fn(x, where)
 
         return wrapped
 
 
 @dataclass
 class _Accumulator:
-    total: torch.Tensor | None = None  # [B, D] running sum over selected positions
-    count: torch.Tensor | None = None  # [B]
-    chunks: list[torch.Tensor] = field(default_factory=list)  # unreduced per-call pieces
+    total: torch.Tensor | None = None  # [B, D] running sum over selected positions (expert parts filled per expert)
+    count: torch.Tensor | None = None  # [B] selected positions
+    expert_count: dict[int, torch.Tensor] = field(default_factory=dict)  # part offset -> [B, E] routed tokens
+    chunks: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # part offset -> unreduced per-call pieces
 
 
 class Recording(HookContext):
@@ -440,8 +596,20 @@ class Recording(HookContext):
         self.dtype = dtype
         self._engine = engine
         self._acc: dict[SiteKey, _Accumulator] = {key: _Accumulator() for key in keys}
-        last = max(keys, key=lambda k: (k[1], _SITE_ORDER[k[0]])) if stop else None
-        super().__init__(engine, [(site, layer, self._recorder((site, layer), last)) for site, layer in keys])
+        self._widths = {key: engine.layout.site_width(*key) for key in keys}
+        self._stop_layer = max(layer for _, layer in keys) if stop else None
+        super().__init__(engine, [(site, layer, self._recorder((site, layer))) for site, layer in keys])
+
+    def _after_register(self) -> None:
+        if self._stop_layer is None:
+            return
+
+        def stop(mod, args, output):
+            error = StopForward(f"recording complete at layer {self._stop_layer}")
+            error.source = self
+            raise error
+
+        self._handles.append(self.engine.layout.layers[self._stop_layer].register_forward_hook(stop))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         super().__exit__(exc_type, exc, tb)
@@ -458,97 +626,162 @@ class Recording(HookContext):
                 raise EngramError(f"nothing was recorded at ({site}, {layer}): did the forward run inside the block?")
             if self.reduce == "sum":
                 return acc.total
-            return acc.total / acc.count[:, None]
+            out = acc.total / acc.count[:, None]
+            for offset, per_expert in acc.expert_count.items():  # expert neurons: mean over routed tokens
+                per = self.engine.layout.mlp(layer).width  # neurons per expert
+                stop = offset + per_expert.shape[1] * per
+                denom = per_expert.clamp_min(1).repeat_interleave(per, dim=1)  # [B, E*I]
+                out[:, offset:stop] = acc.total[:, offset:stop] / denom
+            return out
         if not acc.chunks:
             raise EngramError(f"nothing was recorded at ({site}, {layer}): did the forward run inside the block?")
+        pieces = [acc.chunks[offset] for offset in sorted(acc.chunks)]
         if self.positions == "last":
-            return acc.chunks[-1]
-        return torch.cat(acc.chunks, dim=1)
+            return torch.cat([p[-1] for p in pieces], dim=-1)
+        return torch.cat([torch.cat(p, dim=1) for p in pieces], dim=-1)
 
     def keys(self) -> list[SiteKey]:
         return list(self._acc)
 
     def counts(self, key: SiteKey) -> torch.Tensor:
-        """Number of positions accumulated per row (`reduce` mode)."""
+        """Number of positions accumulated per row (`reduce` mode), `[B]`."""
         return self._acc[key].count
 
-    def _recorder(self, key: SiteKey, last: SiteKey | None):
-        engine = self._engine
+    def expert_counts(self, key: SiteKey) -> torch.Tensor:
+        """Tokens routed to each expert per row (`reduce` mode, neuron sites of MoE layers), `[B, experts]`."""
+        acc = self._acc[key]
+        if not acc.expert_count:
+            raise EngramError(f"{key} holds no expert neurons.")
+        return next(iter(acc.expert_count.values()))
 
-        def record(x: torch.Tensor) -> None:
+    def _recorder(self, key: SiteKey):
+        engine = self._engine
+        width = self._widths[key]
+
+        def record(x: torch.Tensor, where: Where) -> None:
             acc = self._acc[key]
             x = x.detach()
+            if isinstance(where, _Rows):
+                if self.reduce is not None:
+                    self._add_rows(acc, x, where, width)
+                    return None
+                x, where = _scatter_rows(x, where)  # [B, T, E*I], zeros where not routed
+            offset = where.part.offset
             if self.reduce is None:
-                if self.positions == "all":
-                    acc.chunks.append(x.to(self.dtype))
+                chunks = acc.chunks.setdefault(offset, [])
+                if self.positions == "all":  # a copy: some families add into their MLP output in place
+                    chunks.append(x.to(self.dtype, copy=True))
                 elif self.positions == "last":
-                    sel = engine._positions("last", x)  # [B, T] one-hot
-                    acc.chunks = [x[sel].to(self.dtype)]  # [B, D]
+                    sel = engine._positions("last", where.batch, where.length, x.device)  # [B, T] one-hot
+                    acc.chunks[offset] = [x[sel].to(self.dtype)]  # [B, w]
                 else:
                     cols = engine._columns(self.positions, x.shape[1])
                     if cols:
-                        acc.chunks.append(x[:, cols].to(self.dtype))
+                        chunks.append(x[:, cols].to(self.dtype))
+                return None
+            sel = engine._positions(self.positions, where.batch, where.length, x.device)
+            if sel is None:
+                total = x.sum(dim=1, dtype=self.dtype)  # [B, w]
+                count = torch.full((x.shape[0],), x.shape[1], dtype=self.dtype, device=x.device)
             else:
-                sel = engine._positions(self.positions, x)
-                if sel is None:
-                    total = x.sum(dim=1, dtype=self.dtype)  # [B, D]
-                    count = torch.full((x.shape[0],), x.shape[1], dtype=self.dtype, device=x.device)
-                else:
-                    weights = sel.to(self.dtype)  # [B, T]
-                    total = torch.einsum("btd,bt->bd", x.to(self.dtype), weights)
-                    count = weights.sum(dim=1)
-                acc.total = total if acc.total is None else acc.total + total
-                acc.count = count if acc.count is None else acc.count + count
-            if key == last:
-                stop = StopForward(f"recording complete at {key}")
-                stop.source = self
-                raise stop
+                weights = sel.to(self.dtype)  # [B, T]
+                total = torch.einsum("btd,bt->bd", x.to(self.dtype), weights)
+                count = weights.sum(dim=1)
+            self._add(acc, total, offset, width, count if offset == 0 else None)
             return None
 
         return record
+
+    def _add(self, acc: _Accumulator, total: torch.Tensor, offset: int, width: int, count) -> None:
+        if acc.total is None:
+            acc.total = torch.zeros(total.shape[0], width, dtype=self.dtype, device=total.device)
+        acc.total[:, offset : offset + total.shape[1]] += total
+        if count is not None:
+            acc.count = count if acc.count is None else acc.count + count
+
+    def _add_rows(self, acc: _Accumulator, x: torch.Tensor, where: _Rows, width: int) -> None:
+        """Sum each expert's neurons over the selected tokens routed to it: `[B, E*I]` plus `[B, E]` counts."""
+        n_experts, per = where.part.experts.n_experts, where.per_expert  # type: ignore[union-attr]
+        sel = self._engine._positions(self.positions, where.batch, where.length, x.device)
+        weight = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
+        if sel is not None:
+            weight = weight * where.select(sel)[:, 0].to(self.dtype)
+        if where.rows.routed is not None:
+            weight = weight * where.rows.routed.to(self.dtype)
+        slot = where.row_batch * n_experts + where.rows.expert  # [S] index into [B*E]
+        total = torch.zeros(where.batch * n_experts, per, dtype=self.dtype, device=x.device)
+        total.index_add_(0, slot, x.to(self.dtype) * weight[:, None])
+        count = torch.zeros(where.batch * n_experts, dtype=self.dtype, device=x.device)
+        count.index_add_(0, slot, weight)
+        self._add(acc, total.view(where.batch, n_experts * per), where.part.offset, width, None)
+        offset = where.part.offset
+        count = count.view(where.batch, n_experts)
+        acc.expert_count[offset] = count if offset not in acc.expert_count else acc.expert_count[offset] + count
+        if where.part.offset == 0:  # positions selected per row, whatever the routing
+            tokens = torch.full((where.batch,), where.length, dtype=self.dtype, device=x.device)
+            if sel is not None:
+                tokens = sel.to(self.dtype).sum(dim=1)
+            acc.count = tokens if acc.count is None else acc.count + tokens
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Small pure helpers.
 
 
+def _scatter_rows(x: torch.Tensor, where: _Rows) -> tuple[torch.Tensor, _Dense]:
+    """Expert rows `[S, I]` -> `[B, T, E*I]` with zeros for the experts a token was not routed to."""
+    n_experts, per = where.part.experts.n_experts, where.per_expert  # type: ignore[union-attr]
+    full = x.new_zeros(where.batch * where.length, n_experts, per)
+    values = x if where.rows.routed is None else x * where.rows.routed[:, None].to(x.dtype)
+    full[where.rows.token, where.rows.expert] = values
+    return full.view(where.batch, where.length, n_experts * per), _Dense(where.part, where.batch, where.length)
+
+
 def _is_int_list(positions) -> bool:
     return isinstance(positions, (list, tuple, range)) and all(isinstance(p, int) for p in positions)
 
 
-def _per_row(t: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
-    """Broadcast a `[D]`/`[1, ...]`/`[B, ...]` tensor against batch size of x, with a clear error on mismatch."""
-    t = t.to(x.device)
-    if t.dim() == 1:
-        return t[None]
-    if t.shape[0] not in (1, x.shape[0]):
+def _rows_for(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """A `[1, ...]`/`[B, ...]` tensor checked against the batch size in flight, with a clear error on mismatch."""
+    if t.shape[0] not in (1, batch):
         raise EngramError(
-            f"{what} has {t.shape[0]} rows but the batch in flight has {x.shape[0]} "
+            f"{what} has {t.shape[0]} rows but the batch in flight has {batch} "
             f"(per-row interventions need the same batch size; beam search or num_return_sequences change it)."
         )
     return t
 
 
-def _coeff(coeff: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _per_row(t: torch.Tensor, x: torch.Tensor, what: str, batch: int | None = None) -> torch.Tensor:
+    """Broadcast a `[D]`/`[1, ...]`/`[B, ...]` tensor against the batch size in flight (x's first dim)."""
+    t = t.to(x.device)
+    if t.dim() == 1:
+        return t[None]
+    return _rows_for(t, x.shape[0] if batch is None else batch, what)
+
+
+def _coeff(coeff: float | torch.Tensor, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     c = torch.as_tensor(coeff, dtype=x.dtype, device=x.device)
     if c.dim() == 0:
         return c.reshape(1, 1)
-    return _per_row(c.reshape(-1, 1), x, "coeff")  # [B, 1]
+    return _per_row(c.reshape(-1, 1), x, "coeff", batch)  # [B, 1]
 
 
-def _neuron_edit(engine: HookEngine, mask: torch.Tensor, mode: str, value, positions: Positions):
-    """The hook body for zero / clamp / scale on a bool neuron mask `[D]` or `[B, D]`."""
+def _neuron_edit(engine: HookEngine, mask: torch.Tensor, mode: str, value, positions: Positions) -> HookFn:
+    """The hook body for zero / clamp / scale on a bool neuron mask `[D]` or `[B, D]` over the site's axis."""
 
-    def edit(x: torch.Tensor) -> torch.Tensor:
-        m = _per_row(mask, x, "neuron mask")[:, None, :]  # [B or 1, 1, D]
-        sel = engine._positions(positions, x)
+    def edit(x: torch.Tensor, where: Where) -> torch.Tensor:
+        rows = _per_row(mask, x, "neuron mask", where.batch)  # [B or 1, D]
+        m = where.take(rows)  # [B or 1, 1, w] or [S, I]
+        sel = engine._positions(positions, where.batch, where.length, x.device)
         if sel is not None:
-            m = m & sel[:, :, None]  # [B, T, D]
+            m = m & where.select(sel)
+        if isinstance(where, _Rows) and where.routed() is not None:
+            m = m & where.routed()
         if mode == "zero":
             return x.masked_fill(m, 0)
         v = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        if v.dim() == 2:
-            v = _per_row(v, x, "value")[:, None, :]  # [B, 1, D]
+        if v.dim() >= 1:
+            v = where.take(_per_row(v, x, "value", where.batch))  # [B or 1, 1, w] or [S, I]
         if mode == "clamp":
             return torch.where(m, v, x)
         return torch.where(m, x * v, x)

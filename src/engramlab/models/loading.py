@@ -1,10 +1,10 @@
 """Loading HF causal LMs safely: local directories, the project's organisms, and (only when asked) the Hub.
 
-`load_model(ref)` follows transformers' from-pretrained flow but checks everything a user can get wrong first
-and turns it into one sentence: a missing path, a folder without `config.json` or weights, an architecture with
-no row in the table, or a checkpoint that cannot be loaded safely. Weights come from safetensors; a pickle-only
-`pytorch_model.bin` is read with `torch.load(weights_only=True)` semantics (refused if it holds arbitrary
-objects). `trust_remote_code` stays off unless the caller passes it.
+`load_model(ref)` follows transformers' from-pretrained flow but checks everything a user can get wrong first and
+turns it into one sentence: a missing path, a folder without `config.json` or weights, a checkpoint that cannot be
+loaded safely, or a model whose layout `engramlab.models.layout.discover` cannot resolve. Weights come from
+safetensors; a pickle-only `pytorch_model.bin` is read with `torch.load(weights_only=True)` semantics (refused if it
+holds arbitrary objects). `trust_remote_code` stays off unless the caller passes it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from engramlab.errors import EngramError
-from engramlab.models.arch import ArchSpec, ModelLayout, arch_for_config
+from engramlab.models.arch import ArchSpec
 from engramlab.models.hooks import HookEngine
+from engramlab.models.layout import ModelLayout, discover
 from engramlab.organisms.registry import is_organism_ref, organism_path
 
 DTYPES = {
@@ -43,7 +44,7 @@ _WEIGHT_FILES = (
 
 @dataclass
 class LoadedModel:
-    """A loaded model with its tokenizer, architecture entry and hook engine."""
+    """A loaded model with its tokenizer, discovered layout and hook engine."""
 
     model: nn.Module
     tokenizer: object | None
@@ -61,7 +62,7 @@ class LoadedModel:
     @cached_property
     def hooks(self) -> HookEngine:
         """The hook engine bound to this model (one per model)."""
-        return HookEngine(self.model, self.spec)
+        return HookEngine(self.model, layout=self.layout)
 
     def require_tokenizer(self):
         if self.tokenizer is None:
@@ -183,7 +184,6 @@ def load_model(
     except (OSError, ValueError, KeyError) as err:
         where = path / "config.json" if path is not None else ref
         raise EngramError(f"cannot read the model config {where}: {_first_line(err)}") from err
-    spec = arch_for_config(config)
     if path is not None:
         _check_weights(path)
 
@@ -206,6 +206,7 @@ def load_model(
     if not multi_gpu:
         model.to(target)
     model.eval()
+    spec = discover(model)
     tokenizer = _load_tokenizer(source, path, trust_remote_code) if with_tokenizer else None
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=spec, ref=str(ref), path=path, device=target, dtype=torch_dtype
@@ -214,7 +215,7 @@ def load_model(
 
 def from_hf(model: nn.Module, tokenizer=None, ref: str = "in-memory") -> LoadedModel:
     """Wrap a model the caller built or loaded themselves (e.g. a tiny random model in a test)."""
-    spec = arch_for_config(model.config)
+    spec = discover(model)
     param = next(model.parameters())
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=spec, ref=ref, path=None, device=param.device, dtype=param.dtype

@@ -23,10 +23,26 @@ import torch
 from engramlab.models.loading import LoadedModel
 
 
+@torch.no_grad()
 def final_norm_gain(loaded: LoadedModel) -> torch.Tensor:
-    """The per-dimension gain of the final norm ([H]); Gemma's RMSNorm scales by (1 + weight)."""
-    weight = loaded.layout.final_norm.weight.detach().float()
-    return 1.0 + weight if loaded.layout.spec.family.startswith("gemma") else weight
+    """The per-dimension gain g of the final norm ([H]), measured on the module itself, whatever the family stores
+    (Gemma's RMSNorm scales by 1 + weight). For a zero-mean probe x an RMSNorm or LayerNorm returns
+    g ⊙ x / rms(x) + b, so g = (norm(x) - norm(-x)) · rms(x) / 2x where x ≠ 0; two probes (+1, -1, ... with the
+    last or the first entry 0 when H is odd) cover every coordinate. A uniform factor (the norm's eps) cancels in
+    the cosines below."""
+    norm = loaded.layout.final_norm
+    param = next(norm.parameters())
+    hidden = loaded.layout.hidden_size
+    gain = torch.zeros(hidden, device=param.device)
+    usable = hidden - (hidden % 2)
+    for shift in (0, 1) if hidden % 2 else (0,):
+        x = torch.zeros(hidden, device=param.device)
+        x[shift : shift + usable] = torch.tensor([1.0, -1.0], device=param.device).repeat(usable // 2)
+        probe = x.to(param.dtype)[None, None]  # [1, 1, H]
+        odd = (norm(probe).float() - norm(-probe).float())[0, 0] / 2  # g ⊙ x / rms(x)
+        nonzero = x != 0
+        gain[nonzero] = odd[nonzero] * x.pow(2).mean().sqrt() / x[nonzero]
+    return gain
 
 
 def effective_unembedding(loaded: LoadedModel) -> torch.Tensor:
@@ -47,7 +63,7 @@ def entropy_neurons(loaded: LoadedModel, percentile: float = 75.0, n: int = 10, 
     """Norm and LogitVar of every last-layer neuron, and the selected entropy neurons."""
     layout = loaded.layout
     layer = layout.n_layers - 1
-    w_out = layout.linear_weight(layer, layout.spec.down).detach().float().T  # [I, H]: row i = neuron i's output
+    w_out = layout.neuron_vectors(layer, "down").detach().float()  # [I, H]: row i = neuron i's output
     w_u = effective_unembedding(loaded)  # [V, H]
     w_u_unit = w_u / w_u.norm(dim=1, keepdim=True).clamp_min(1e-12)
     norms = w_out.norm(dim=1)  # [I]
@@ -88,7 +104,7 @@ def entropy_effect(loaded: LoadedModel, neurons: Sequence[int], texts: Sequence[
         count += float(rec.counts(("mlp.act", layer)).sum())
     mean_act = total / count  # [I]
 
-    width = loaded.layout.site_width("mlp.act")
+    width = loaded.layout.site_width("mlp.act", layer)
     plain, ablated = [], np.zeros(len(neurons))
     n_tokens = 0.0
     for batch in batches:

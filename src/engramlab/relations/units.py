@@ -2,7 +2,9 @@
 
 Paper 1 §2.2 (and Table 1's counts): a neuron is one output coordinate of an FFN projection — gate_proj
 (pre-activation), up_proj and down_proj in every layer (fc_in and fc_out for non-gated MLPs) — and all of them
-are ranked together. `UnitSpace` numbers those outputs 0..N-1, layer by layer, site by site.
+are ranked together. `UnitSpace` numbers those outputs 0..N-1, layer by layer, site by site. In a MoE layer the
+gate and up units are every expert's neurons (expert e's neuron j is unit e·width + j of the layer's block, then
+the shared expert's), and the down units are the MoE block's output (`engramlab.models.arch`).
 
 `units="channels"` is engramlab's variant: zeroing gate_i or up_i silences the same intermediate unit i, so a
 top set of neurons often holds both halves of a pair. A channel is that unit (deactivated at `mlp.act`, the
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from engramlab.errors import EngramError
-from engramlab.models.arch import ModelLayout
+from engramlab.models.layout import ModelLayout
 
 UNIT_KINDS = ("neurons", "channels")
 
@@ -40,18 +42,14 @@ class UnitSpace:
         if units not in UNIT_KINDS:
             raise EngramError(f"--units {units!r} is not supported; choose one of: {', '.join(UNIT_KINDS)}.")
         self.units = units
-        gated = layout.spec.gated
-        if units == "neurons":
-            self.sites = ("mlp.gate", "mlp.up", "mlp.down") if gated else ("mlp.up", "mlp.down")
-        else:
-            self.sites = ("mlp.act", "mlp.down")
         self.blocks: list[Block] = []
         offset = 0
         for layer in range(layout.n_layers):
-            for site in self.sites:
-                width = layout.site_width(site)
+            for site in _layer_sites(layout, layer, units):
+                width = layout.site_width(site, layer)
                 self.blocks.append(Block(layer, site, width, offset))
                 offset += width
+        self.sites = tuple(dict.fromkeys(b.site for b in self.blocks))
         self.size = offset
         self.n_layers = layout.n_layers
         self._starts = np.array([b.offset for b in self.blocks])
@@ -96,6 +94,13 @@ class UnitSpace:
                     out[key] = torch.zeros(len(unit_sets), block.width, dtype=torch.bool)
                 out[key][row, torch.as_tensor(ids[which == w] - block.offset)] = True
         return out
+
+
+def _layer_sites(layout: ModelLayout, layer: int, units: str) -> tuple[str, ...]:
+    """Paper 1's neuron sites of one layer (gate only where the MLP is gated), or the channel sites."""
+    if units == "channels":
+        return ("mlp.act", "mlp.down")
+    return ("mlp.gate", "mlp.up", "mlp.down") if layout.has_site("mlp.gate", layer) else ("mlp.up", "mlp.down")
 
 
 def channel_scores(neuron_space: UnitSpace, channel_space: UnitSpace, scores: np.ndarray) -> np.ndarray:

@@ -1,0 +1,433 @@
+"""Layout discovery and the hook engine on one tiny family per MLP kind, saved with save_pretrained and loaded back.
+
+Kinds: gated (qwen3), non-gated with flattened [B*T, D] MLP tensors (opt), parallel attention+MLP (gptj), fused
+gate+up (phi3), MoE with batched expert tensors (mixtral), MoE with a shared expert and dense first layers
+(deepseek_v3), MoE with interleaved, biased, clamped experts (gpt_oss) and Llama 4's every-expert-sees-every-token
+experts (llama4_text). References come from plain PyTorch hooks and from weight edits on a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import no_hooks_left
+from engramlab.errors import EngramError
+from engramlab.models import ExpertsMlp, load_model
+from engramlab.models.census import check_family, run_census, run_checks, summary
+from engramlab.models.layout import iter_dense
+from engramlab.models.tiny import tiny_model
+
+KINDS = {
+    "qwen3": "gated",
+    "opt": "non-gated",
+    "gptj": "non-gated",
+    "phi3": "fused",
+    "mixtral": "moe",
+    "deepseek_v3": "gated, moe+shared",
+    "gpt_oss": "moe",
+    "llama4_text": "moe+shared",
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def loaded(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_model(request.param).save_pretrained(path)
+    return load_model(str(path), device="cpu", with_tokenizer=False)
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 200, (2, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _no_taps_left(model) -> bool:
+    return no_hooks_left(model) and all("forward" not in vars(m) for m in model.modules())
+
+
+def test_discovery_finds_the_kind(loaded):
+    spec = loaded.layout.spec
+    assert ", ".join(spec.mlp_kinds) == KINDS[spec.family]
+    assert loaded.layout.hidden_size == 64
+    for layer_spec in spec.layer_specs:
+        if isinstance(layer_spec.mlp, ExpertsMlp):
+            assert layer_spec.mlp.n_experts == 4
+            assert layer_spec.neurons == 4 * layer_spec.mlp.width + (
+                layer_spec.mlp.shared.width if layer_spec.mlp.shared else 0
+            )
+
+
+def test_census_checks_pass_after_loading(loaded, batch):
+    verdicts = run_checks(loaded.model, loaded.layout, {k: v[1:] for k, v in batch.items()})
+    assert not [v for v in verdicts.values() if v.startswith("fail")], verdicts
+
+
+def _plain_down_inputs(loaded, batch) -> dict:
+    """Each dense MLP's down-projection input, captured with plain hooks (no engine)."""
+    captured, handles = {}, []
+    layout = loaded.layout
+    for layer in range(layout.n_layers):
+        for dense, offset in iter_dense(layout.layer_spec(layer)):
+            module = layout.layers[layer].get_submodule(dense.down.path)
+
+            def pre(mod, args, key=(layer, offset)):
+                captured[key] = args[0].detach().clone()
+
+            handles.append(module.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            logits = loaded.model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, logits
+
+
+def test_every_site_records_without_changing_logits(loaded, batch):
+    layout, engine = loaded.layout, loaded.hooks
+    captured, plain = _plain_down_inputs(loaded, batch)
+    keys = [
+        (s, i)
+        for s in ("resid_pre", "resid_post", "attn.out", "mlp.gate", "mlp.up", "mlp.act", "mlp.down")
+        for i in range(layout.n_layers)
+        if layout.has_site(s, i)
+    ]
+    from engramlab.models.hooks import Recording
+
+    with torch.no_grad(), Recording(engine, keys, "all", None, torch.float32, False) as rec:
+        hooked = loaded.model(**batch).logits
+    assert torch.equal(plain, hooked)
+    for site, layer in keys:
+        assert rec[site, layer].shape == (2, 6, layout.site_width(site, layer))
+    for (layer, offset), down_in in captured.items():
+        width = down_in.shape[-1]
+        got = rec["mlp.act", layer][..., offset : offset + width]
+        torch.testing.assert_close(got, down_in.reshape(got.shape), rtol=0, atol=0)
+    assert _no_taps_left(loaded.model)
+
+
+def _weight_edited(loaded, site: str, layer: int, units: list[int], factor: float = 0.0):
+    """A copy of the model whose weights do what scaling `units` of (site, layer) by `factor` does."""
+    edited = copy.deepcopy(loaded.model)
+    layout = loaded.layout
+    block = edited.get_submodule(layout.spec.layers)[layer]
+    spec = layout.layer_spec(layer)
+    index = torch.as_tensor(units)
+    with torch.no_grad():
+        for dense, offset in iter_dense(spec):
+            local = index[(index >= offset) & (index < offset + dense.width)] - offset
+            if site == "mlp.act":
+                weight = block.get_submodule(dense.down.path).weight
+                if dense.down.transposed:
+                    weight[local, :] *= factor
+                else:
+                    weight[:, local] *= factor
+                continue
+            proj = dense.up if site == "mlp.up" else dense.gate
+            module = block.get_submodule(proj.path)
+            rows = local if proj.rows is None else proj.rows[0] + proj.rows[2] * local
+            if proj.transposed:
+                module.weight[:, rows] *= factor
+            else:
+                module.weight[rows, :] *= factor
+            if module.bias is not None:
+                module.bias[rows] *= factor
+        if isinstance(spec.mlp, ExpertsMlp):
+            mlp = spec.mlp
+            experts = block.get_submodule(mlp.experts)
+            routed = index[index < mlp.routed_width]
+            expert, neuron = routed // mlp.width, routed % mlp.width
+            if site == "mlp.act":
+                down = experts.down_proj
+                if mlp.transposed:
+                    down[expert, neuron, :] *= factor
+                else:
+                    down[expert, :, neuron] *= factor
+            else:
+                gate_rows, up_rows = _expert_rows(mlp)
+                start, _, step = up_rows if site == "mlp.up" else gate_rows
+                rows = start + step * neuron
+                weight = experts.gate_up_proj
+                if mlp.transposed:
+                    weight[expert, :, rows] *= factor
+                else:
+                    weight[expert, rows, :] *= factor
+                bias = getattr(experts, "gate_up_proj_bias", None)
+                if bias is not None:
+                    bias[expert, rows] *= factor
+    return edited
+
+
+def _expert_rows(mlp: ExpertsMlp):
+    from engramlab.models.arch import fused_rows
+
+    return fused_rows(mlp.fused, mlp.width)
+
+
+@pytest.mark.parametrize("site", ["mlp.act", "mlp.up", "mlp.gate"])
+def test_scaling_equals_weight_edit(loaded, batch, site):
+    layout, engine = loaded.layout, loaded.hooks
+    layer = layout.n_layers - 1
+    if not layout.has_site(site, layer):
+        pytest.skip("non-gated MLP")
+    width = layout.site_width(site, layer)
+    units = sorted({1, 5, width // 2 + 3, width - 2})
+    for mode, factor in (("zero", 0.0), ("scale", -1.5)):
+        with torch.no_grad(), engine.edit_neurons({(site, layer): units}, mode, factor) as ctx:
+            hooked = loaded.model(**batch).logits
+        assert ctx.fired[(site, layer)] == 1
+        edited = _weight_edited(loaded, site, layer, units, factor)
+        with torch.no_grad():
+            expected = edited(**batch).logits
+        torch.testing.assert_close(hooked, expected, rtol=1e-4, atol=1e-5)
+    assert _no_taps_left(loaded.model)
+
+
+def test_clamp_sets_the_recorded_value(loaded, batch):
+    layout, engine = loaded.layout, loaded.hooks
+    layer = layout.n_layers - 1
+    width = layout.site_width("mlp.act", layer)
+    units = [0, width - 1]
+    with torch.no_grad(), engine.clamp("mlp.act", layer, units, 4.25), engine.record("mlp.act", layer) as rec:
+        loaded.model(**batch)
+    values = rec["mlp.act", layer][..., units]
+    if isinstance(layout.mlp(layer), ExpertsMlp):  # an expert neuron exists only for tokens routed to it
+        assert set(values.unique().tolist()) <= {0.0, 4.25} and (values == 4.25).any()
+    else:
+        assert torch.all(values == 4.25)
+
+
+def test_per_row_masks_and_last_position(loaded, batch):
+    layout, engine = loaded.layout, loaded.hooks
+    layer = layout.n_layers - 1
+    width = layout.site_width("mlp.act", layer)
+    masks = torch.zeros(2, width, dtype=torch.bool)
+    masks[1, : width // 2] = True  # row 0 untouched
+    with torch.no_grad():
+        with engine.record("mlp.act", layer) as plain:
+            loaded.model(**batch)
+        with engine.edit_neurons({("mlp.act", layer): masks}, positions="last"), engine.record("mlp.act", layer) as rec:
+            loaded.model(**batch)
+    got, ref = rec["mlp.act", layer], plain["mlp.act", layer]
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1, :-1], ref[1, :-1])
+    assert torch.all(got[1, -1, : width // 2] == 0)
+    assert torch.equal(got[1, -1, width // 2 :], ref[1, -1, width // 2 :])
+
+
+def test_add_direction_on_neurons(loaded, batch):
+    layout, engine = loaded.layout, loaded.hooks
+    layer = layout.n_layers - 1
+    width = layout.site_width("mlp.act", layer)
+    v = torch.randn(width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with engine.record("mlp.act", layer) as plain:
+            loaded.model(**batch)
+        with engine.add_direction("mlp.act", layer, v, coeff=2.0), engine.record("mlp.act", layer) as rec:
+            loaded.model(**batch)
+    delta = rec["mlp.act", layer] - plain["mlp.act", layer]
+    if isinstance(layout.mlp(layer), ExpertsMlp):  # added to the neurons of the experts each token was routed to
+        routed = plain["mlp.act", layer] != 0
+        torch.testing.assert_close(delta[routed], (2.0 * v).expand_as(delta)[routed])
+        assert torch.all(delta[~routed] == 0)
+    else:
+        torch.testing.assert_close(delta, (2.0 * v).expand_as(delta))
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn.out", "mlp.down", "resid_post"])
+def test_hidden_site_edits(loaded, batch, site):
+    engine = loaded.hooks
+    layer = 0
+    v = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with engine.ablate_direction(site, layer, v), engine.record(site, layer) as rec:
+            loaded.model(**batch)
+        assert (rec[site, layer] @ (v / v.norm())).abs().max() < 1e-4
+        with engine.record(site, layer) as src:
+            plain = loaded.model(**batch).logits
+        with engine.patch(site, layer, src[site, layer]):
+            assert torch.equal(loaded.model(**batch).logits, plain)
+
+
+def test_neuron_ablation_and_patching_refused_on_expert_sites(loaded):
+    layout, engine = loaded.layout, loaded.hooks
+    moe = [i for i in range(layout.n_layers) if isinstance(layout.mlp(i), ExpertsMlp)]
+    if not moe:
+        pytest.skip("dense model")
+    width = layout.site_width("mlp.act", moe[0])
+    with pytest.raises(EngramError, match="routed experts"):
+        engine.ablate_direction("mlp.act", moe[0], torch.ones(width))
+    with pytest.raises(EngramError, match="routed experts"):
+        engine.patch("mlp.act", moe[0], torch.ones(1, 3, width))
+    with pytest.raises(EngramError, match="record-only"):
+        engine.zero("moe.routing", moe[0], [0])
+
+
+def test_expert_means_and_routing(loaded, batch):
+    """Mean over routed tokens per expert equals the per-token recording averaged by hand; routing and router
+    scores come out of the recording too."""
+    layout, engine = loaded.layout, loaded.hooks
+    moe = [i for i in range(layout.n_layers) if isinstance(layout.mlp(i), ExpertsMlp)]
+    if not moe:
+        pytest.skip("dense model")
+    layer = moe[-1]
+    mlp = layout.mlp(layer)
+    sites = ["mlp.act", "moe.routing"] + (["moe.router"] if layout.has_site("moe.router", layer) else [])
+    with torch.no_grad():
+        with engine.record(sites, layer) as full:
+            loaded.model(**batch)
+        with engine.record("mlp.act", layer, positions="nonpad", reduce="mean") as mean:
+            loaded.model(**batch)
+    acts = full["mlp.act", layer][..., : mlp.routed_width].reshape(2, 6, mlp.n_experts, mlp.width)
+    routing = full["moe.routing", layer]  # [B, T, E]
+    routed = routing != 0
+    nonpad = batch["attention_mask"].bool()
+    counts = (routed & nonpad[:, :, None]).sum(1).float()  # [B, E]
+    torch.testing.assert_close(mean.expert_counts(("mlp.act", layer)), counts)
+    expected = (acts * (routed & nonpad[:, :, None])[..., None]).sum(1) / counts.clamp_min(1)[..., None]
+    got = mean["mlp.act", layer][:, : mlp.routed_width].reshape(2, mlp.n_experts, mlp.width)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(acts[~routed] == 0)
+    if mlp.routing == "top_k":
+        assert torch.all(routed.sum(-1) == loaded.model.config.num_experts_per_tok)
+    if "moe.router" in sites:
+        block_in = full["moe.router", layer]
+        assert block_in.shape == (2, 6, mlp.n_experts)
+
+
+def test_generate_with_expert_edit(loaded):
+    layout, engine = loaded.layout, loaded.hooks
+    layer = layout.n_layers - 1
+    width = layout.site_width("mlp.act", layer)
+    units = list(range(0, width, 3))
+    ids = torch.randint(3, 200, (1, 4), generator=torch.Generator().manual_seed(5))
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "min_new_tokens": 4, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad(), engine.zero("mlp.act", layer, units):
+        got = loaded.model.generate(ids, **kwargs)
+    edited = _weight_edited(loaded, "mlp.act", layer, units)
+    with torch.no_grad():
+        assert torch.equal(got, edited.generate(ids, **kwargs))
+    assert _no_taps_left(loaded.model)
+
+
+def test_unmappable_family_is_refused_in_one_line():
+    row = check_family("hrm_text")
+    assert row.result == "unsupported" and "hrm_text" in row.reason and "\n" not in row.reason
+
+
+NAMED_IN_ISSUE = [
+    "qwen3",
+    "gemma3_text",
+    "olmo2",
+    "olmo3",
+    "granite",
+    "cohere",
+    "exaone",
+    "internlm3",
+    "smollm3",
+    "ministral",
+    "bloom",
+    "gptj",
+    "codegen",
+    "starcoder2",
+    "phi",
+    "mpt",
+    "gpt_bigcode",
+    "opt",
+    "biogpt",
+    "nemotron",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "llama4_text",
+    "phimoe",
+    "phi3",
+    "phi4_multimodal",
+]
+
+
+def test_census_command_prints_pass_and_unsupported(cli, tmp_path):
+    code, out, err = cli(
+        ["models", "census", "--families", "llama,mixtral,phi3,hrm_text", "--json", "--out", str(tmp_path / "c.json")]
+    )
+    assert code == 0, err
+    payload = json.loads(out)
+    results = {row["family"]: row["result"] for row in payload["rows"]}
+    assert results == {"llama": "pass", "mixtral": "pass", "phi3": "pass", "hrm_text": "unsupported"}
+    assert payload["summary"]["silently_wrong"] == 0
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == payload["rows"]
+    code, _, err = cli(["models", "census", "--families", "nope"])
+    assert code == 2 and "nope" in err
+
+
+@pytest.mark.slow
+def test_full_census_of_the_installed_transformers():
+    rows = run_census()
+    totals = summary(rows)
+    assert totals["silently_wrong"] == 0, [r.family for r in rows if r.result == "FAIL"]
+    assert totals["decoder_pass_rate"] >= 0.9, totals
+    by_family = {row.family: row.result for row in rows}
+    assert all(by_family[f] == "pass" for f in NAMED_IN_ISSUE), {f: by_family[f] for f in NAMED_IN_ISSUE}
+
+
+def test_experts_kept_as_a_list_of_modules_are_refused():
+    """transformers 4 and some remote code keep one module per expert; it is refused, not half-mapped."""
+    from engramlab.models import discover
+
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {"w1": torch.nn.Linear(64, 96), "w3": torch.nn.Linear(64, 96), "w2": torch.nn.Linear(96, 64)}
+            )
+            for _ in range(4)
+        )
+    with pytest.raises(EngramError, match="list of modules"):
+        discover(model)
+
+
+def test_final_norm_is_the_one_the_head_reads():
+    """LFM2 names its final norm embedding_norm; a BERT-style prediction head puts a transform in between, so
+    there is no final norm to fold in and the studies that need one refuse it in one line."""
+    from engramlab.models import ModelLayout
+
+    assert ModelLayout(tiny_model("lfm2")).final_norm is not None
+    with pytest.raises(EngramError, match="does not read"):
+        ModelLayout(tiny_model("megatron-bert")).final_norm  # noqa: B018
+
+
+def test_expert_tap_keeps_accelerate_device_hooks():
+    """With device_map="auto" accelerate wraps each module's forward; the expert loop slots in behind that wrapper
+    (so inputs still move to the experts' device) and the wrapper is back in place afterwards."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("mixtral")
+    reference = copy.deepcopy(model)
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.experts, AlignDevicesHook(execution_device="cpu"))
+    wrappers = [vars(layer.mlp.experts)["forward"] for layer in model.model.layers]
+    from engramlab.models import HookEngine
+
+    engine = HookEngine(model)
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(2))
+    even = list(range(0, 384, 2))  # the even neurons of every expert (4 experts x 96)
+    with torch.no_grad(), engine.zero("mlp.act", 1, even):
+        hooked = model(input_ids=ids).logits
+    with torch.no_grad():
+        reference.model.layers[1].mlp.experts.down_proj[:, :, ::2] = 0
+        torch.testing.assert_close(hooked, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert [vars(layer.mlp.experts)["forward"] for layer in model.model.layers] == wrappers
+    assert all(vars(layer.mlp.experts)["_old_forward"].__self__ is layer.mlp.experts for layer in model.model.layers)

@@ -1,0 +1,153 @@
+"""Every study on a tiny MoE model (mixtral: batched experts; deepseek_v3: dense first layer, shared expert) and a
+tiny fused gate+up model (phi3): relations units and responses, the decode atlas, post-training patching and
+entropy neurons, and `models info`. Weights are read straight off the parameters as references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engramlab.decode.atlas import decode_atlas, naive_decode
+from engramlab.models import from_hf
+from engramlab.models.info import model_info
+from engramlab.models.tiny import tiny_model
+from engramlab.posttrain import entropy, patching
+from engramlab.relations.responses import ResponseMatrix, collect_responses
+from engramlab.relations.units import UnitSpace
+from test_posttrain import PAIR, SHOTS, word_tokenizer
+
+TEXTS = ["w30 w31 w32 w33", "w40 w41", "w50 w51 w52", "Paris is in France"]
+
+
+def _loaded(family: str):
+    return from_hf(tiny_model(family), word_tokenizer(), ref=family)
+
+
+def _explicit(model, family: str, layer: int, site: str) -> torch.Tensor:
+    """[neurons, H] read off the parameters, independently of ModelLayout."""
+    mlp = model.model.layers[layer].mlp
+    if family == "phi3":
+        width = mlp.down_proj.weight.shape[1]
+        fused = mlp.gate_up_proj.weight  # [2I, H]: gate rows first, then up (Phi3MLP.forward's chunk order)
+        return {"gate": fused[:width], "up": fused[width:], "down": mlp.down_proj.weight.T}[site].detach()
+    experts = mlp.experts  # mixtral: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    width = experts.down_proj.shape[2]
+    if site == "down":
+        return experts.down_proj.transpose(1, 2).reshape(-1, experts.down_proj.shape[1]).detach()
+    half = experts.gate_up_proj[:, :width] if site == "gate" else experts.gate_up_proj[:, width:]
+    return half.reshape(-1, half.shape[-1]).detach()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+@pytest.mark.parametrize("site", ["up", "gate", "down"])
+def test_atlas_over_expert_neurons_and_fused_halves(family, site):
+    loaded = _loaded(family)
+    model = loaded.model
+    atlas = decode_atlas(loaded, site=site, top_k=5)
+    vectors = [_explicit(model, family, layer, site) for layer in range(loaded.layout.n_layers)]
+    ref_ids, ref_scores = naive_decode(vectors, model.lm_head.weight.detach(), top_k=5)
+    assert atlas.ids.shape == (loaded.layout.n_layers, vectors[0].shape[0], 5)
+    assert np.array_equal(atlas.ids.reshape(-1, 5), ref_ids.numpy())
+    np.testing.assert_allclose(atlas.scores.reshape(-1, 5), ref_scores.numpy(), rtol=1e-5)
+
+
+def test_atlas_refuses_mixed_widths_in_one_line():
+    from engramlab.errors import EngramError
+
+    with pytest.raises(EngramError, match="different MLP widths"):
+        decode_atlas(_loaded("deepseek_v3"), top_k=3)
+
+
+def test_relation_units_and_responses_on_experts(tmp_path):
+    """Unit (expert e, neuron j) of the gate site responds with its mean gate pre-activation over the tokens routed
+    to e, computed here from the experts' weights and the routing captured with a plain hook."""
+    loaded = _loaded("mixtral")
+    layout = loaded.layout
+    space = UnitSpace(layout)
+    per_layer = [layout.site_width(s, i) for i in range(layout.n_layers) for s in ("mlp.gate", "mlp.up", "mlp.down")]
+    assert space.size == sum(per_layer) and space.sites == ("mlp.gate", "mlp.up", "mlp.down")
+    matrix = ResponseMatrix(tmp_path / "r", len(TEXTS), space.size, "fp")
+    collect_responses(loaded, TEXTS, space, matrix, batch_size=2)
+    layer = 1
+    mlp = layout.mlp(layer)
+    experts = loaded.model.model.layers[layer].mlp.experts
+    captured = {}
+    handle = experts.register_forward_pre_hook(lambda m, args: captured.update(x=args[0], index=args[1]))
+    block = next(b for b in space.blocks if b.layer == layer and b.site == "mlp.gate")
+    for row, text in enumerate(TEXTS):
+        with torch.no_grad():
+            loaded.model(**loaded.tokenizer([text], return_tensors="pt"))
+        x, index = captured["x"], captured["index"]  # [T, H], [T, k]
+        for expert, neuron in ((0, 3), (2, 7), (3, mlp.width - 1)):
+            routed = (index == expert).any(-1)
+            gate = x[routed] @ experts.gate_up_proj[expert, neuron].detach()
+            expected = float(gate.mean()) if routed.any() else 0.0
+            got = matrix.columns(block.offset + mlp.unit(expert, neuron), block.offset + mlp.unit(expert, neuron) + 1)
+            assert got[row, 0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    handle.remove()
+
+
+def test_unit_masks_switch_off_expert_and_shared_neurons():
+    """Deactivating units through UnitSpace.masks on a mixed dense/MoE model equals zeroing the same neurons'
+    weights (an expert's up rows, the shared expert's up rows, a dense layer's up rows)."""
+    loaded = _loaded("deepseek_v3")
+    layout, model = loaded.layout, loaded.model
+    space = UnitSpace(layout)
+    up = {b.layer: b for b in space.blocks if b.site == "mlp.up"}
+    moe_layer = next(i for i in range(layout.n_layers) if layout.mlp(i).kind == "moe+shared")
+    mlp = layout.mlp(moe_layer)
+    ids = np.array(
+        [up[0].offset + 4, up[moe_layer].offset + mlp.unit(1, 2), up[moe_layer].offset + mlp.routed_width + 5]
+    )
+    masks = space.masks([ids])
+    ids_t = torch.randint(3, 90, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), loaded.hooks.edit_neurons(masks):
+        hooked = model(input_ids=ids_t).logits
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[4] = 0
+        block = model.model.layers[moe_layer].mlp
+        block.experts.gate_up_proj[1, mlp.width + 2] = 0
+        block.shared_experts.up_proj.weight[5] = 0
+        expected = model(input_ids=ids_t).logits
+    torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+def test_entropy_neurons_read_expert_and_fused_down_columns(family):
+    loaded = _loaded(family)
+    result = entropy.entropy_neurons(loaded, n=3, chunk=7)
+    model = loaded.model
+    w_out = _explicit(model, family, loaded.layout.n_layers - 1, "down").numpy()  # [neurons, H]
+    w_u = model.lm_head.weight.detach().numpy() * model.model.norm.weight.detach().numpy()[None]
+    w_u = w_u - w_u.mean(0, keepdims=True)
+    for i in (0, 11, w_out.shape[0] - 1):
+        cos = w_u @ w_out[i] / (np.linalg.norm(w_u, axis=1) * np.linalg.norm(w_out[i]))
+        assert result.logit_var[i] == pytest.approx(np.var(cos), rel=1e-4)
+    effect = entropy.entropy_effect(loaded, list(result.selected[:2]), ["w30 w31 w32", "w40 w41"], batch_size=2)
+    assert np.isfinite(effect["entropy"]) and len(effect["delta"]) == 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+def test_patching_identical_runs_has_no_effect(family):
+    loaded = _loaded(family)
+    same = patching.Pair(PAIR.true, PAIR.true)
+    result = patching.patching_map(loaded, loaded, [same], n_toks=4, shots=SHOTS)
+    np.testing.assert_allclose(result.effect, result.corrupted, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family, kind, neurons",
+    [("mixtral", "moe", [384, 384]), ("phi3", "fused", [96, 96]), ("deepseek_v3", "gated, moe+shared", [96, 96, 240])],
+)
+def test_models_info(family, kind, neurons):
+    info = model_info(_loaded(family))
+    assert info["mlp_kind"] == kind
+    per_layer = info["units_per_layer"]["mlp.act"]
+    assert (per_layer if isinstance(per_layer, list) else [per_layer] * len(neurons)) == neurons
+    assert info["mlp_neurons_total"] == sum(neurons)
+    assert sum(info["parameters_by_part"].values()) == info["parameters"]
+    if "moe" in kind:
+        assert info["experts"]["experts"] == 4
+    else:
+        assert info["experts"] is None
