@@ -1,10 +1,16 @@
-"""The `engramlab` command: a thin typer layer over the library. Every `EngramError` ends the command with one
-line on stderr and exit code 2."""
+"""The `engramlab` command: a thin typer layer over the library.
+
+`main` is the one error path: an `EngramError` or a bad option value ends the command with one line on stderr and
+exit code 2; Ctrl-C with one line and exit code 130; any other exception (a bug) with one line naming it and a
+hint to rerun with `--debug`, which shows the full traceback, and exit code 1.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -37,6 +43,23 @@ for name, sub in [
     app.add_typer(sub, name=name)
 
 console = Console()
+
+DEBUG_FLAG = "--debug"
+INTERRUPTED = "interrupted (Ctrl-C); every result file written so far is complete."
+# click's base error class; typer vendors click in recent versions, so it is taken from typer's own exceptions
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(
+        False,
+        DEBUG_FLAG,
+        help="Show the full traceback of an unexpected error (anywhere on the line; or ENGRAMLAB_DEBUG=1).",
+    ),
+) -> None:
+    # `main` takes --debug out of the arguments wherever it stands; it is declared here for --help.
+    pass
 
 
 @models_app.command("info")
@@ -100,9 +123,47 @@ def tour(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `engramlab` script and of `python -m engramlab`."""
+    """Entry point of the `engramlab` script and of `python -m engramlab`: run the command, and turn every way it
+    can fail into one line on stderr and an exit code (2: bad input, 130: interrupted, 1: unexpected)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get("ENGRAMLAB_DEBUG") == "1"
+    args = [a for a in args if a != DEBUG_FLAG]
     try:
-        app(args=argv, prog_name="engramlab")
+        code = app(args=args, prog_name="engramlab", standalone_mode=False)
     except EngramError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err), 2)
+    except _CLICK_ERROR as err:  # a bad option value, a missing option, an unknown command
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # typer has printed the help
+        _fail(err.format_message(), err.exit_code)
+    except typer.Abort:
+        _fail("aborted.", 1)
+    except KeyboardInterrupt:
+        _fail(INTERRUPTED, 130)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing left to say
+        sys.exit(1)
+    except Exception as err:
+        if debug:
+            raise
+        _fail(
+            f"unexpected {type(err).__name__}: {_first_line(err)} (a bug in engramlab or a case it does not check "
+            f"yet); rerun with {DEBUG_FLAG} for the traceback.",
+            1,
+        )
+    if code == 130:  # typer turns a Ctrl-C inside the command into exit code 130
+        _fail(INTERRUPTED, 130)
+    if code:
+        sys.exit(code)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr (a message spread over lines is joined), then exit with `code`."""
+    line = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)

@@ -22,6 +22,7 @@ own intervention, so a k-sweep or a set of random controls runs as one batched f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -424,7 +425,12 @@ class _Accumulator:
 
 
 class Recording(HookContext):
-    """Recorded activations, indexed by `(site, layer)` once the block has run."""
+    """Recorded activations, indexed by `(site, layer)` once the block has run.
+
+    Memory: the hook functions hold the accumulators and a weak reference to the recording, never the recording
+    itself, so nothing refers back to it: its tensors are freed as soon as the last reference to the recording (or to
+    a tensor read from it) goes, without waiting for Python's cycle collector.
+    """
 
     def __init__(
         self,
@@ -445,9 +451,11 @@ class Recording(HookContext):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         super().__exit__(exc_type, exc, tb)
-        return exc_type is StopForward and getattr(exc, "source", None) is self
+        return exc_type is StopForward and getattr(exc, "source", lambda: None)() is self
 
     def __getitem__(self, key: SiteKey) -> torch.Tensor:
+        """The recording at (site, layer). A single forward's recording is returned as stored (no copy); several
+        calls (a cached `generate`) are concatenated along positions."""
         site, layer = key
         layer = layer % self.engine.layout.n_layers
         if (site, layer) not in self._acc:
@@ -461,7 +469,7 @@ class Recording(HookContext):
             return acc.total / acc.count[:, None]
         if not acc.chunks:
             raise EngramError(f"nothing was recorded at ({site}, {layer}): did the forward run inside the block?")
-        if self.positions == "last":
+        if self.positions == "last" or len(acc.chunks) == 1:
             return acc.chunks[-1]
         return torch.cat(acc.chunks, dim=1)
 
@@ -473,39 +481,50 @@ class Recording(HookContext):
         return self._acc[key].count
 
     def _recorder(self, key: SiteKey, last: SiteKey | None):
-        engine = self._engine
+        """The hook body for one site. It closes over the accumulator, the settings and a weak reference to the
+        recording (for the stop signal), so the recording and its hooks form no reference cycle."""
+        engine, acc = self._engine, self._acc[key]
+        positions, reduce, dtype = self.positions, self.reduce, self.dtype
+        source = weakref.ref(self)
 
         def record(x: torch.Tensor) -> None:
-            acc = self._acc[key]
             x = x.detach()
-            if self.reduce is None:
-                if self.positions == "all":
-                    acc.chunks.append(x.to(self.dtype))
-                elif self.positions == "last":
+            if reduce is None:
+                if positions == "all":
+                    acc.chunks.append(x.to(dtype))
+                elif positions == "last":
                     sel = engine._positions("last", x)  # [B, T] one-hot
-                    acc.chunks = [x[sel].to(self.dtype)]  # [B, D]
+                    acc.chunks = [x[sel].to(dtype)]  # [B, D]
                 else:
-                    cols = engine._columns(self.positions, x.shape[1])
+                    cols = engine._columns(positions, x.shape[1])
                     if cols:
-                        acc.chunks.append(x[:, cols].to(self.dtype))
+                        acc.chunks.append(x[:, cols].to(dtype))
             else:
-                sel = engine._positions(self.positions, x)
+                sel = engine._positions(positions, x)
                 if sel is None:
-                    total = x.sum(dim=1, dtype=self.dtype)  # [B, D]
-                    count = torch.full((x.shape[0],), x.shape[1], dtype=self.dtype, device=x.device)
+                    total = x.sum(dim=1, dtype=dtype)  # [B, D]
+                    count = torch.full((x.shape[0],), x.shape[1], dtype=dtype, device=x.device)
                 else:
-                    weights = sel.to(self.dtype)  # [B, T]
-                    total = torch.einsum("btd,bt->bd", x.to(self.dtype), weights)
+                    weights = sel.to(dtype)  # [B, T]
+                    total = torch.einsum("btd,bt->bd", x.to(dtype), weights)
                     count = weights.sum(dim=1)
                 acc.total = total if acc.total is None else acc.total + total
                 acc.count = count if acc.count is None else acc.count + count
             if key == last:
-                stop = StopForward(f"recording complete at {key}")
-                stop.source = self
-                raise stop
+                # Raised without binding it to a local: a local would tie the exception to this frame through its
+                # traceback (a cycle), keeping every frame of the forward and their tensors (HF's KV cache
+                # included) alive until the cycle collector ran.
+                raise _stop_signal(source, key)
             return None
 
         return record
+
+
+def _stop_signal(source: weakref.ref, key: SiteKey) -> StopForward:
+    """The early-stop exception of a recording, carrying a weak reference to the recording that raised it."""
+    signal = StopForward(f"recording complete at {key}")
+    signal.source = source
+    return signal
 
 
 # --------------------------------------------------------------------------------------------------------------

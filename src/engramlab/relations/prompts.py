@@ -202,10 +202,22 @@ def load_relations_for_study(
     return relations
 
 
+RELATION_FILE_HINT = "check the --relation-file path and its LRE format"
+
+
+def _bad(text: str) -> bool:
+    """True for strings that cannot be written as UTF-8 (JSON's lone surrogate escapes like \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def load_relation_file(path: str | os.PathLike) -> Relation:
     """A relation from an LRE-format JSON file, with one-line errors naming the file and the field."""
     path = Path(path)
-    obj = read_json(path)
+    obj = read_json(path, RELATION_FILE_HINT)
     if not isinstance(obj, dict):
         raise EngramError(f"{path}: expected a JSON object with 'name', 'prompt_templates' and 'samples'.")
     templates = obj.get("prompt_templates")
@@ -217,7 +229,10 @@ def load_relation_file(path: str | os.PathLike) -> Relation:
     name = obj.get("name")
     if not isinstance(name, str) or not name.strip():
         raise EngramError(f"{path}: field 'name' must be a non-empty string.")
-    records = read_json_records(path, "samples", ("subject", "object"))
+    records = read_json_records(path, "samples", ("subject", "object"), RELATION_FILE_HINT)
+    unencodable = [t for t in [name, *templates, *(r[f] for r in records for f in ("subject", "object"))] if _bad(t)]
+    if unencodable:
+        raise EngramError(f"{path}: {unencodable[0]!r} is not valid Unicode text (a lone surrogate escape?).")
     seen, facts = set(), []
     for r in records:
         subject, obj_ = r["subject"].strip(), r["object"].strip()
