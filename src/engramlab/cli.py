@@ -82,6 +82,7 @@ def models_info(
         trust_remote_code=trust_remote_code,
         allow_download=download,
         with_tokenizer=False,
+        option="REF",
     )
     info = model_info(loaded)
     if as_json:

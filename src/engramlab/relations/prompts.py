@@ -31,6 +31,8 @@ from engramlab.data.loaders import read_json, read_json_records
 from engramlab.data.multilingual import relation_in
 from engramlab.errors import EngramError
 
+PROMPT_COLUMNS = ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
+
 
 @dataclass
 class PromptSet:
@@ -76,16 +78,17 @@ class PromptSet:
     @classmethod
     def from_rows(cls, rows: dict[str, list], where: str) -> PromptSet:
         """The inverse of `rows()` (a table read back from parquet); `where` names the source in errors."""
-        missing = [
-            c
-            for c in ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
-            if c not in rows
-        ]
+        missing = [c for c in PROMPT_COLUMNS if c not in rows]
         if missing:
             raise EngramError(
                 f"{where} has no column {missing[0]!r}: it was written by an older engramlab; "
                 "run `relations find` again."
             )
+        text_columns = [c for c in PROMPT_COLUMNS if c != "subject_start"]
+        bad = [c for c in text_columns if not all(isinstance(v, str) for v in rows[c])]
+        if bad or not all(isinstance(v, int) and v >= 0 for v in rows["subject_start"]):
+            column = bad[0] if bad else "subject_start"
+            raise EngramError(f"{where}: column {column!r} holds values of the wrong type; run `relations find` again.")
         return cls(
             list(rows["prompt"]),
             list(rows["gold"]),
