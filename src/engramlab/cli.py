@@ -16,7 +16,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
+from engramlab.cli_options import (
+    DEFAULT_MODEL,
+    Device,
+    Download,
+    Dtype,
+    Model,
+    Out,
+    Overwrite,
+    Seed,
+    TrustRemoteCode,
+    comma_list,
+)
 from engramlab.continual.cli import app as continual_app
 from engramlab.decode.cli import app as decode_app
 from engramlab.errors import EngramError
@@ -102,7 +113,7 @@ def models_info(
 @app.command()
 def tour(
     out: Out = "runs/tour",
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model for the LLM studies."),
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -112,7 +123,7 @@ def tour(
     """Run a quick version of every study on the shipped defaults; write OUT/index.html and OUT/summary.json."""
     from engramlab.tour import run_tour
 
-    steps = [s.strip() for s in only.split(",") if s.strip()] or None
+    steps = comma_list(only, "--only") if only else None
     summary = run_tour(out, model=model, device=device, dtype=dtype, seed=seed, overwrite=overwrite, only=steps)
     failed = [name for name, step in summary["steps"].items() if "error" in step]
     for name, step in summary["steps"].items():

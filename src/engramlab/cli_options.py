@@ -37,6 +37,7 @@ non_negative = _number_check(lambda v: v >= 0, "a finite number >= 0")
 finite = _number_check(lambda v: True, "a finite number")
 probability = _number_check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 fraction_below_one = _number_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+share = _number_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------ shared options

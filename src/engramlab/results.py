@@ -71,6 +71,24 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False, run: RunMar
     return path
 
 
+def check_out_file(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """An --out that names one file: not a folder, not an existing file unless `overwrite`, in a folder that can
+    be created and written."""
+    path = Path(out)
+    if str(out).strip() == "":
+        raise EngramError("--out is empty; give a file path.")
+    if path.is_dir():
+        raise EngramError(f"--out {path} is a folder; give a file path (e.g. {path / 'hits.parquet'}).")
+    if path.exists() and not overwrite:
+        raise EngramError(f"--out {path} exists; pass --overwrite to replace it, or give a new file name.")
+    parent = _existing_parent(path)
+    if not parent.is_dir():
+        raise EngramError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EngramError(f"cannot write --out {path}: {parent} is not writable.")
+    return path
+
+
 def _existing_parent(path: Path) -> Path:
     """The nearest ancestor of `path` that exists (a folder to create `path` in, or a file in the way)."""
     parent = path.absolute().parent
