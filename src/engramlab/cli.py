@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
@@ -141,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = DEBUG_FLAG in args or os.environ.get("ENGRAMLAB_DEBUG") == "1"
     args = [a for a in args if a != DEBUG_FLAG]
     try:
-        code = app(args=args, prog_name="engramlab", standalone_mode=False)
+        with _warnings_after(show=not debug) as held:
+            code = app(args=args, prog_name="engramlab", standalone_mode=False)
+        held.show()
     except EngramError as err:
         _fail(str(err), 2)
     except _CLICK_ERROR as err:  # a bad option value, a missing option, an unknown command
@@ -167,6 +172,27 @@ def main(argv: list[str] | None = None) -> None:
         _fail(INTERRUPTED, 130)
     if code:
         sys.exit(code)
+
+
+class _HeldWarnings(list):
+    def show(self) -> None:
+        for w in self:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+@contextmanager
+def _warnings_after(show: bool) -> Iterator[_HeldWarnings]:
+    """Hold back Python warnings raised during the command (a library's note about a pickle protocol, say): a
+    command that succeeds shows them when it ends, one that fails shows only its one-line error. With `show` off
+    (--debug) warnings go out as they happen."""
+    held = _HeldWarnings()
+    if not show:
+        yield held
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield held
+    held.extend(caught)
 
 
 def _first_line(err: BaseException) -> str:

@@ -113,6 +113,17 @@ def read_safetensors(
     return tensors, meta
 
 
+def load_failure(err: BaseException) -> str:
+    """What went wrong in a torch / transformers load, in one line. torch's refusal of a pickle that holds more than
+    tensors ends with advice to retry with `weights_only=False`, which would run the file's code: that advice is
+    replaced by what engramlab does instead."""
+    if "Weights only load failed" in str(err):
+        return (
+            "it holds pickled Python objects besides tensors, and engramlab never unpickles those (they can run code)"
+        )
+    return _first_line(err)
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__).rstrip(".")

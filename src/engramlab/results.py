@@ -47,13 +47,13 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool = False, run: RunMarke
             resumable = run is not None and marker.is_file()
             hint = "pass --resume to continue it, --overwrite" if resumable else "pass --overwrite"
             raise EngramError(f"--out {path} is not empty; {hint} to replace its results, or pick a new folder.")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not _writable(path):
             raise EngramError(f"--out {path} is not writable; choose a folder you can write to.")
     else:
         parent = _existing_parent(path)
         if not parent.is_dir():
             raise EngramError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
-        if not os.access(parent, os.W_OK | os.X_OK):
+        if not _writable(parent):
             raise EngramError(f"cannot create --out {path}: {parent} is not writable.")
     return path
 
@@ -84,9 +84,19 @@ def check_out_file(out: str | os.PathLike, overwrite: bool = False) -> Path:
     parent = _existing_parent(path)
     if not parent.is_dir():
         raise EngramError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         raise EngramError(f"cannot write --out {path}: {parent} is not writable.")
     return path
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, found by creating (and removing) an empty temporary folder there:
+    `os.access` says yes to root on any mode and cannot see every filesystem's refusal."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".engramlab-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def _existing_parent(path: Path) -> Path:

@@ -25,7 +25,7 @@ from engramlab.errors import EngramError
 from engramlab.models.arch import ArchSpec, ModelLayout, arch_for_config
 from engramlab.models.hooks import HookEngine
 from engramlab.organisms.registry import is_organism_ref, organism_path
-from engramlab.readers import read_json
+from engramlab.readers import load_failure, read_json
 
 DTYPES = {
     "float32": torch.float32,
@@ -257,7 +257,7 @@ def load_model(
             )
     except Exception as err:  # any failure inside transformers/torch becomes one sentence naming the checkpoint
         where = path if path is not None else ref
-        raise EngramError(f"cannot load the weights in {where} safely: {_first_line(err)}") from err
+        raise EngramError(f"cannot load the weights in {where} safely: {load_failure(err)}.") from err
     if not multi_gpu:
         model.to(target)
     model.eval()

@@ -203,10 +203,6 @@ def find(
     neuron_space = UnitSpace(loaded.layout, "neurons")
     candidates = identification_prompts(relations, max_prompts, seed)
     validated, checked = validate(loaded, candidates, batch_size)
-    write_parquet(
-        out / "identification_prompts.parquet",
-        {**candidates.rows(), "correct": checked.correct[0].tolist(), "prediction": checked.predictions[0].tolist()},
-    )
     names, excluded = gate.split(
         {
             n: {"validated": validated.where(relation=n).size, "candidates": candidates.where(relation=n).size}
@@ -214,6 +210,10 @@ def find(
         }
     )
     require_two(names, excluded, loaded.ref)
+    write_parquet(
+        out / "identification_prompts.parquet",
+        {**candidates.rows(), "correct": checked.correct[0].tolist(), "prediction": checked.predictions[0].tolist()},
+    )
     validated = validated.subset(np.flatnonzero(np.isin(validated.relation, names)))
 
     matrix = ResponseMatrix(
