@@ -460,9 +460,18 @@ def _option_cases() -> list[Case]:
             "refusal": [["--coeff", "inf"], ["--coeff", "nan"]],
         }.get(c, [])
         table[f"posttrain {c}"] = [[*pt, *b] for b in bad]
-    # checks that need the model itself: whether --init-base loads, and --ks against its unit count (without --neurons
-    # the count is known only once the model is loaded; still before any file is written)
-    needs_model = {("organisms build", "MODEL:truncated-safetensors"), ("relations sweep", "100000000")}
+    for c in ("deactivate", "diagnose", "perplexity"):  # the commands that read the find's prompts back
+        table[f"relations {c}"] += [
+            [*rel, "--neurons", f"FIND:{kind}"] for kind in ("parquet-corrupt", "parquet-columns")
+        ]
+    # checks that need the model itself: whether --init-base loads, --ks against its unit count (without --neurons
+    # the count is known only once the model is loaded; still before any file is written), and the find's prompts,
+    # read back once the model has been checked against the find
+    needs_model = {
+        ("organisms build", "MODEL:truncated-safetensors"),
+        ("relations sweep", "100000000"),
+        *((f"relations {c}", f"FIND:{k}") for c in RELATIONS_COMMANDS for k in ("parquet-corrupt", "parquet-columns")),
+    }
     cases = []
     for command, bad_args in table.items():
         prefix = command.split()

@@ -279,6 +279,8 @@ def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True
     """`relations deactivate`, with the template control on the top `top` units unless `diagnose` is off."""
     _check_counts(n_random=(n_random, 0), top=(top, 1))
     study = prepare(opts, "deactivate", {"random_seeds": n_random, "diagnose": diagnose, "diagnose_top": top})
+    # the find's prompts are read (and checked) before any result is written
+    prompts = _find_prompts(study) if diagnose else None
     result = effects.deactivate(
         study.loaded,
         study.found,
@@ -307,8 +309,8 @@ def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True
         ),
     ]
     summary = result.summary
-    if diagnose:
-        control = _template_control(study, top)
+    if prompts is not None:
+        control = _template_control(study, top, prompts)
         summary = {**summary, "template_control": _control_headline(control)}
         sections.append(_control_section(control))
     return _finish(study, "Relation-specific neurons: deactivation", summary, sections)
@@ -335,8 +337,9 @@ def _drop_text(summary: dict) -> str:
     return text
 
 
-def _template_control(study: Study, top: int) -> TemplateControl:
-    """The template control on the find's own validated prompts and negatives; writes template_control.parquet."""
+def _find_prompts(study: Study) -> tuple:
+    """The find's validated prompts and its (positive, negative) rows per relation, read back from the find folder
+    and checked against find.json: done before any result of this run is written."""
     candidates, validated = load_identification(study.find_dir, study.found.relations)
     rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
     for name in study.found.relations:
@@ -345,6 +348,13 @@ def _template_control(study: Study, top: int) -> TemplateControl:
                 f"{study.find_dir}: identification_prompts.parquet does not match find.json for "
                 f"relation {name!r}; run `relations find` again."
             )
+    return validated, rows
+
+
+def _template_control(study: Study, top: int, prompts: tuple) -> TemplateControl:
+    """The template control on the find's own validated prompts and negatives (`_find_prompts`); writes
+    template_control.parquet."""
+    validated, rows = prompts
     control = template_control(study.loaded, study.found, validated, rows, top, study.opts.batch_size)
     write_parquet(study.out / "template_control.parquet", control.rows)
     return control
@@ -374,7 +384,7 @@ def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
     """`relations diagnose`: the template control alone (find first unless `--neurons` is given)."""
     _check_counts(top=(top, 1))
     study = prepare(opts, "diagnose", {"top": top})
-    control = _template_control(study, top)
+    control = _template_control(study, top, _find_prompts(study))
     return _finish(
         study,
         "Relation-specific neurons: template control",
