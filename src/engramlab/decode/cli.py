@@ -222,6 +222,12 @@ def compare_cmd(
         highlight=False,
     )
     console.print(f"per layer: {per_layer}", highlight=False)
+    if result.n_excluded:
+        typer.echo(
+            f"warning: {result.n_excluded:,} neurons have no top token in A or B (zero or non-finite weights) and "
+            "are left out of every agreement.",
+            err=True,
+        )
     console.print(f"wrote {out}/compare.parquet, {out}/report.html, {out}/summary.json", highlight=False)
 
 

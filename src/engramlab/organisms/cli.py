@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from engramlab.cli_options import Out, Overwrite, probability
+from engramlab.cli_options import Out, Overwrite, Seed, probability
 from engramlab.errors import EngramError
 
 app = typer.Typer(
@@ -35,7 +35,7 @@ def build(
         ..., "--out", help="Folder for tokenizer, checkpoints, base/ and chat/ (resumes if it holds a build)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of model init and data order."),
+    seed: Seed = 0,
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
     layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
     hidden: int | None = typer.Option(

@@ -145,6 +145,12 @@ def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
     console.print(f"wrote {out}/summary.json and {out}/report.html")
     for line in warning_lines(summary.get("excluded_relations", {})):
         typer.echo(line, err=True)
+    for language, excluded in summary.get("excluded_by_language", {}).items():
+        for name, why in excluded.items():
+            typer.echo(
+                f"warning: relation {name!r} in {language} left out of its means by the knowledge gate: {why}.",
+                err=True,
+            )
 
 
 @study_command("find", "runs/rsn-find", without=("eval_subjects", "neurons"))
