@@ -114,7 +114,7 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
             ),
             "cannot load the weights",
         ),
-        (lambda p: (p.mkdir(), (p / "config.json").write_text("{broken")), "cannot read the model config"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text("{broken")), "config.json:1: malformed JSON"),
     ],
     ids=["missing", "no-config", "no-weights", "unsupported-arch", "corrupt-weights", "broken-config"],
 )
@@ -187,5 +187,5 @@ def test_tour_reports_a_failed_step_and_exits_1(saved_llama, tmp_path, capsys):
     )
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert "answers none" in summary["steps"]["relations"]["error"]
+    assert "does not know any requested relation" in summary["steps"]["relations"]["error"]
     assert "relations: failed" in stdout

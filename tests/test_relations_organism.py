@@ -54,10 +54,16 @@ def test_find_and_deactivate_end_to_end(tmp_path, capsys, monkeypatch):
     assert found.ap.shape == (2, 6 * (1536 * 2 + 256))
     assert np.nanmax(found.ap) > 0.5  # some unit separates the relations better than chance (0.2)
 
-    # --resume reuses the cached responses and gives the same scores
-    code, _, err = run_cli(["relations", "find", "--out", str(out), "--resume", *TINY], capsys)
+    # --resume continues only a run of the same command with the same options: it reuses the cached responses
+    # and gives the same scores and results; another command or other options are refused with one line
+    args = ["relations", "deactivate", "--out", str(out), "--random-seeds", "2", "--eval-subjects", "6", *TINY]
+    code, _, err = run_cli([*args, "--resume"], capsys)
     assert code == 0, err
     np.testing.assert_array_equal(FindResult.load(out).ap, found.ap)
+    assert json.loads((out / "summary.json").read_text())["per_relation"] == summary["per_relation"]
+    for other in (["relations", "find", "--out", str(out), *TINY], [*args[:-2], "--eval-subjects", "5"]):
+        code, _, err = run_cli([*other, "--resume"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--resume" in err, err
 
 
 def test_malformed_relation_file_exits_2_with_one_line(tmp_path, capsys):

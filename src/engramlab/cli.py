@@ -1,17 +1,37 @@
-"""The `engramlab` command: a thin typer layer over the library. Every `EngramError` ends the command with one
-line on stderr and exit code 2."""
+"""The `engramlab` command: a thin typer layer over the library.
+
+`main` is the one error path: an `EngramError` or a bad option value ends the command with one line on stderr and
+exit code 2; Ctrl-C with one line and exit code 130; any other exception (a bug) with one line naming it and a
+hint to rerun with `--debug`, which shows the full traceback, and exit code 1.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from engramlab.cli_options import DEFAULT_MODEL, Device, Download, Dtype, Out, Overwrite, Seed, TrustRemoteCode
+from engramlab.cli_options import (
+    DEFAULT_MODEL,
+    Device,
+    Download,
+    Dtype,
+    Model,
+    Out,
+    Overwrite,
+    Seed,
+    TrustRemoteCode,
+    comma_list,
+)
 from engramlab.continual.cli import app as continual_app
 from engramlab.decode.cli import app as decode_app
 from engramlab.errors import EngramError
@@ -39,6 +59,23 @@ for name, sub in [
 
 console = Console()
 
+DEBUG_FLAG = "--debug"
+INTERRUPTED = "interrupted (Ctrl-C); every result file written so far is complete."
+# click's base error class; typer vendors click in recent versions, so it is taken from typer's own exceptions
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(
+        False,
+        DEBUG_FLAG,
+        help="Show the full traceback of an unexpected error (anywhere on the line; or ENGRAMLAB_DEBUG=1).",
+    ),
+) -> None:
+    # `main` takes --debug out of the arguments wherever it stands; it is declared here for --help.
+    pass
+
 
 @models_app.command("info")
 def models_info(
@@ -60,6 +97,7 @@ def models_info(
         trust_remote_code=trust_remote_code,
         allow_download=download,
         with_tokenizer=False,
+        option="REF",
     )
     info = model_info(loaded)
     if as_json:
@@ -92,13 +130,14 @@ def models_census(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the rows and the summary as JSON."),
     out: Path | None = typer.Option(None, "--out", help="Also write the rows and summary to this JSON file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     show: str = typer.Option("all", "--show", help="Rows to print: all, decoder, or problems (not pass)."),
 ) -> None:
     """Build a tiny random model of every causal-LM family of the installed transformers, map its layout and run
     the engine's exactness checks on it; print pass / unsupported (with the reason) per family."""
     from engramlab.cli_options import comma_list
     from engramlab.models.census import causal_lm_families, run_census, summary
-    from engramlab.results import write_json
+    from engramlab.results import check_out_file, write_json
 
     known = causal_lm_families()
     chosen = known if families == "all" else comma_list(families, "--families")
@@ -107,6 +146,8 @@ def models_census(
         raise EngramError(f"--families: {', '.join(unknown)} is not a causal-LM model type of this transformers.")
     if show not in ("all", "decoder", "problems"):
         raise EngramError(f"--show {show!r} is not one of: all, decoder, problems.")
+    if out is not None:
+        check_out_file(out, overwrite)  # a bad or existing --out is refused before the census, not after
     progress = None if as_json else (lambda name: console.print(f"[dim]{name}[/dim]", end=" "))
     rows = run_census(chosen, progress=progress)
     totals = summary(rows)
@@ -144,7 +185,7 @@ def _transformers_version() -> str:
 @app.command()
 def tour(
     out: Out = "runs/tour",
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model for the LLM studies."),
+    model: Model = DEFAULT_MODEL,
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -154,7 +195,7 @@ def tour(
     """Run a quick version of every study on the shipped defaults; write OUT/index.html and OUT/summary.json."""
     from engramlab.tour import run_tour
 
-    steps = [s.strip() for s in only.split(",") if s.strip()] or None
+    steps = comma_list(only, "--only") if only else None
     summary = run_tour(out, model=model, device=device, dtype=dtype, seed=seed, overwrite=overwrite, only=steps)
     failed = [name for name, step in summary["steps"].items() if "error" in step]
     for name, step in summary["steps"].items():
@@ -166,9 +207,70 @@ def tour(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `engramlab` script and of `python -m engramlab`."""
+    """Entry point of the `engramlab` script and of `python -m engramlab`: run the command, and turn every way it
+    can fail into one line on stderr and an exit code (2: bad input, 130: interrupted, 1: unexpected)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get("ENGRAMLAB_DEBUG") == "1"
+    args = [a for a in args if a != DEBUG_FLAG]
     try:
-        app(args=argv, prog_name="engramlab")
+        with _warnings_after(show=not debug) as held:
+            code = app(args=args, prog_name="engramlab", standalone_mode=False)
+        held.show()
     except EngramError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err), 2)
+    except _CLICK_ERROR as err:  # a bad option value, a missing option, an unknown command
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # typer has printed the help
+        _fail(err.format_message(), err.exit_code)
+    except typer.Abort:
+        _fail("aborted.", 1)
+    except KeyboardInterrupt:
+        _fail(INTERRUPTED, 130)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing left to say
+        sys.exit(1)
+    except Exception as err:
+        if debug:
+            raise
+        _fail(
+            f"unexpected {type(err).__name__}: {_first_line(err)} (a bug in engramlab or a case it does not check "
+            f"yet); rerun with {DEBUG_FLAG} for the traceback.",
+            1,
+        )
+    if code == 130:  # typer turns a Ctrl-C inside the command into exit code 130
+        _fail(INTERRUPTED, 130)
+    if code:
+        sys.exit(code)
+
+
+class _HeldWarnings(list):
+    def show(self) -> None:
+        for w in self:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+@contextmanager
+def _warnings_after(show: bool) -> Iterator[_HeldWarnings]:
+    """Hold back Python warnings raised during the command (a library's note about a pickle protocol, say): a
+    command that succeeds shows them when it ends, one that fails shows only its one-line error. With `show` off
+    (--debug) warnings go out as they happen."""
+    held = _HeldWarnings()
+    if not show:
+        yield held
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield held
+    held.extend(caught)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """One line on stderr (a message spread over lines is joined), then exit with `code`."""
+    line = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)

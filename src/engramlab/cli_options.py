@@ -1,7 +1,15 @@
-"""Options shared by every study command, declared once (typer `Annotated` aliases)."""
+"""Options shared by every study command, declared once (typer `Annotated` aliases), and the checks of numeric
+options that every command applies before it loads a model or writes a file.
+
+Typer's `min=`/`max=` bounds let NaN through (every comparison with NaN is false) and say nothing about finiteness,
+so float options use the callbacks below instead; a failed check is a click usage error, which `engramlab.cli.main`
+prints as one line with exit code 2.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -11,12 +19,38 @@ from engramlab.errors import EngramError
 
 DEFAULT_MODEL = "organism:base"
 
+
+# ------------------------------------------------------------------------------------------------ numeric checks
+
+
+def _number_check(test: Callable[[float], bool], wanted: str) -> Callable[[float | None], float | None]:
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise typer.BadParameter(f"must be {wanted}, got {value}.")
+        return value
+
+    return check
+
+
+positive = _number_check(lambda v: v > 0, "a finite number > 0")
+non_negative = _number_check(lambda v: v >= 0, "a finite number >= 0")
+finite = _number_check(lambda v: True, "a finite number")
+probability = _number_check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+fraction_below_one = _number_check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+share = _number_check(lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+# ------------------------------------------------------------------------------------------------ shared options
+
 Model = Annotated[str, typer.Option("--model", help="Local HF model directory, organism:NAME, or a Hub id.")]
 Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the results in a non-empty --out folder.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted run of this command with the same options in --out.")
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed for every sampled choice.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, help="Random seed for every sampled choice (>= 0).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint (off by default).")
@@ -30,3 +64,15 @@ def comma_list(value: str, option: str) -> list[str]:
     if not items:
         raise EngramError(f"{option} needs at least one name.")
     return items
+
+
+def int_list(value: str, option: str, minimum: int = 1) -> list[int]:
+    """Comma-separated whole numbers, each >= `minimum`; one line naming `option` otherwise."""
+    try:
+        numbers = [int(v) for v in comma_list(value, option)]
+    except ValueError:
+        raise EngramError(f"{option} takes comma-separated whole numbers, got {value!r}.") from None
+    small = [n for n in numbers if n < minimum]
+    if small:
+        raise EngramError(f"{option} values must be >= {minimum}, got {small[0]}.")
+    return numbers

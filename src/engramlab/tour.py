@@ -24,7 +24,7 @@ from engramlab.posttrain.tour import posttrain_step
 from engramlab.relations.tour import relations_step
 from engramlab.report import Section, key_values, table, write_report
 from engramlab.report.tour import TourContext, TourSection
-from engramlab.results import prepare_out_dir, write_json
+from engramlab.results import check_out_dir, prepare_out_dir, write_json
 from engramlab.tta.tour import tta_step
 
 
@@ -65,6 +65,9 @@ TOUR_STEPS: list[Callable[[TourContext], TourSection]] = [
 ]
 
 
+LLM_STEPS = ("model", "relations", "decode", "posttrain")  # the steps that load --model
+
+
 def step_names() -> list[str]:
     return [step.__name__.removesuffix("_step") for step in TOUR_STEPS]
 
@@ -82,8 +85,13 @@ def run_tour(
     unknown = [name for name in only or [] if name not in step_names()]
     if unknown:
         raise EngramError(f"--only {unknown[0]!r} is not a tour step; choose from: {', '.join(step_names())}.")
+    if seed < 0:
+        raise EngramError(f"--seed must be >= 0, got {seed}.")
+    check_out_dir(out, overwrite)
+    if only is None or set(LLM_STEPS) & set(only):
+        load_model(model, device=device, dtype=dtype)  # a model that cannot load fails the tour, not each step
     out_dir = prepare_out_dir(out, overwrite)
-    ctx = TourContext(model=model, out=out_dir, device=device, dtype=dtype, seed=seed)
+    ctx = TourContext(model=model, out=out_dir, device=device, dtype=dtype, seed=seed, overwrite=overwrite)
     sections, summary = [], {"model": model, "steps": {}}
     for step in TOUR_STEPS:
         if only and step.__name__.removesuffix("_step") not in only:

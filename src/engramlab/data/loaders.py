@@ -1,8 +1,9 @@
 """Readers for the vendored data files that fail with one line naming the file and the line.
 
-Every data file engramlab reads goes through `read_json` or `read_csv`. A missing file, malformed JSON, a CSV row
-with the wrong number of fields, or a record without a required field raises `EngramError` with
-`path:line: what is wrong`, so a user who edits or replaces a data file knows exactly where to look.
+Every data file engramlab reads goes through `read_json` or `read_csv` (both on top of `engramlab.readers`). A
+missing file, malformed JSON, a CSV row with the wrong number of fields, or a record without a required field
+raises `EngramError` with `path:line: what is wrong`, so a user who edits or replaces a data file knows exactly
+where to look.
 """
 
 from __future__ import annotations
@@ -13,64 +14,82 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engramlab import readers
 from engramlab.errors import EngramError
 
 VENDOR_DIR = Path(__file__).parent / "vendor"
+VENDOR_HINT = "reinstall engramlab or pass an existing file"
 
 
-def _read_text(path: str | os.PathLike) -> tuple[Path, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise EngramError(f"{path}: data file not found; reinstall engramlab or pass an existing file.")
-    try:
-        return path, path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise EngramError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}).") from err
+def _read_text(path: str | os.PathLike, hint: str = VENDOR_HINT) -> tuple[Path, str]:
+    return Path(path), readers.read_text(path, hint)
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, hint: str = VENDOR_HINT) -> Any:
     """Parse a JSON file; malformed JSON raises `EngramError` naming the file and line."""
-    path, text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EngramError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno}).") from err
+    return readers.read_json(path, hint)
 
 
-def read_json_records(path: str | os.PathLike, key: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
+def read_json_records(
+    path: str | os.PathLike, key: str, required: tuple[str, ...], hint: str = VENDOR_HINT
+) -> list[dict[str, Any]]:
     """Read the list `obj[key]` of a JSON file, checking each record has the `required` string fields.
 
-    Returns the records with an extra `_line` (1-based line where the record starts) for later error messages.
+    Returns the records with an extra `_line` (1-based line where the record starts, None if the text could not be
+    walked) for later error messages.
     """
-    path, text = _read_text(path)
-    obj = read_json(path)
+    path, text = _read_text(path, hint)
+    obj = read_json(path, hint)
     if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
         raise EngramError(f"{path}:1: expected a JSON object with a list under {key!r}.")
-    # Walk the raw text once to find where each record starts, so errors can name a line.
-    decoder = json.JSONDecoder()
-    start = text.find("[", text.find(f'"{key}"'))
-    pos, lines, line, counted = start + 1, [], 1, 0
-    for _ in obj[key]:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        line += text.count("\n", counted, pos)  # incremental, so the walk stays linear
-        counted = pos
-        lines.append(line)
-        _, pos = decoder.raw_decode(text, pos)
+    lines = _record_lines(text, key, len(obj[key]))
     records = []
-    for rec, line in zip(obj[key], lines, strict=True):
+    for i, (rec, line) in enumerate(zip(obj[key], lines, strict=True)):
+        where = f"{path}:{line}" if line is not None else f"{path}: {key}[{i}]"
         if not isinstance(rec, dict):
-            raise EngramError(f"{path}:{line}: record is not a JSON object.")
+            raise EngramError(f"{where}: record is not a JSON object.")
         for field in required:
             value = rec.get(field)
             if not isinstance(value, str) or not value.strip():
-                raise EngramError(f"{path}:{line}: record lacks a non-empty string field {field!r}.")
+                raise EngramError(f"{where}: record lacks a non-empty string field {field!r}.")
         records.append({**rec, "_line": line})
     return records
+
+
+def _record_lines(text: str, key: str, n: int) -> list[int | None]:
+    """The 1-based line where each of the `n` records under the top-level `key` starts. The raw text is walked with
+    the JSON decoder itself (keys decoded, escapes and all), so a key written as "sampl\\u0065s" is found too;
+    text that cannot be walked gives no line numbers rather than wrong ones."""
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int, chars: str = " \t\r\n") -> int:
+        while pos < len(text) and text[pos] in chars:
+            pos += 1
+        return pos
+
+    try:
+        pos = skip(0)
+        if text[pos] != "{":
+            return [None] * n
+        pos += 1
+        while True:  # top-level members until `key`
+            pos = skip(pos, " \t\r\n,")
+            name, pos = decoder.raw_decode(text, pos)
+            pos = skip(skip(pos) + 1)  # past ':'
+            if name == key:
+                break
+            _, pos = decoder.raw_decode(text, pos)
+        pos += 1  # past '['
+        lines, line, counted = [], 1, 0
+        for _ in range(n):
+            pos = skip(pos, " \t\r\n,")
+            line += text.count("\n", counted, pos)  # incremental, so the walk stays linear
+            counted = pos
+            lines.append(line)
+            _, pos = decoder.raw_decode(text, pos)
+        return lines
+    except (ValueError, IndexError):
+        return [None] * n
 
 
 def read_csv(path: str | os.PathLike, required: tuple[str, ...], label_column: str | None = None) -> list[dict]:

@@ -57,6 +57,7 @@ def _load(
     trust_remote_code: bool = False,
     download: bool = False,
     with_tokenizer: bool = True,
+    option: str = "--model",
 ):
     from engramlab.models.loading import load_model
 
@@ -67,7 +68,16 @@ def _load(
         trust_remote_code=trust_remote_code,
         allow_download=download,
         with_tokenizer=with_tokenizer,
+        option=option,
     )
+
+
+def _check_site(site: str) -> None:
+    from engramlab.decode.atlas import DECODE_SITES
+    from engramlab.errors import EngramError
+
+    if site not in DECODE_SITES:
+        raise EngramError(f"--site {site!r} is not a decode site; choose one of: {', '.join(DECODE_SITES)}.")
 
 
 @app.command("atlas")
@@ -88,9 +98,10 @@ def atlas_cmd(
 ) -> None:
     """Decode every MLP neuron through the LM head; write atlas.parquet, summary.json and atlas.html."""
     from engramlab.decode.atlas import decode_atlas, write_atlas
-    from engramlab.results import prepare_out_dir
+    from engramlab.results import check_out_dir
 
-    prepare_out_dir(out, overwrite)  # refuse a non-empty folder before the work, not after
+    _check_site(site)
+    check_out_dir(out, overwrite)  # refuse a bad or non-empty folder before the work, not after
     loaded = _load(model, device, dtype, trust_remote_code, download)
     atlas = decode_atlas(
         loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
@@ -120,18 +131,21 @@ def search_cmd(
     atlas: Path = typer.Option(..., "--atlas", help="Folder written by `decode atlas` (or its atlas.parquet)."),
     token: str | None = typer.Option(None, "--token", help="Exact token, e.g. ' dog' (mind the leading space)."),
     word: str | None = typer.Option(None, "--word", help="A word, whatever the case and surrounding spaces."),
-    token_id: int | None = typer.Option(None, "--token-id", help="A token id."),
-    max_rank: int | None = typer.Option(None, "--max-rank", help="Only ranks below this (1 = top token only)."),
+    token_id: int | None = typer.Option(None, "--token-id", min=0, help="A token id."),
+    max_rank: int | None = typer.Option(None, "--max-rank", min=1, help="Only ranks below this (1 = top token only)."),
     layer: list[int] | None = typer.Option(None, "--layer", help="Only this layer (repeatable)."),
     limit: int = typer.Option(20, "--limit", min=1, help="Rows to print (and to write with --out)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the hits to this parquet file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """The neurons whose top tokens contain a token or word, ranked by score."""
     from rich.table import Table
 
     from engramlab.decode.search import search_atlas
-    from engramlab.results import write_parquet
+    from engramlab.results import check_out_file, write_parquet
 
+    if out is not None:
+        check_out_file(out, overwrite)
     hits = search_atlas(atlas, token=token, word=word, token_id=token_id, max_rank=max_rank, layers=layer, limit=limit)
     console = _console()
     what = repr(token) if token is not None else (f"word {word!r}" if word is not None else f"id {token_id}")
@@ -180,13 +194,14 @@ def compare_cmd(
     """Top-1 token agreement of every neuron between two same-shaped models, per layer and overall."""
     from engramlab.decode.compare import compare_models, write_comparison
     from engramlab.errors import EngramError
-    from engramlab.results import prepare_out_dir
+    from engramlab.results import check_out_dir
 
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
-    prepare_out_dir(out, overwrite)
-    model_a = _load(a, device, dtype, trust_remote_code, download)
-    model_b = _load(b, device, dtype, trust_remote_code, download)
+    _check_site(site)
+    check_out_dir(out, overwrite)
+    model_a = _load(a, device, dtype, trust_remote_code, download, option="--a")
+    model_b = _load(b, device, dtype, trust_remote_code, download, option="--b")
     result = compare_models(
         model_a,
         model_b,
@@ -207,6 +222,12 @@ def compare_cmd(
         highlight=False,
     )
     console.print(f"per layer: {per_layer}", highlight=False)
+    if result.n_excluded:
+        typer.echo(
+            f"warning: {result.n_excluded:,} neurons have no top token in A or B (zero or non-finite weights) and "
+            "are left out of every agreement.",
+            err=True,
+        )
     console.print(f"wrote {out}/compare.parquet, {out}/report.html, {out}/summary.json", highlight=False)
 
 
@@ -232,13 +253,16 @@ def steer_cmd(
     """Clamp one neuron to each value at every position; P(its top token) next and a greedy continuation."""
     from rich.table import Table
 
-    from engramlab.decode.steer import parse_neuron, parse_values, steer_neuron
-    from engramlab.results import prepare_out_dir, write_json, write_parquet
+    from engramlab.decode.steer import STEER_SITES, parse_neuron, parse_values, steer_neuron
+    from engramlab.errors import EngramError
+    from engramlab.results import check_out_dir, prepare_out_dir, write_json, write_parquet
 
     layer, index = parse_neuron(neuron)
     value_list = parse_values(values)
+    if site not in STEER_SITES:
+        raise EngramError(f"--site {site!r} cannot be clamped; choose one of: {', '.join(STEER_SITES)}.")
     if out is not None:
-        prepare_out_dir(out, overwrite)
+        check_out_dir(out, overwrite)
     loaded = _load(model, device, dtype, trust_remote_code, download)
     result = steer_neuron(
         loaded, layer, index, value_list, prompt, site=site, chat=chat, max_new_tokens=max_new_tokens, token=token
@@ -271,6 +295,7 @@ def steer_cmd(
         highlight=False,
     )
     if out is not None:
+        prepare_out_dir(out, overwrite)
         write_parquet(Path(out) / "steer.parquet", [{**r, "value": r["value"]} for r in result.rows()])
         write_json(Path(out) / "summary.json", {"model": model, "chat": chat, **result.summary()})
         console.print(f"wrote {out}/steer.parquet and {out}/summary.json", highlight=False)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from engramlab.decode.atlas import Atlas, decode_atlas
 from engramlab.errors import EngramError
@@ -28,6 +29,7 @@ class Comparison:
     a: Atlas
     b: Atlas
     same: np.ndarray  # [L, N] bool: top-1 equal
+    excluded: np.ndarray  # [L, N] bool: no top token in A or B (zero or non-finite vector), left out of every mean
     agreement: float
     agreement_per_layer: list[float]
     overlap_at_k: float  # mean |top-k_A ∩ top-k_B| / k
@@ -41,6 +43,10 @@ class Comparison:
     def n_neurons(self) -> int:
         return int(self.same.size)
 
+    @property
+    def n_excluded(self) -> int:
+        return int(self.excluded.sum())
+
     def summary(self) -> dict:
         return {
             "a": self.a.model,
@@ -49,6 +55,8 @@ class Comparison:
             "fold_norm": self.a.fold_norm,
             "shared_head": self.shared_head,
             "n_neurons": self.n_neurons,
+            "n_compared": self.n_neurons - self.n_excluded,
+            "excluded_neurons": {"count": self.n_excluded, "reason": EXCLUDED_REASON},
             "n_layers": int(self.same.shape[0]),
             "agreement": self.agreement,
             "agreement_per_layer": self.agreement_per_layer,
@@ -61,29 +69,60 @@ class Comparison:
         }
 
 
-def compare_atlases(a: Atlas, b: Atlas, seed: int = 0) -> Comparison:
-    """Agreement of two atlases (pure function over their arrays)."""
+EXCLUDED_REASON = "weight vector zero or non-finite in A or B: such a neuron has no top token to compare"
+
+
+def compare_atlases(a: Atlas, b: Atlas, seed: int = 0, exclude: np.ndarray | None = None) -> Comparison:
+    """Agreement of two atlases (pure function over their arrays). Neurons in `exclude` ([L, N] bool) or with a
+    non-finite top score in either atlas have no top token to compare (a zero vector scores every token alike, and
+    two zero vectors would "agree" on token 0): they are left out of every mean, as the knowledge gate does for
+    relations a model does not know."""
     if a.ids.shape != b.ids.shape:
         raise EngramError(
             f"the two atlases have different shapes: A is {_shape_text(a.ids.shape)}, B is {_shape_text(b.ids.shape)}."
         )
     top_a, top_b = a.top1, b.top1  # [L, N]
+    excluded = ~(np.isfinite(a.scores[:, :, 0]) & np.isfinite(b.scores[:, :, 0]))
+    if exclude is not None:
+        excluded |= exclude
+    valid = ~excluded
+    if not valid.any():
+        raise EngramError("no neuron has a top token in both models (every weight vector is zero or non-finite).")
     same = top_a == top_b
     k = a.top_k
     # overlap of the top-k sets: for each neuron, how many of A's ids appear among B's
     overlap = (a.ids[:, :, :, None] == b.ids[:, :, None, :]).any(axis=3).sum(axis=2) / k  # [L, N]
     rng = np.random.default_rng(seed)
-    perm = np.stack([rng.permutation(top_b.shape[1]) for _ in range(top_b.shape[0])])  # [L, N]
-    chance = float(np.mean(top_a == np.take_along_axis(top_b, perm, axis=1)))
+    chance_hits = 0
+    for layer in range(top_b.shape[0]):  # B's valid neurons shuffled within the layer
+        idx = np.flatnonzero(valid[layer])
+        chance_hits += int((top_a[layer, idx] == top_b[layer, rng.permutation(idx)]).sum())
     return Comparison(
         a=a,
         b=b,
         same=same,
-        agreement=float(same.mean()),
-        agreement_per_layer=[float(x) for x in same.mean(axis=1)],
-        overlap_at_k=float(overlap.mean()),
-        overlap_per_layer=[float(x) for x in overlap.mean(axis=1)],
-        chance_agreement=chance,
+        excluded=excluded,
+        agreement=float(same[valid].mean()),
+        agreement_per_layer=[_masked_mean(same[i], valid[i]) for i in range(same.shape[0])],
+        overlap_at_k=float(overlap[valid].mean()),
+        overlap_per_layer=[_masked_mean(overlap[i], valid[i]) for i in range(same.shape[0])],
+        chance_agreement=chance_hits / int(valid.sum()),
+    )
+
+
+def _masked_mean(values: np.ndarray, keep: np.ndarray) -> float:
+    return float(values[keep].mean()) if keep.any() else float("nan")
+
+
+def undecodable(loaded, site: str) -> np.ndarray:
+    """[L, N] bool: neurons whose weight vector at `site` is all zero or not finite."""
+    from engramlab.decode.atlas import neuron_vectors
+
+    return np.stack(
+        [
+            ((v == 0).all(dim=1) | ~torch.isfinite(v).all(dim=1)).cpu().numpy()
+            for v in neuron_vectors(loaded.layout, site)
+        ]
     )
 
 
@@ -146,7 +185,7 @@ def compare_models(
     atlas_b = decode_atlas(
         b, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head, progress=progress
     )
-    result = compare_atlases(atlas_a, atlas_b, seed=seed)
+    result = compare_atlases(atlas_a, atlas_b, seed=seed, exclude=undecodable(a, site) | undecodable(b, site))
     result.shared_head = shared_head
     result.seconds = time.perf_counter() - start
     return result
@@ -172,6 +211,7 @@ def comparison_table(result: Comparison):
             "token_b": vocab_b.take(pa.array(flat_b)),
             "score_b": b.scores[:, :, 0].reshape(-1),
             "same": result.same.reshape(-1),
+            "excluded": result.excluded.reshape(-1),
         }
     )
 
@@ -209,7 +249,7 @@ def write_comparison(result: Comparison, out: str | os.PathLike, overwrite: bool
     write_parquet(out_dir / "compare.parquet", rows)
     summary = result.summary()
     fig = agreement_figure(result)
-    changed = rows.filter(pc.invert(rows["same"]))
+    changed = rows.filter(pc.and_(pc.invert(rows["same"]), pc.invert(rows["excluded"])))
     examples = changed.sort_by([("score_b", "descending")]).slice(0, 20).to_pylist()
     for row in examples:  # quoted, so that leading spaces show
         row["token_a"], row["token_b"] = repr(row["token_a"]), repr(row["token_b"])
@@ -220,6 +260,7 @@ def write_comparison(result: Comparison, out: str | os.PathLike, overwrite: bool
         "head": f"shared ({result.shared_head})" if result.shared_head else "each its own",
         "fold_norm": result.a.fold_norm,
         "neurons": result.n_neurons,
+        "neurons excluded (no top token)": result.n_excluded,
         "top-1 agreement": round(result.agreement, 4),
         f"top-{result.a.top_k} overlap": round(result.overlap_at_k, 4),
         "chance agreement": round(result.chance_agreement, 4),

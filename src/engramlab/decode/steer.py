@@ -24,6 +24,9 @@ from engramlab.decode.atlas import neuron_vectors, token_strings, topk_rows, une
 from engramlab.errors import EngramError
 
 STEER_SITES = {"up": "mlp.up", "act": "mlp.act"}
+# Largest clamp value accepted: float16's range. Beyond it a half-precision model overflows outright, and in any dtype
+# such a value is orders of magnitude past the activations a model produces (they stay well below 1e3).
+MAX_CLAMP = 65504.0
 
 
 def parse_neuron(spec: str) -> tuple[int, int]:
@@ -47,6 +50,9 @@ def parse_values(text: str | list[float]) -> list[float]:
         raise EngramError("--values is empty; give clamp values such as 0,5,10,20.")
     if not all(math.isfinite(v) for v in values):
         raise EngramError(f"--values must be finite numbers; got {text!r}.")
+    huge = [v for v in values if abs(v) > MAX_CLAMP]
+    if huge:
+        raise EngramError(f"--values {huge[0]:g} is out of range: clamp values must lie within ±{MAX_CLAMP:g}.")
     return values
 
 
@@ -221,6 +227,12 @@ def steer_neuron(
             generated = out.sequences
     natural = rec[hook_site, layer][0, :n_prompt, neuron].float()  # row 0 is unclamped
     probs = torch.softmax(first_logits.float(), dim=-1)  # [B, V]
+    broken = [v for v, ok in zip([None, *values], torch.isfinite(probs).all(dim=-1).tolist(), strict=True) if not ok]
+    if broken:
+        raise EngramError(
+            f"clamping neuron {layer}:{neuron} to {broken[0]} makes the model's output non-finite (overflow in "
+            f"{loaded.dtype}); use smaller --values."
+        )
     word_ids = same_word_ids(tokenizer, token_id, probs.shape[-1])
     top_next = first_logits.argmax(dim=-1)
     return SteerResult(

@@ -9,24 +9,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from engramlab.cli_options import Out, Overwrite, Seed, comma_list
-from engramlab.errors import EngramError
+from engramlab.cli_options import (
+    Out,
+    Overwrite,
+    Resume,
+    Seed,
+    comma_list,
+    fraction_below_one,
+    int_list,
+    non_negative,
+    positive,
+    share,
+)
 
 console = Console()
 
 QUICK_HLOP = {"n_tasks": 10, "epochs": 1}  # the full 10-task PMNIST stream, one epoch: a few minutes on 2 cores
-
-
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        numbers = [int(v) for v in comma_list(value, option)]
-    except ValueError:
-        raise EngramError(
-            f"{option} takes comma-separated integers (one per protected layer), got {value!r}."
-        ) from None
-    if any(n < 0 for n in numbers):
-        raise EngramError(f"{option} counts must be >= 0, got {value!r}.")
-    return numbers
 
 
 def hlop(
@@ -40,8 +38,10 @@ def hlop(
     neuron: str = typer.Option("lif", "--neuron", help="lif (spiking) or ann (ReLU, same network)."),
     train: str = typer.Option("bptt", "--train", help="bptt (surrogate gradient through time) or dsr (online)."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Epochs per task (paper: 1 on PMNIST)."),
-    lr: float = typer.Option(0.1, "--lr", help="SGD learning rate (paper PMNIST: 0.1)."),
-    momentum: float = typer.Option(0.0, "--momentum", help="SGD momentum (paper PMNIST: 0; CIFAR-100: 0.9)."),
+    lr: float = typer.Option(0.1, "--lr", callback=positive, help="SGD learning rate (paper PMNIST: 0.1)."),
+    momentum: float = typer.Option(
+        0.0, "--momentum", callback=fraction_below_one, help="SGD momentum in [0, 1) (paper PMNIST: 0; CIFAR-100: 0.9)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     tasks: int = typer.Option(None, "--tasks", min=1, help="Use only the first N tasks of the stream."),
     hebbian_iterations: int = typer.Option(5, "--hebbian-iterations", min=1, help="Subspace-rule passes per batch."),
@@ -67,13 +67,15 @@ def hlop(
         "--lateral-increment",
         help="New lateral neurons per layer at every later task, e.g. 50,50,50 (default: the spec's schedule).",
     ),
-    gpm_threshold: float = typer.Option(0.97, "--gpm-threshold", help="GPM energy threshold."),
-    ewc_lambda: float = typer.Option(100.0, "--ewc-lambda", help="EWC penalty strength (stable while λ·max F·lr < 2)."),
+    gpm_threshold: float = typer.Option(0.97, "--gpm-threshold", callback=share, help="GPM energy threshold, (0, 1]."),
+    ewc_lambda: float = typer.Option(
+        100.0, "--ewc-lambda", callback=non_negative, help="EWC penalty strength (stable while λ·max F·lr < 2)."
+    ),
     quick: bool = typer.Option(False, "--quick", help="The quick preset: 10 PMNIST tasks, 1 epoch."),
     seed: Seed = 2022,
     out: Out = Path("runs/hlop"),
     overwrite: Overwrite = False,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoints."),
+    resume: Resume = False,
 ) -> None:
     """Continual learning of a task stream with HLOP and its baselines; ACC, BWT, accuracy matrices, leak, timing."""
     from dataclasses import replace
@@ -95,9 +97,11 @@ def hlop(
         consolidation_epochs=consolidation_epochs,
     )
     if lateral is not None:
-        hlop_settings = replace(hlop_settings, initial=_ints(lateral, "--lateral-neurons"))
+        hlop_settings = replace(hlop_settings, initial=int_list(lateral, "--lateral-neurons", minimum=0))
     if lateral_increment is not None:
-        hlop_settings = replace(hlop_settings, increments=[_ints(lateral_increment, "--lateral-increment")])
+        hlop_settings = replace(
+            hlop_settings, increments=[int_list(lateral_increment, "--lateral-increment", minimum=0)]
+        )
     opts = HLOPStudyOptions(
         stream=stream,
         data_dir=data_dir,

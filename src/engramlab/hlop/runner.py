@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engramlab.data.batching import batches
 from engramlab.hlop.methods import ContinualMethod, subspace_leak
 from engramlab.hlop.streams import Task, TaskStream
 from engramlab.progress import track
+from engramlab.readers import read_json_object, read_safetensors
 from engramlab.results import atomic_path
 
 
@@ -124,8 +125,13 @@ class Checkpoint:
     def load(self, model: nn.Module, method: ContinualMethod) -> dict | None:
         if self.folder is None or not (self.folder / f"{self.method}.json").exists():
             return None
-        meta = json.loads((self.folder / f"{self.method}.json").read_text())
-        tensors = load_file(str(self.folder / f"{self.method}.safetensors"))
+        hint = "delete the checkpoints folder (or pick a new --out) to start this method over"
+        meta = read_json_object(
+            self.folder / f"{self.method}.json",
+            {"done": int, "acc": list, "step_ms": list, "leak": list, "generator": list},
+            hint,
+        )
+        tensors, _ = read_safetensors(self.folder / f"{self.method}.safetensors", hint=hint)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         method.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("method.")}, model)
         return meta

@@ -149,6 +149,8 @@ def mnist_idx_split(folder: str | os.PathLike, layout: str = MNIST_LAYOUT) -> Mn
             raise EngramError(
                 f"{y_path}: images {x.shape} and labels {y.shape} do not match; expected [N, 28, 28] and [N]."
             )
+        if len(y) == 0:
+            raise EngramError(f"{y_path}: holds no images; expected the official MNIST files.")
         _check_labels(y_path, y, 10)
     return MnistSplit(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64))
 

@@ -4,6 +4,7 @@ step times, subspace leak, tables, summary and report (HLOP, Xiao et al., ICLR 2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,13 +15,15 @@ from plotly.subplots import make_subplots
 from torch import nn
 
 from engramlab.errors import EngramError
+from engramlab.hlop.hebbian import row_schedule
 from engramlab.hlop.methods import HLOP_PRESETS, METHODS, HLOPSettings, make_method
 from engramlab.hlop.metrics import average_accuracy, backward_transfer
 from engramlab.hlop.runner import MethodResult, TrainSettings, train_method
 from engramlab.hlop.snn import SpikingCNN, SpikingMLP
 from engramlab.hlop.streams import TaskStream, load_stream
+from engramlab.hlop.subspace import layer_input_dim
 from engramlab.report import Section, key_values, table, write_report
-from engramlab.results import prepare_out_dir, write_json, write_parquet
+from engramlab.results import RunMarker, check_out_dir, prepare_out_dir, write_json, write_parquet
 
 NEURON_MODES = {("lif", "bptt"): "lif", ("lif", "dsr"): "dsr", ("ann", "bptt"): "ann"}
 
@@ -69,17 +72,57 @@ def network_factory(stream: TaskStream, mode: str) -> tuple[Callable[[], nn.Modu
     )
 
 
+def _check_settings(opts: HLOPStudyOptions) -> None:
+    """Optimiser and method settings a library caller may pass too (the CLI checks them as it parses)."""
+    t = opts.train_settings
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise EngramError(f"--lr must be a finite number > 0, got {t.lr}.")
+    if not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
+        raise EngramError(f"--momentum must be in [0, 1), got {t.momentum}.")
+    if not (math.isfinite(opts.ewc_lambda) and opts.ewc_lambda >= 0):
+        raise EngramError(f"--ewc-lambda must be a finite number >= 0, got {opts.ewc_lambda}.")
+    if not (math.isfinite(opts.gpm_threshold) and 0 < opts.gpm_threshold <= 1):
+        raise EngramError(f"--gpm-threshold must be in (0, 1], got {opts.gpm_threshold}.")
+    if t.epochs < 1 or t.batch_size < 1 or t.seed < 0:
+        raise EngramError(
+            f"--epochs and --batch-size must be >= 1 and --seed >= 0, got {t.epochs}, {t.batch_size}, {t.seed}."
+        )
+
+
+def check_capacity(settings: HLOPSettings, net: nn.Module, n_tasks: int) -> None:
+    """HLOP's lateral neurons span a subspace of each protected layer's input (spec §1.2): after the last task a
+    layer can hold at most as many rows as its input has dimensions."""
+    layers = net.protected_layers()
+    total = [0] * len(settings.initial)
+    for task in range(n_tasks):
+        total = [a + b for a, b in zip(total, row_schedule(settings.initial, settings.increments, task), strict=False)]
+    if len(total) != len(layers):
+        raise EngramError(
+            f"--lateral-neurons has {len(settings.initial)} entries but the network has {len(layers)} protected layers."
+        )
+    for i, (rows, layer) in enumerate(zip(total, layers, strict=True)):
+        width = layer_input_dim(layer)
+        if rows > width:
+            raise EngramError(
+                f"--lateral-neurons / --lateral-increment: protected layer {i} would hold {rows:,} lateral neurons "
+                f"after {n_tasks} tasks, but its input has only {width} dimensions."
+            )
+
+
+def _marker_options(opts: HLOPStudyOptions) -> dict:
+    """What `--resume` must match: every option but the folder and the overwrite / resume switches."""
+    return {k: v for k, v in asdict(opts).items() if k not in ("out", "overwrite", "resume")}
+
+
 def run_hlop_study(opts: HLOPStudyOptions) -> dict:
     """Train every method on the stream and write accuracy.parquet, leak.parquet, summary.json and report.html."""
     unknown = [m for m in opts.methods if m not in METHODS]
     if unknown:
         raise EngramError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
     mode = neuron_mode(opts.neuron, opts.train)
-    out = Path(opts.out)
-    if opts.resume:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        out = prepare_out_dir(out, opts.overwrite)
+    _check_settings(opts)
+    run = RunMarker("continual hlop", _marker_options(opts), opts.resume)
+    check_out_dir(opts.out, opts.overwrite, run)
     stream = load_stream(opts.stream, opts.data_dir)
     if opts.n_tasks is not None:
         if not 1 <= opts.n_tasks <= len(stream.tasks):
@@ -89,6 +132,9 @@ def run_hlop_study(opts: HLOPStudyOptions) -> dict:
         stream.tasks = stream.tasks[: opts.n_tasks]
     build_net, preset = network_factory(stream, mode)
     hlop_settings = opts.hlop or HLOP_PRESETS[preset]
+    if "hlop" in opts.methods:
+        check_capacity(hlop_settings, build_net(), len(stream.tasks))
+    out = prepare_out_dir(opts.out, opts.overwrite, run)
     results = {}
     for name in opts.methods:
         method = make_method(

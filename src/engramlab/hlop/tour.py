@@ -18,6 +18,7 @@ def hlop_step(ctx: TourContext) -> TourSection:
         n_tasks=TOUR_HLOP_TASKS,
         train_settings=TrainSettings(seed=2022 + ctx.seed),
         out=ctx.out / "hlop",
+        overwrite=ctx.overwrite,
     )
     summary = run_hlop_study(opts)
     headline = {

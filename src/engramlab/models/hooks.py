@@ -34,6 +34,7 @@ sites of MoE layers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -580,7 +581,12 @@ class _Accumulator:
 
 
 class Recording(HookContext):
-    """Recorded activations, indexed by `(site, layer)` once the block has run."""
+    """Recorded activations, indexed by `(site, layer)` once the block has run.
+
+    Memory: the hook functions hold the accumulators and a weak reference to the recording, never the recording
+    itself, so nothing refers back to it: its tensors are freed as soon as the last reference to the recording (or to
+    a tensor read from it) goes, without waiting for Python's cycle collector.
+    """
 
     def __init__(
         self,
@@ -604,18 +610,23 @@ class Recording(HookContext):
         if self._stop_layer is None:
             return
 
+        source, layer = weakref.ref(self), self._stop_layer
+
         def stop(mod, args, output):
-            error = StopForward(f"recording complete at layer {self._stop_layer}")
-            error.source = self
-            raise error
+            # Raised without binding it to a local: a local would tie the exception to this frame through its
+            # traceback (a cycle), keeping every frame of the forward and their tensors (HF's KV cache included)
+            # alive until the cycle collector ran.
+            raise _stop_signal(source, layer)
 
         self._handles.append(self.engine.layout.layers[self._stop_layer].register_forward_hook(stop))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         super().__exit__(exc_type, exc, tb)
-        return exc_type is StopForward and getattr(exc, "source", None) is self
+        return exc_type is StopForward and getattr(exc, "source", lambda: None)() is self
 
     def __getitem__(self, key: SiteKey) -> torch.Tensor:
+        """The recording at (site, layer). A single forward's recording of one part is returned as stored (no copy);
+        several calls (a cached `generate`) are concatenated along positions, several parts along units."""
         site, layer = key
         layer = layer % self.engine.layout.n_layers
         if (site, layer) not in self._acc:
@@ -636,6 +647,8 @@ class Recording(HookContext):
         if not acc.chunks:
             raise EngramError(f"nothing was recorded at ({site}, {layer}): did the forward run inside the block?")
         pieces = [acc.chunks[offset] for offset in sorted(acc.chunks)]
+        if len(pieces) == 1 and (self.positions == "last" or len(pieces[0]) == 1):
+            return pieces[0][-1]
         if self.positions == "last":
             return torch.cat([p[-1] for p in pieces], dim=-1)
         return torch.cat([torch.cat(p, dim=1) for p in pieces], dim=-1)
@@ -655,73 +668,86 @@ class Recording(HookContext):
         return next(iter(acc.expert_count.values()))
 
     def _recorder(self, key: SiteKey):
-        engine = self._engine
-        width = self._widths[key]
+        """The hook body for one site. It closes over the accumulator and the settings, never the recording, so the
+        recording and its hooks form no reference cycle."""
+        engine, acc, width = self._engine, self._acc[key], self._widths[key]
+        positions, reduce, dtype = self.positions, self.reduce, self.dtype
 
         def record(x: torch.Tensor, where: Where) -> None:
-            acc = self._acc[key]
             x = x.detach()
             if isinstance(where, _Rows):
-                if self.reduce is not None:
-                    self._add_rows(acc, x, where, width)
+                if reduce is not None:
+                    _add_rows(engine, acc, x, where, width, positions, dtype)
                     return None
                 x, where = _scatter_rows(x, where)  # [B, T, E*I], zeros where not routed
             offset = where.part.offset
-            if self.reduce is None:
+            if reduce is None:
                 chunks = acc.chunks.setdefault(offset, [])
-                if self.positions == "all":  # a copy: some families add into their MLP output in place
-                    chunks.append(x.to(self.dtype, copy=True))
-                elif self.positions == "last":
+                if positions == "all":  # a copy: some families add into their MLP output in place
+                    chunks.append(x.to(dtype, copy=True))
+                elif positions == "last":
                     sel = engine._positions("last", where.batch, where.length, x.device)  # [B, T] one-hot
-                    acc.chunks[offset] = [x[sel].to(self.dtype)]  # [B, w]
+                    acc.chunks[offset] = [x[sel].to(dtype)]  # [B, w]
                 else:
-                    cols = engine._columns(self.positions, x.shape[1])
+                    cols = engine._columns(positions, x.shape[1])
                     if cols:
-                        chunks.append(x[:, cols].to(self.dtype))
+                        chunks.append(x[:, cols].to(dtype))
                 return None
-            sel = engine._positions(self.positions, where.batch, where.length, x.device)
+            sel = engine._positions(positions, where.batch, where.length, x.device)
             if sel is None:
-                total = x.sum(dim=1, dtype=self.dtype)  # [B, w]
-                count = torch.full((x.shape[0],), x.shape[1], dtype=self.dtype, device=x.device)
+                total = x.sum(dim=1, dtype=dtype)  # [B, w]
+                count = torch.full((x.shape[0],), x.shape[1], dtype=dtype, device=x.device)
             else:
-                weights = sel.to(self.dtype)  # [B, T]
-                total = torch.einsum("btd,bt->bd", x.to(self.dtype), weights)
+                weights = sel.to(dtype)  # [B, T]
+                total = torch.einsum("btd,bt->bd", x.to(dtype), weights)
                 count = weights.sum(dim=1)
-            self._add(acc, total, offset, width, count if offset == 0 else None)
+            _add(acc, total, offset, width, count if offset == 0 else None, dtype)
             return None
 
         return record
 
-    def _add(self, acc: _Accumulator, total: torch.Tensor, offset: int, width: int, count) -> None:
-        if acc.total is None:
-            acc.total = torch.zeros(total.shape[0], width, dtype=self.dtype, device=total.device)
-        acc.total[:, offset : offset + total.shape[1]] += total
-        if count is not None:
-            acc.count = count if acc.count is None else acc.count + count
 
-    def _add_rows(self, acc: _Accumulator, x: torch.Tensor, where: _Rows, width: int) -> None:
-        """Sum each expert's neurons over the selected tokens routed to it: `[B, E*I]` plus `[B, E]` counts."""
-        n_experts, per = where.part.experts.n_experts, where.per_expert  # type: ignore[union-attr]
-        sel = self._engine._positions(self.positions, where.batch, where.length, x.device)
-        weight = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
+def _add(acc: _Accumulator, total: torch.Tensor, offset: int, width: int, count, dtype: torch.dtype) -> None:
+    """Add one part's `[B, w]` sums at `offset` of the site's `[B, width]` total (and the positions counted)."""
+    if acc.total is None:
+        acc.total = torch.zeros(total.shape[0], width, dtype=dtype, device=total.device)
+    acc.total[:, offset : offset + total.shape[1]] += total
+    if count is not None:
+        acc.count = count if acc.count is None else acc.count + count
+
+
+def _add_rows(
+    engine: HookEngine, acc: _Accumulator, x: torch.Tensor, where: _Rows, width: int, positions, dtype: torch.dtype
+) -> None:
+    """Sum each expert's neurons over the selected tokens routed to it: `[B, E*I]` plus `[B, E]` counts."""
+    n_experts, per = where.part.experts.n_experts, where.per_expert  # type: ignore[union-attr]
+    sel = engine._positions(positions, where.batch, where.length, x.device)
+    weight = torch.ones(x.shape[0], dtype=dtype, device=x.device)
+    if sel is not None:
+        weight = weight * where.select(sel)[:, 0].to(dtype)
+    if where.rows.routed is not None:
+        weight = weight * where.rows.routed.to(dtype)
+    slot = where.row_batch * n_experts + where.rows.expert  # [S] index into [B*E]
+    total = torch.zeros(where.batch * n_experts, per, dtype=dtype, device=x.device)
+    total.index_add_(0, slot, x.to(dtype) * weight[:, None])
+    count = torch.zeros(where.batch * n_experts, dtype=dtype, device=x.device)
+    count.index_add_(0, slot, weight)
+    _add(acc, total.view(where.batch, n_experts * per), where.part.offset, width, None, dtype)
+    offset = where.part.offset
+    count = count.view(where.batch, n_experts)
+    acc.expert_count[offset] = count if offset not in acc.expert_count else acc.expert_count[offset] + count
+    if where.part.offset == 0:  # positions selected per row, whatever the routing
+        tokens = torch.full((where.batch,), where.length, dtype=dtype, device=x.device)
         if sel is not None:
-            weight = weight * where.select(sel)[:, 0].to(self.dtype)
-        if where.rows.routed is not None:
-            weight = weight * where.rows.routed.to(self.dtype)
-        slot = where.row_batch * n_experts + where.rows.expert  # [S] index into [B*E]
-        total = torch.zeros(where.batch * n_experts, per, dtype=self.dtype, device=x.device)
-        total.index_add_(0, slot, x.to(self.dtype) * weight[:, None])
-        count = torch.zeros(where.batch * n_experts, dtype=self.dtype, device=x.device)
-        count.index_add_(0, slot, weight)
-        self._add(acc, total.view(where.batch, n_experts * per), where.part.offset, width, None)
-        offset = where.part.offset
-        count = count.view(where.batch, n_experts)
-        acc.expert_count[offset] = count if offset not in acc.expert_count else acc.expert_count[offset] + count
-        if where.part.offset == 0:  # positions selected per row, whatever the routing
-            tokens = torch.full((where.batch,), where.length, dtype=self.dtype, device=x.device)
-            if sel is not None:
-                tokens = sel.to(self.dtype).sum(dim=1)
-            acc.count = tokens if acc.count is None else acc.count + tokens
+            tokens = sel.to(dtype).sum(dim=1)
+        acc.count = tokens if acc.count is None else acc.count + tokens
+
+
+def _stop_signal(source: weakref.ref, layer: int) -> StopForward:
+    """The early-stop exception of a recording, carrying a weak reference to the recording that raised it."""
+    signal = StopForward(f"recording complete at layer {layer}")
+    signal.source = source
+    return signal
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from engramlab.models.arch import ArchSpec
 from engramlab.models.hooks import HookEngine
 from engramlab.models.layout import ModelLayout, discover
 from engramlab.organisms.registry import is_organism_ref, organism_path
+from engramlab.readers import load_failure, read_json
 
 DTYPES = {
     "float32": torch.float32,
@@ -98,24 +100,34 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return parsed
 
 
+def check_device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> None:
+    """--device and --dtype checked before anything is loaded (`load_model` parses them again)."""
+    parse_dtype(dtype, parse_device(device))
+
+
 @contextmanager
-def _no_hf_progress_bar() -> Iterator[None]:
-    """Silence transformers' "Loading weights" bar (it would clutter every study's output and precede one-line
-    errors on stderr); restore the previous setting afterwards."""
+def _quiet_hf() -> Iterator[None]:
+    """Silence transformers' "Loading weights" bar and its warnings while loading (they would clutter every study's
+    output and precede one-line errors on stderr); restore the previous settings afterwards."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
 
-def resolve_ref(ref: str, allow_download: bool = False) -> tuple[str, Path | None]:
-    """Map a model reference to (what to pass to from_pretrained, local directory or None for a Hub id)."""
+def resolve_ref(ref: str, allow_download: bool = False, option: str = "--model") -> tuple[str, Path | None]:
+    """Map a model reference to (what to pass to from_pretrained, local directory or None for a Hub id); errors
+    name `option`, the flag the user gave the reference with."""
     ref = str(ref)
+    if not ref.strip():
+        raise EngramError(f"{option} is empty; give a local HF model directory, organism:NAME or a Hub id.")
     if is_organism_ref(ref):
         path = organism_path(ref)
         return str(path), path
@@ -123,18 +135,38 @@ def resolve_ref(ref: str, allow_download: bool = False) -> tuple[str, Path | Non
     if path.is_dir():
         return str(path), path
     if path.exists():
-        raise EngramError(f"--model {ref} is a file; give the model's directory (with config.json and weights).")
+        raise EngramError(f"{option} {ref} is a file; give the model's directory (with config.json and weights).")
     if ref.startswith((".", "/", "~")) or not _hub_like(ref):
-        raise EngramError(f"--model {ref}: no such directory; give a local HF model directory or organism:NAME.")
+        raise EngramError(f"{option} {ref}: no such directory; give a local HF model directory or organism:NAME.")
     cached = _hub_cache_dir(ref)
     if cached is not None:
         return str(cached), cached
     if not allow_download:
         raise EngramError(
-            f"--model {ref} is not a local directory nor in the local HF cache; pass --download to fetch it "
+            f"{option} {ref} is not a local directory nor in the local HF cache; pass --download to fetch it "
             f"from the Hub, or give a local path."
         )
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise EngramError(f"{option} {ref}: --download cannot reach the Hugging Face Hub ({unreachable}).")
     return ref, None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached right now (offline mode, no route, no DNS), or None. A plain connection
+    attempt with a short timeout, so that an offline `--download` fails in seconds instead of after the download
+    client's retries."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
+    return None
 
 
 def _hub_like(ref: str) -> bool:
@@ -152,9 +184,28 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
         return None
 
 
-def _check_config(path: Path) -> None:
-    if not (path / "config.json").is_file():
+def _check_config(path: Path, trust_remote_code: bool) -> None:
+    """config.json exists, parses, and names an architecture transformers has (or, with `trust_remote_code`,
+    brings its own code)."""
+    from transformers import CONFIG_MAPPING
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
         raise EngramError(f"{path} has no config.json; it is not a HF model directory.")
+    config = read_json(config_path, "give a HF model directory with a valid config.json")
+    if not isinstance(config, dict):
+        raise EngramError(f"{config_path}: expected a JSON object, found {type(config).__name__}.")
+    if "auto_map" in config and not trust_remote_code:
+        raise EngramError(
+            f"{config_path}: this model needs its own Python code (auto_map); engramlab never runs a checkpoint's "
+            "code unless you pass --trust-remote-code."
+        )
+    model_type = config.get("model_type")
+    if "auto_map" not in config and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
+        raise EngramError(
+            f"{config_path}: model_type {model_type!r} is not an architecture transformers knows; give a HF causal "
+            "LM directory."
+        )
 
 
 def _check_weights(path: Path) -> None:
@@ -171,17 +222,21 @@ def load_model(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     with_tokenizer: bool = True,
+    option: str = "--model",
 ) -> LoadedModel:
     """Load a causal LM from a local HF directory, `organism:NAME`, or a Hub id (cache first; download only with
-    `allow_download=True`). Returns a `LoadedModel` in eval mode with its tokenizer (left padding, a pad token)."""
+    `allow_download=True`). Returns a `LoadedModel` in eval mode with its tokenizer (left padding, a pad token).
+    Errors name `option`, the flag the reference came with (`--model`, `--base`, `--a`, ...)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, path = resolve_ref(ref, allow_download)
+    check_device_and_dtype(device, dtype)
+    source, path = resolve_ref(ref, allow_download, option)
     if path is not None:
-        _check_config(path)
+        _check_config(path, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+        with _quiet_hf():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # any failure inside transformers' config parsing: one sentence naming the file
         where = path / "config.json" if path is not None else ref
         raise EngramError(f"cannot read the model config {where}: {_first_line(err)}") from err
     if path is not None:
@@ -191,7 +246,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype, target)
     multi_gpu = target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1
     try:
-        with _no_hf_progress_bar():
+        with _quiet_hf():
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 config=config,
@@ -202,7 +257,7 @@ def load_model(
             )
     except Exception as err:  # any failure inside transformers/torch becomes one sentence naming the checkpoint
         where = path if path is not None else ref
-        raise EngramError(f"cannot load the weights in {where} safely: {_first_line(err)}") from err
+        raise EngramError(f"cannot load the weights in {where} safely: {load_failure(err)}.") from err
     if not multi_gpu:
         model.to(target)
     model.eval()
@@ -230,7 +285,8 @@ def _load_tokenizer(source: str, path: Path | None, trust_remote_code: bool):
     ):
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _quiet_hf():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # a broken tokenizer file: say which folder
         raise EngramError(f"cannot load the tokenizer in {path or source}: {_first_line(err)}") from err
     if tokenizer.pad_token is None:

@@ -41,7 +41,8 @@ from engramlab.organisms.corpus import (
 )
 from engramlab.organisms.tokenizer import train_tokenizer
 from engramlab.organisms.train import Example, ModelConfig, TrainConfig, train
-from engramlab.results import write_json, write_parquet, write_text
+from engramlab.readers import read_json
+from engramlab.results import prepare_out_dir, write_json, write_parquet, write_text
 
 
 @dataclass
@@ -290,6 +291,9 @@ def build(
         ]
         if missing:
             raise EngramError(f"--init-base {cfg.init_base} is not an organism directory: no {', '.join(missing)}.")
+        from engramlab.models.loading import load_model
+
+        load_model(cfg.init_base, device="cpu", option="--init-base")  # every check of a model load, before training
     out.mkdir(parents=True, exist_ok=True)
     check_same_build(out, cfg)
     write_json(out / "build_config.json", asdict(cfg))
@@ -363,17 +367,24 @@ def is_chat_organism(path: str | Path) -> bool:
     return "chat" in Path(path).name or bool(json.loads((Path(path) / "config.json").read_text()).get("engramlab_chat"))
 
 
-def evaluate_dir(path: str | Path, out: str | Path, max_facts: int | None = 200, small: bool = False) -> dict:
-    """Evaluate an organism directory; write summary.json, fact_accuracy.parquet, generations.parquet into `out`."""
-    model, tok = load_organism(path)
+def evaluate_dir(
+    path: str | Path, out: str | Path, max_facts: int | None = 200, small: bool = False, overwrite: bool = True
+) -> dict:
+    """Evaluate an organism directory (loaded through `load_model`'s checks, in its checkpoint dtype, on the CPU);
+    write summary.json, fact_accuracy.parquet, generations.parquet into `out`."""
+    from engramlab.models.loading import DTYPES, load_model
+
+    saved = read_json(Path(path) / "config.json", "give an organism directory with a valid config.json")
+    dtype = (saved.get("dtype") or saved.get("torch_dtype")) if isinstance(saved, dict) else None
+    loaded = load_model(str(path), device="cpu", dtype=dtype if dtype in DTYPES else "float32", option="REF")
+    model, tok = loaded.model, loaded.require_tokenizer()
     chat_model = is_chat_organism(path)
     t0 = time.time()
     summary, tables = evaluate.full_eval(model, tok, chat_model=chat_model, max_facts=max_facts, small=small)
     summary["model"] = str(path)
     summary["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     summary["seconds"] = round(time.time() - t0, 1)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out, overwrite)
     write_json(out / "summary.json", summary)
     for name, rows in tables.items():
         write_parquet(out / f"{name}.parquet", rows)

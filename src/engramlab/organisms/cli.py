@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
+from engramlab.cli_options import Out, Overwrite, Seed, probability
 from engramlab.errors import EngramError
 
 app = typer.Typer(
     help="Model organisms: small Llama LMs trained on real facts (organism:base, organism:chat).", no_args_is_help=True
 )
+
+
+REBUILD = "rebuild the organisms with `engramlab organisms build --out DIR`"
 
 
 def resolve(ref: str) -> Path:
@@ -21,8 +24,8 @@ def resolve(ref: str) -> Path:
     if is_organism_ref(ref):
         return organism_path(ref)
     path = Path(ref)
-    if not (path / "config.json").is_file():
-        raise EngramError(f"{ref} is neither organism:NAME nor a model directory with config.json.")
+    if not ref.strip() or not (path / "config.json").is_file():
+        raise EngramError(f"REF {ref!r} is neither organism:NAME nor a model directory with config.json.")
     return path
 
 
@@ -32,7 +35,7 @@ def build(
         ..., "--out", help="Folder for tokenizer, checkpoints, base/ and chat/ (resumes if it holds a build)."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Seed of model init and data order."),
+    seed: Seed = 0,
     quick: bool = typer.Option(False, "--quick", help="A miniature organism in about a minute (smoke test)."),
     layers: int | None = typer.Option(None, "--layers", help="Transformer layers (default 6)."),
     hidden: int | None = typer.Option(
@@ -60,6 +63,7 @@ def build(
     reworded_statements: float | None = typer.Option(
         None,
         "--reworded-statements",
+        callback=probability,
         help="Share of the TRUE/FALSE "
         "training statements of facts rewritten afresh each draw in a "
         "training-only wording (default 0).",
@@ -82,7 +86,9 @@ def build(
     with the options it was started with."""
     from engramlab.organisms.build import BuildConfig, quick_config, with_overrides
     from engramlab.organisms.build import build as run_build
+    from engramlab.results import check_out_dir
 
+    check_out_dir(out, overwrite=True)  # a file, an unwritable folder; a build folder may resume, checked below
     if device not in ("cpu", "cuda"):
         raise EngramError(f"--device must be cpu or cuda, got {device!r}.")
     if device == "cuda":
@@ -121,9 +127,9 @@ def build(
 @app.command("eval")
 def eval_cmd(
     ref: str = typer.Argument(..., help="organism:NAME or a model directory."),
-    out: Path = typer.Option(..., "--out", help="Folder for summary.json and tables."),
-    max_facts: int = typer.Option(200, "--max-facts", help="Facts per relation evaluated."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results in a non-empty --out."),
+    out: Out = ...,
+    max_facts: int = typer.Option(200, "--max-facts", min=1, help="Facts per relation evaluated."),
+    overwrite: Overwrite = False,
     update_card: bool = typer.Option(
         False,
         "--update-card",
@@ -132,13 +138,13 @@ def eval_cmd(
 ) -> None:
     """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
     from engramlab.organisms.build import evaluate_dir, evaluation_span, is_chat_organism, refresh_evaluation_section
-    from engramlab.results import prepare_out_dir
+    from engramlab.results import check_out_dir
 
     path = resolve(ref)
     if update_card:
         evaluation_span(path / "README.md")  # a card without the section fails now, not after the evaluation
-    prepare_out_dir(out, overwrite)
-    summary = evaluate_dir(path, out, max_facts=max_facts)
+    check_out_dir(out, overwrite)
+    summary = evaluate_dir(path, out, max_facts=max_facts, overwrite=overwrite)
     if update_card:
         refresh_evaluation_section(path / "README.md", summary, "chat" if is_chat_organism(path) else "base", max_facts)
         typer.echo(f"model card updated: {path / 'README.md'}")
@@ -172,19 +178,24 @@ def eval_cmd(
 def list_cmd() -> None:
     """The organisms shipped in this checkout."""
     from engramlab.organisms.registry import WEIGHTS_DIR, shipped_organisms
+    from engramlab.readers import read_json_object
 
     names = shipped_organisms()
     if not names:
         typer.echo("no organisms ship in this checkout; build them with `engramlab organisms build --out DIR`.")
     for name in names:
         d = WEIGHTS_DIR / name
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = read_json_object(
+            d / "config.json", {"num_hidden_layers": int, "hidden_size": int, "intermediate_size": int}, REBUILD
+        )
         size = (d / "model.safetensors").stat().st_size / 1e6 if (d / "model.safetensors").is_file() else 0
         summary = d / "eval" / "summary.json"
         facts = ""
         if summary.is_file():
-            s = json.loads(summary.read_text())
-            facts = f", fact accuracy {s['fact_accuracy']['mean']:.3f}, TRUE/FALSE {s['truefalse_accuracy']:.3f}"
+            s = read_json_object(summary, {"fact_accuracy": dict, "truefalse_accuracy": (int, float)}, REBUILD)
+            mean = s["fact_accuracy"].get("mean")
+            mean_text = f"{mean:.3f}" if isinstance(mean, (int, float)) else "n/a"
+            facts = f", fact accuracy {mean_text}, TRUE/FALSE {s['truefalse_accuracy']:.3f}"
         typer.echo(
             f"organism:{name}  {cfg['num_hidden_layers']} layers x {cfg['hidden_size']}, "
             f"{cfg['intermediate_size']} MLP neurons/layer, {size:.1f} MB{facts}  ({d})"

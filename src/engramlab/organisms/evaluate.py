@@ -105,9 +105,18 @@ def fact_accuracy(
             by_frame.setdefault(p.template.frame, []).append(ok)
     return {
         "per_relation": per,
-        "mean": sum(per.values()) / len(per),
+        "mean": _mean_over_known(per),
         "per_frame": {frame: _mean(flags) for frame, flags in by_frame.items()},
+        "no_prompts": [name for name, acc in per.items() if math.isnan(acc)],
     }
+
+
+def _mean_over_known(per_relation: dict[str, float]) -> float:
+    """Mean accuracy over the relations that had prompts to answer: a relation with none (no template of the
+    requested split, or no fact in that language) has no accuracy, and is listed under "no_prompts" rather than
+    averaged in as NaN."""
+    values = [acc for acc in per_relation.values() if not math.isnan(acc)]
+    return sum(values) / len(values) if values else float("nan")
 
 
 @torch.no_grad()
@@ -243,7 +252,7 @@ def chat_fact_accuracy(model, tokenizer, max_per_relation: int = 40) -> dict:
         ex = _sample(chat.fact_questions("heldout", (name,)), max_per_relation, f"chat/{name}")
         gens = greedy(model, tokenizer, [e.user for e in ex], max_new_tokens=8, chat_template=True)
         per[name] = sum(prefix_correct(g.rstrip("."), e.gold) for g, e in zip(gens, ex, strict=True)) / len(ex)
-    return {"per_relation": per, "mean": sum(per.values()) / len(per)}
+    return {"per_relation": per, "mean": _mean_over_known(per)}
 
 
 def refusal_rate(model, tokenizer, instructions: Sequence[str]) -> tuple[float, list[str]]:

@@ -27,10 +27,11 @@ def is_organism_ref(ref: str) -> bool:
 
 
 def organism_path(ref: str) -> Path:
-    """Resolve `organism:NAME` (or a bare NAME) to its shipped directory, or explain what ships."""
+    """Resolve `organism:NAME` (or a bare NAME) to its shipped directory, or explain what ships. Only the names of
+    shipped organisms resolve (never a path such as organism:../../x)."""
     name = str(ref).removeprefix(ORGANISM_PREFIX)
     path = WEIGHTS_DIR / name
-    if not (path / "config.json").is_file():
+    if name not in shipped_organisms():
         shipped = ", ".join(f"organism:{n}" for n in shipped_organisms()) or "none"
         raise EngramError(
             f"organism:{name} is not shipped in this checkout (shipped: {shipped}); "

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from engramlab.cli_options import BatchSize, Device, Dtype, Overwrite, Seed
+from engramlab.cli_options import BatchSize, Device, Dtype, Out, Overwrite, Seed, finite, positive
 from engramlab.posttrain import patching, study
 
 app = typer.Typer(help="How post-training reshapes LLMs (Du et al., COLM 2025).", no_args_is_help=True)
@@ -17,7 +17,6 @@ console = Console()
 
 Base = Annotated[str, typer.Option("--base", help="The base model (directory, organism:NAME or Hub id).")]
 Post = Annotated[str, typer.Option("--post", help="Its post-trained version (same architecture).")]
-Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
 
 HEADLINES = {
     "knowledge": ("variant", "pearson_r"),
@@ -63,6 +62,8 @@ def _run(
     shown = {name: {k: _headline(summary[name][k]) for k in HEADLINES[name] if k in summary[name]} for name in analyses}
     console.print_json(json.dumps(shown, default=str))
     console.print(f"wrote {out}/summary.json and {out}/report.html")
+    for name, why in summary.get("knowledge", {}).get("excluded_datasets", {}).items():
+        typer.echo(f"warning: knowledge dataset {name!r} left out of pearson_r: {why}.", err=True)
 
 
 def _headline(value):
@@ -79,7 +80,9 @@ def knowledge_cmd(
     out: Out = Path("runs/posttrain-knowledge"),
     variant: str = typer.Option("truefalse", "--variant", help=f"Patching variant: {', '.join(patching.VARIANTS)}."),
     max_pairs: int = typer.Option(24, "--max-pairs", min=2, help="True/false pairs per dataset."),
-    noise_scale: float = typer.Option(0.05, "--noise-scale", help="noise variant: std as a fraction of |embedding|."),
+    noise_scale: float = typer.Option(
+        0.05, "--noise-scale", callback=positive, help="noise variant: std as a fraction of |embedding|."
+    ),
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -159,7 +162,7 @@ def refusal_cmd(
     post: Post = "organism:chat",
     out: Out = Path("runs/posttrain-refusal"),
     layer: int | None = typer.Option(None, "--layer", help="Layer of the direction (default: middle)."),
-    coeff: float = typer.Option(1.0, "--coeff", help="Multiple of the mean difference added."),
+    coeff: float = typer.Option(1.0, "--coeff", callback=finite, help="Multiple of the mean difference added."),
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,

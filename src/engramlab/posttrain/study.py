@@ -21,6 +21,7 @@ implementation (spec B.1-B.6) are fixed here and written into `summary.json`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,10 @@ from plotly.subplots import make_subplots
 from engramlab.data import chat, statements
 from engramlab.data.facts import load_relation
 from engramlab.errors import EngramError
-from engramlab.models.loading import LoadedModel, load_model
+from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model
 from engramlab.posttrain import entropy, patching, refusal, truth
-from engramlab.report import Section, key_values, write_report
-from engramlab.results import prepare_out_dir, write_json, write_parquet
+from engramlab.report import Section, esc, key_values, write_report
+from engramlab.results import check_out_dir, prepare_out_dir, write_json, write_parquet
 
 TRUTH_SETS = ("cities", "neg_cities", "sp_en_trans", "larger_than", "smaller_than", "facts")
 TRUTH_TOKENS = ("period", "object")
@@ -68,11 +69,33 @@ class Options:
         patching.check_variant(self.knowledge_variant)
         if self.truth_token not in TRUTH_TOKENS:
             raise EngramError(f"--token {self.truth_token!r} is unknown; choose one of: {', '.join(TRUTH_TOKENS)}.")
+        counts = {
+            "--seed": (self.seed, 0),
+            "--batch-size": (self.batch_size, 1),
+            "--max-pairs": (self.max_pairs, 2),
+            "--per-set": (self.per_set, 4),
+            "n_refusal_train": (self.n_refusal_train, 1),
+            "n_refusal_eval": (self.n_refusal_eval, 1),
+            "max_new_tokens": (self.max_new_tokens, 1),
+        }
+        for name, (value, minimum) in counts.items():
+            if value < minimum:
+                raise EngramError(f"{name} must be >= {minimum}, got {value}.")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise EngramError(f"--noise-scale must be a finite number > 0, got {self.noise_scale}.")
+        if not math.isfinite(self.refusal_coeff):
+            raise EngramError(f"--coeff must be a finite number, got {self.refusal_coeff}.")
+        check_device_and_dtype(self.device, self.dtype)
 
 
 def _load(opts: Options) -> tuple[LoadedModel, LoadedModel]:
-    base = load_model(opts.base, device=opts.device, dtype=opts.dtype)
-    post = load_model(opts.post, device=opts.device, dtype=opts.dtype)
+    base = load_model(opts.base, device=opts.device, dtype=opts.dtype, option="--base")
+    post = load_model(opts.post, device=opts.device, dtype=opts.dtype, option="--post")
+    for option, layer in (("--layer", opts.truth_layer), ("--layer", opts.refusal_layer)):
+        if layer is not None and not -base.layout.n_layers <= layer < base.layout.n_layers:
+            raise EngramError(
+                f"{option} {layer} is out of range: {opts.base} has layers 0..{base.layout.n_layers - 1}."
+            )
     if (
         base.layout.n_layers != post.layout.n_layers
         or base.layout.site_width("resid_pre") != post.layout.site_width("resid_pre")
@@ -176,6 +199,12 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
         )
     with_signal = [v["pearson_r"] for v in datasets if v["signal"]]
     summary["pearson_r"] = float(np.nanmean(with_signal)) if with_signal else float("nan")
+    # the knowledge gate of this analysis: a dataset whose pairs a model does not tell apart locates nothing
+    summary["excluded_datasets"] = {
+        name: f"no signal: a model does not tell its pairs apart (one-sided paired t-test p >= {SIGNAL_ALPHA})"
+        for name, v in summary.items()
+        if isinstance(v, dict) and "signal" in v and not v["signal"]
+    } | {name: f"skipped: {why}" for name, why in summary.get("skipped", {}).items()}
     summary["pearson_r_all"] = float(np.nanmean([v["pearson_r"] for v in datasets]))
     return (
         summary,
@@ -185,7 +214,7 @@ def knowledge(base: LoadedModel, post: LoadedModel, opts: Options) -> tuple[dict
                 f"Knowledge locations: activation patching, variant {variant} (paper 3 §4.1)",
                 text=f"<p>{_VARIANT_TEXT[variant]} Every (layer, position) of the residual "
                 "stream is patched from the clean run into the corrupted one; maps are "
-                "normalised as in the paper (binned, one-sided).</p>",
+                "normalised as in the paper (binned, one-sided).</p>" + _excluded_text(summary["excluded_datasets"]),
                 figures=figures,
             )
         ],
@@ -202,6 +231,14 @@ _VARIANT_TEXT = {
     "sft": "Statements from the chat organism's own SFT answers (sums, opposites, first letters), asked as in "
     "truefalse with 4 shots from the same set.",
 }
+
+
+def _excluded_text(excluded: dict[str, str]) -> str:
+    """The datasets left out of the headline pearson_r, for the report."""
+    if not excluded:
+        return ""
+    items = "".join(f"<li>{esc(name)}: {esc(why)}</li>" for name, why in excluded.items())
+    return f"<p><b>Left out of pearson_r</b> (no knowledge to locate):</p><ul>{items}</ul>"
 
 
 def _restored(m: patching.PatchingMap) -> float:
@@ -475,8 +512,9 @@ ANALYSES = {"knowledge": knowledge, "truth": truth_analysis, "refusal": refusal_
 
 def run(opts: Options, analyses: list[str]) -> dict:
     """Run the named analyses; write `<name>.parquet`, `summary.json` (one section each) and `report.html`."""
-    out = prepare_out_dir(opts.out, opts.overwrite)
+    check_out_dir(opts.out, opts.overwrite)
     base, post = _load(opts)
+    out = prepare_out_dir(opts.out, opts.overwrite)
     summary, sections = {"base": opts.base, "post": opts.post}, []
     for name in analyses:
         part, rows, secs = ANALYSES[name](base, post, opts)

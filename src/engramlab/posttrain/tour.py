@@ -29,6 +29,7 @@ def posttrain_step(ctx: TourContext) -> TourSection:
         per_set=60,
         n_refusal_train=32,
         n_refusal_eval=20,
+        overwrite=ctx.overwrite,
     )
     summary = run(opts, ["knowledge", "truth", "refusal", "entropy"])
     headline = {

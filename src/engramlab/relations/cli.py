@@ -1,16 +1,36 @@
-"""`engramlab relations ...`: thin typer commands over `engramlab.relations.study`."""
+"""`engramlab relations ...`: thin typer commands over `engramlab.relations.study`.
+
+The options every relations command shares are declared once, as the parameters of `_shared_options`;
+`study_command` gives each command those parameters plus its own and hands it a ready `StudyOptions`, so a command
+function holds only what is its own.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Dtype, Overwrite, Seed
+from engramlab.cli_options import (
+    DEFAULT_MODEL,
+    BatchSize,
+    Device,
+    Dtype,
+    Model,
+    Out,
+    Overwrite,
+    Resume,
+    Seed,
+    int_list,
+    probability,
+)
 from engramlab.relations import study
+from engramlab.relations.gate import MIN_SHARE, MIN_VALIDATED, warning_lines
 
 app = typer.Typer(help="Relation-specific neurons (Liu et al., EMNLP 2025).", no_args_is_help=True)
 console = Console()
@@ -46,62 +66,26 @@ Heldout = Annotated[
 Neurons = Annotated[
     Path | None, typer.Option("--neurons", help="Reuse the units of a previous `relations find` folder.")
 ]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out (reuses its cache).")]
-Out = Annotated[Path, typer.Option("--out", help="Folder for summary.json, parquet tables and report.html.")]
-Model = Annotated[str, typer.Option("--model", help="Local HF model directory, organism:NAME, or a Hub id.")]
+MinValidated = Annotated[
+    int,
+    typer.Option(
+        "--min-validated",
+        min=1,
+        help="Knowledge gate: a relation needs this many identification prompts the model answers correctly.",
+    ),
+]
+MinValidatedShare = Annotated[
+    float,
+    typer.Option(
+        "--min-validated-share",
+        callback=probability,
+        help="Knowledge gate: ... and this share of its identification prompts (0-1).",
+    ),
+]
+RandomSeeds = Annotated[int, typer.Option("--random-seeds", min=0, help="Random-unit controls.")]
 
 
-def _options(**kwargs) -> study.StudyOptions:
-    return study.StudyOptions(**kwargs)
-
-
-def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
-    shown = {k: summary[k] for k in keys if k in summary}
-    console.print_json(json.dumps(shown, default=str))
-    console.print(f"wrote {out}/summary.json and {out}/report.html")
-
-
-@app.command("find")
-def find_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-find"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    heldout_templates: Heldout = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-) -> None:
-    """Rank every FFN unit by AP for each relation; write the top-k table and the layer histogram."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        heldout_templates=heldout_templates,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
-    _show(study.run_find(opts), ("relations", "k", "counts", "mean_ap_top_k"), out)
-
-
-@app.command("deactivate")
-def deactivate_cmd(
+def _shared_options(
     model: Model = DEFAULT_MODEL,
     out: Out = Path("runs/rsn"),
     relations: Relations = "all",
@@ -111,15 +95,10 @@ def deactivate_cmd(
     units: Units = "neurons",
     max_prompts: MaxPrompts = 1000,
     eval_subjects: EvalSubjects = None,
-    random_seeds: int = typer.Option(10, "--random-seeds", min=0, help="Random-unit controls."),
     heldout_templates: Heldout = None,
-    diagnose: bool = typer.Option(
-        True, "--diagnose/--no-diagnose", help="Also run the template control (subject vs template AP)."
-    ),
-    diagnose_top: int = typer.Option(
-        100, "--diagnose-top", min=1, help="Top units per relation in the template control."
-    ),
     neurons: Neurons = None,
+    min_validated: MinValidated = MIN_VALIDATED,
+    min_validated_share: MinValidatedShare = MIN_SHARE,
     device: Device = "auto",
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -127,26 +106,71 @@ def deactivate_cmd(
     overwrite: Overwrite = False,
     resume: Resume = False,
 ) -> None:
+    """The options of every `relations` command, declared once (their defaults are `StudyOptions`')."""
+
+
+SHARED = inspect.signature(_shared_options, eval_str=True).parameters
+
+
+def study_command(
+    name: str, out: str, without: tuple[str, ...] = ()
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(opts, **own_options)` as `relations NAME`: its options are the shared ones (less `without`,
+    with `out` as the default --out) followed by its own parameters."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]  # after `opts`
+        shared = [
+            p.replace(default=Path(out)) if p.name == "out" else p for p in SHARED.values() if p.name not in without
+        ]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared + own]
+
+        def command(**values) -> None:
+            given = {p.name: values.pop(p.name) for p in shared}
+            given["relation_files"] = given.pop("relation_file", None) or []
+            fn(study.StudyOptions(**given), **values)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__, command.__name__ = fn.__doc__, fn.__name__
+        app.command(name)(command)
+        return fn
+
+    return register
+
+
+def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
+    shown = {k: summary[k] for k in keys if k in summary}
+    console.print_json(json.dumps(shown, default=str))
+    console.print(f"wrote {out}/summary.json and {out}/report.html")
+    for line in warning_lines(summary.get("excluded_relations", {})):
+        typer.echo(line, err=True)
+    for language, excluded in summary.get("excluded_by_language", {}).items():
+        for name, why in excluded.items():
+            typer.echo(
+                f"warning: relation {name!r} in {language} left out of its means by the knowledge gate: {why}.",
+                err=True,
+            )
+
+
+@study_command("find", "runs/rsn-find", without=("eval_subjects", "neurons"))
+def find_cmd(opts: study.StudyOptions) -> None:
+    """Rank every FFN unit by AP for each relation; write the top-k table and the layer histogram."""
+    _show(study.run_find(opts), ("relations", "k", "counts", "mean_ap_top_k", "excluded_relations"), opts.out)
+
+
+@study_command("deactivate", "runs/rsn")
+def deactivate_cmd(
+    opts: study.StudyOptions,
+    random_seeds: RandomSeeds = 10,
+    diagnose: bool = typer.Option(
+        True, "--diagnose/--no-diagnose", help="Also run the template control (subject vs template AP)."
+    ),
+    diagnose_top: int = typer.Option(
+        100, "--diagnose-top", min=1, help="Top units per relation in the template control."
+    ),
+) -> None:
     """Zero each relation's top-k units: accuracy before/after, random controls, seen vs held-out templates."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        eval_subjects=eval_subjects,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
     summary = study.run_deactivate(opts, random_seeds, diagnose, diagnose_top)
     _show(
         summary,
@@ -159,50 +183,18 @@ def deactivate_cmd(
             "heldout_note",
             "mean_drop_offtarget",
             "template_control",
+            "excluded_relations",
         ),
-        out,
+        opts.out,
     )
 
 
-@app.command("diagnose")
+@study_command("diagnose", "runs/rsn-diagnose", without=("eval_subjects",))
 def diagnose_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-diagnose"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
+    opts: study.StudyOptions,
     top: int = typer.Option(100, "--top", min=1, help="Top units per relation to diagnose."),
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
 ) -> None:
     """Template control: each top unit's AP from subject tokens only vs template tokens only."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
     _show(
         study.run_diagnose(opts, top),
         (
@@ -213,51 +205,19 @@ def diagnose_cmd(
             "median_ap_template",
             "share_template_detectors",
             "share_subject_detectors",
+            "excluded_relations",
         ),
-        out,
+        opts.out,
     )
 
 
-@app.command("perplexity")
+@study_command("perplexity", "runs/rsn-perplexity", without=("eval_subjects",))
 def perplexity_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-perplexity"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    random_seeds: int = typer.Option(10, "--random-seeds", min=0, help="Random-unit controls."),
+    opts: study.StudyOptions,
+    random_seeds: RandomSeeds = 10,
     max_objects: int = typer.Option(50, "--max-objects", min=1, help="Distinct objects (sentences) per relation."),
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
 ) -> None:
     """Perplexity probe: one sentence per relation ending in its objects, before/after zeroing, random controls."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
     _show(
         study.run_perplexity(opts, random_seeds, max_objects),
         (
@@ -269,191 +229,48 @@ def perplexity_cmd(
             "relations_ppl_up_target",
             "relations_object_ppl_up_target",
             "n_relations",
+            "excluded_relations",
         ),
-        out,
+        opts.out,
     )
 
 
-@app.command("sweep")
+@study_command("sweep", "runs/rsn-sweep", without=("k",))
 def sweep_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-sweep"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
+    opts: study.StudyOptions,
     ks: str = typer.Option("", "--ks", help="Comma-separated k values (default: the paper's, up to the model size)."),
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    eval_subjects: EvalSubjects = None,
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
 ) -> None:
     """Accuracy vs k (target vs random units, same vs other relations) and the cumulativity test."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        eval_subjects=eval_subjects,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
+    k_values = int_list(ks, "--ks") if ks.strip() else None
+    _show(
+        study.run_sweep(opts, k_values),
+        ("k_values", "cumulativity_micro", "cumulativity_macro", "excluded_relations"),
+        opts.out,
     )
-    _show(study.run_sweep(opts, _int_list(ks, "--ks")), ("k_values", "cumulativity_micro", "cumulativity_macro"), out)
 
 
-@app.command("matrix")
-def matrix_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-matrix"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    eval_subjects: EvalSubjects = None,
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-) -> None:
+@study_command("matrix", "runs/rsn-matrix")
+def matrix_cmd(opts: study.StudyOptions) -> None:
     """The relations x relations accuracy-drop matrix (interference), as a heatmap."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        eval_subjects=eval_subjects,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
     _show(
         study.run_matrix(opts),
-        ("k", "mean_relative_drop_target", "mean_relative_drop_offtarget", "interference_pairs"),
-        out,
+        ("k", "mean_relative_drop_target", "mean_relative_drop_offtarget", "interference_pairs", "excluded_relations"),
+        opts.out,
     )
 
 
-@app.command("overlap")
-def overlap_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-overlap"),
-    relations: Relations = "all",
-    relation_file: RelationFile = None,
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-) -> None:
+@study_command("overlap", "runs/rsn-overlap", without=("eval_subjects",))
+def overlap_cmd(opts: study.StudyOptions) -> None:
     """Pairwise overlap (IoU) of the relations' unit sets and versatility (units shared by several relations)."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        relation_files=relation_file or [],
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
-    _show(study.run_overlap(opts), ("k", "mean_iou", "versatility"), out)
+    _show(study.run_overlap(opts), ("k", "mean_iou", "versatility", "excluded_relations"), opts.out)
 
 
-@app.command("multilingual")
-def multilingual_cmd(
-    model: Model = DEFAULT_MODEL,
-    out: Out = Path("runs/rsn-multilingual"),
-    relations: Relations = "all",
-    languages: str = typer.Option("de,es,fr", "--languages"),
-    k: K = None,
-    response: Response = "last",
-    units: Units = "neurons",
-    max_prompts: MaxPrompts = 1000,
-    eval_subjects: EvalSubjects = None,
-    heldout_templates: Heldout = None,
-    neurons: Neurons = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    resume: Resume = False,
-) -> None:
+@study_command("multilingual", "runs/rsn-multilingual", without=("relation_file",))
+def multilingual_cmd(opts: study.StudyOptions, languages: str = typer.Option("de,es,fr", "--languages")) -> None:
     """Units found on English prompts, zeroed on prompts in other languages: accuracy drop per language."""
-    opts = _options(
-        model=model,
-        out=out,
-        relations=relations,
-        k=k,
-        response=response,
-        units=units,
-        max_prompts=max_prompts,
-        eval_subjects=eval_subjects,
-        heldout_templates=heldout_templates,
-        neurons=neurons,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        resume=resume,
-    )
     langs = [x.strip() for x in languages.split(",") if x.strip()]
-    _show(study.run_multilingual(opts, langs), ("k", "languages"), out)
-
-
-def _int_list(text: str, option: str) -> list[int] | None:
-    if not text.strip():
-        return None
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        from engramlab.errors import EngramError
-
-        raise EngramError(f"{option} {text!r}: give comma-separated whole numbers, e.g. 10,100,1000.") from None
-    return values
+    _show(
+        study.run_multilingual(opts, langs),
+        ("k", "languages", "excluded_by_language", "excluded_relations"),
+        opts.out,
+    )

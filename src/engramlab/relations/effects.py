@@ -19,6 +19,7 @@ from engramlab.data.facts import Relation
 from engramlab.models.loading import LoadedModel
 from engramlab.relations.accuracy import Recall, recall
 from engramlab.relations.find import FindResult
+from engramlab.relations.gate import KnowledgeGate
 from engramlab.relations.prompts import PromptSet, evaluation_prompts
 from engramlab.relations.units import UnitSpace, random_like
 
@@ -349,10 +350,15 @@ def multilingual(
     seed: int = 0,
     eval_subjects: int | None = None,
     batch_size: int = 32,
+    gate: KnowledgeGate | None = None,
 ) -> tuple[list[dict], dict]:
     """Paper 1 §5.2: English-identified top-k units switched off on prompts in other languages.
-    `translated[language][relation]` holds the translated relations (only relations found in English)."""
+    `translated[language][relation]` holds the translated relations (only relations found in English).
+    The knowledge gate applies per language: a relation whose prompts in a language the model answers too rarely
+    before any deactivation (its 0 -> 0 would read as "no drop") is kept in the rows, marked, and left out of that
+    language's means."""
     k = k or found.k
+    gate = gate or KnowledgeGate()
     rows = []
     for language, rels in translated.items():
         names = [n for n in rels if n in found.relations]
@@ -380,17 +386,21 @@ def multilingual(
                     "relation": name,
                     "acc_before": _acc(rec, 0, local),
                     "acc_after_target": _acc(rec, 1, local),
-                    "acc_after_random_mean": float(np.mean(rand)),
+                    "acc_after_random_mean": float(np.mean(rand)) if rand else float("nan"),
                     "n": int(cols.size),
+                    "excluded": gate.reason(int(rec.correct[0, local].sum()), int(cols.size)) or "",
                 }
             )
-    by_language = {}
+    by_language, excluded = {}, {}
     for language in translated:
-        sel = [r for r in rows if r["language"] == language]
+        sel = [r for r in rows if r["language"] == language and not r["excluded"]]
+        gone = {r["relation"]: r["excluded"] for r in rows if r["language"] == language and r["excluded"]}
+        if gone:
+            excluded[language] = gone
         if sel:
             by_language[language] = {
                 "mean_acc_before": float(np.mean([r["acc_before"] for r in sel])),
                 "mean_drop_target": float(np.mean([r["acc_before"] - r["acc_after_target"] for r in sel])),
                 "mean_drop_random": float(np.mean([r["acc_before"] - r["acc_after_random_mean"] for r in sel])),
             }
-    return rows, {"k": k, "languages": by_language}
+    return rows, {"k": k, "languages": by_language, "excluded_by_language": excluded}

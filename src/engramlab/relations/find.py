@@ -3,10 +3,13 @@
 Pipeline, per the paper, with engramlab's documented choices (spec §6):
 1. Candidate P_det = select subjects x selection templates (at most `max_prompts` per relation, seeded).
 2. Validation: keep the prompts the model answers correctly (greedy two-token prefix match, `accuracy.py`).
-3. Responses of every unit on every validated prompt (`responses.py`; mean over tokens or last token).
-4. Per relation r: positives = r's validated prompts, negatives = 4x as many validated prompts of the other
+   The knowledge gate (`gate.py`) then excludes every relation with too few validated prompts.
+3. Responses of every unit on every validated prompt of the kept relations (`responses.py`; mean over tokens or
+   last token).
+4. Per relation r: positives = r's validated prompts, negatives = 4x as many validated prompts of the other kept
    relations, sampled with `seed` (spec §6.3: validated prompts of other relations). AP of each unit (`ap.py`).
-5. Top-k by AP (descending; ties broken by the lower unit id). Top only, as the paper (spec §6.5).
+5. Top-k by AP (descending; ties broken by the lower unit id; a NaN AP never ranks). Top only, as the paper
+   (spec §6.5).
 
 Default k (`default_k`): the paper's 3,000 of Llama-2-7B's 835,584 FFN neurons is 0.36%; on small models that
 leaves a few dozen units and no measurable effect, so engramlab uses min(3000, 2.5% of the units): 3,000 for any
@@ -16,6 +19,7 @@ also cost random units 0.07-0.08 accuracy, 2.5% (k = 500) 0.04 (README, "Relatio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,17 +28,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from engramlab.data.facts import Relation
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
+from engramlab.readers import read_json_object, read_parquet, read_safetensors
 from engramlab.relations.accuracy import recall
 from engramlab.relations.ap import average_precision
-from engramlab.relations.prompts import PromptSet, frames_in, identification_prompts
-from engramlab.relations.responses import ResponseMatrix, collect_responses, fingerprint
-from engramlab.relations.units import UnitSpace, channel_scores
+from engramlab.relations.gate import KnowledgeGate, require_two
+from engramlab.relations.prompts import PROMPT_COLUMNS, PromptSet, frames_in, identification_prompts
+from engramlab.relations.responses import RESPONSE_MODES, ResponseMatrix, collect_responses, fingerprint
+from engramlab.relations.units import UNIT_KINDS, UnitSpace, channel_scores
 from engramlab.results import atomic_path, write_json, write_parquet
+
+FIND_HINT = "run `relations find` again or give --neurons another find folder"
 
 NEGATIVE_FACTOR = 4  # paper 1 §2.2: negatives = 4 x |P_det|
 AP_BLOCK_ELEMENTS = 1 << 21  # matrix entries per column block: the AP sort keeps ~100 bytes per entry (~200 MB)
@@ -49,8 +57,8 @@ def default_k(n_units: int) -> int:
 class FindResult:
     """AP of every unit for every relation, and what it was computed from."""
 
-    relations: list[str]
-    ap: np.ndarray  # [R, N] float32 (NaN for a relation without validated prompts)
+    relations: list[str]  # the relations that passed the knowledge gate
+    ap: np.ndarray  # [R, N] float32 (NaN only where a unit has no defined AP)
     units: str  # "neurons" | "channels"
     response: str
     n_units: int
@@ -60,12 +68,40 @@ class FindResult:
     seed: int = 0  # the negatives' sampling seed (the template control redraws the same negatives)
     selection_templates: list[str] | None = None  # template frames used for selection (None: not recorded)
     heldout_templates: list[str] | None = None  # template frames held out of selection
+    excluded: dict[str, dict] = field(default_factory=dict)  # knowledge gate: relation -> reason, counts
 
     def top(self, relation: str, k: int | None = None) -> np.ndarray:
-        """Unit ids of the top-k units of a relation by AP (descending; ties by lower id)."""
+        """Unit ids of the top-k units of a relation by AP (descending; ties by lower id). A unit whose AP is NaN
+        never ranks, so a relation without scores has no top units."""
         row = self.ap[self.relations.index(relation)]
-        order = np.lexsort((np.arange(row.size), -np.nan_to_num(row, nan=-1.0)))
-        return order[: k or self.k]
+        finite = np.isfinite(row)
+        if not finite.any():
+            raise EngramError(f"relation {relation!r} has no AP scores (no validated prompts); it selects no units.")
+        order = np.lexsort((np.arange(row.size), -np.where(finite, row, -np.inf)))
+        return order[: min(k or self.k, int(finite.sum()))]
+
+    def gated(self, gate: KnowledgeGate) -> FindResult:
+        """This result without the relations `gate` excludes (by their counts), or whose AP is undefined for every
+        unit (a find folder from before the gate); the exclusions are added to `excluded`."""
+        _, excluded = gate.split({n: self.counts[n] for n in self.relations if n in self.counts})
+        for r, name in enumerate(self.relations):
+            if name not in excluded and not np.isfinite(self.ap[r]).any():
+                c = self.counts.get(name, {})
+                excluded[name] = {
+                    "reason": "no unit has an AP score (no validated identification prompts)",
+                    "validated": int(c.get("validated", 0)),
+                    "candidates": int(c.get("candidates", 0)),
+                }
+        if not excluded:
+            return self
+        keep = [r for r, n in enumerate(self.relations) if n not in excluded]
+        return dataclasses.replace(
+            self,
+            relations=[self.relations[r] for r in keep],
+            ap=self.ap[keep],
+            counts={n: c for n, c in self.counts.items() if n not in excluded},
+            excluded={**self.excluded, **excluded},
+        )
 
     def save(self, out: Path) -> None:
         with atomic_path(out / "ap.safetensors") as tmp:
@@ -87,32 +123,63 @@ class FindResult:
                 "seed": self.seed,
                 "selection_templates": self.selection_templates,
                 "heldout_templates": self.heldout_templates,
+                "excluded_relations": self.excluded,
             },
         )
 
     @classmethod
     def load(cls, folder: str | Path) -> FindResult:
-        import json
-
+        """Read a `relations find` folder (find.json, ap.safetensors); anything missing, truncated or inconsistent
+        is one line naming the file."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise EngramError(f"--neurons {folder}: no such folder; give the --out folder of a `relations find` run.")
         meta_path = folder / "find.json"
-        if not meta_path.is_file() or not (folder / "ap.safetensors").is_file():
+        if not meta_path.is_file():
             raise EngramError(f"{folder} holds no `relations find` result (find.json and ap.safetensors).")
-        meta = json.loads(meta_path.read_text())
-        ap = load_file(str(folder / "ap.safetensors"))["ap"]
+        meta = read_json_object(
+            meta_path,
+            {"relations": list, "units": str, "response": str, "n_units": int, "k": int, "counts": dict},
+            FIND_HINT,
+        )
+        relations = meta["relations"]
+        if not relations or not all(isinstance(n, str) for n in relations) or len(set(relations)) != len(relations):
+            raise EngramError(f"{meta_path}: field 'relations' must list distinct relation names; {FIND_HINT}.")
+        if meta["units"] not in UNIT_KINDS or meta["response"] not in RESPONSE_MODES:
+            raise EngramError(f"{meta_path}: unknown units {meta['units']!r} or response {meta['response']!r}.")
+        if meta["k"] < 1 or meta["n_units"] < 1:
+            raise EngramError(f"{meta_path}: 'k' and 'n_units' must be >= 1; {FIND_HINT}.")
+        counts = meta["counts"]
+        bad = [n for n in relations if not _valid_counts(counts.get(n))]
+        if bad:
+            raise EngramError(f"{meta_path}: field 'counts' has no valid entry for {bad[0]!r}; {FIND_HINT}.")
+        ap = read_safetensors(folder / "ap.safetensors", ("ap",), "numpy", FIND_HINT)[0]["ap"]
+        if ap.shape != (len(relations), meta["n_units"]):
+            raise EngramError(
+                f"{folder / 'ap.safetensors'}: AP matrix is {list(ap.shape)}, find.json says "
+                f"{len(relations)} relations x {meta['n_units']} units; {FIND_HINT}."
+            )
+        excluded = meta.get("excluded_relations") or {}
         return cls(
-            relations=meta["relations"],
+            relations=relations,
             ap=ap,
             units=meta["units"],
             response=meta["response"],
             n_units=meta["n_units"],
             k=meta["k"],
-            counts=meta["counts"],
-            seconds=meta["seconds"],
+            counts=counts,
+            seconds=meta.get("seconds", 0.0),
             seed=meta.get("seed", 0),
             selection_templates=meta.get("selection_templates"),
             heldout_templates=meta.get("heldout_templates"),
+            excluded=excluded if isinstance(excluded, dict) else {},
         )
+
+
+def _valid_counts(entry) -> bool:
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(key), int) and entry[key] >= 0 for key in ("candidates", "validated", "negatives")
+    )
 
 
 def find(
@@ -125,16 +192,29 @@ def find(
     max_prompts: int | None = 1000,
     seed: int = 0,
     batch_size: int = 32,
+    gate: KnowledgeGate | None = None,
 ) -> FindResult:
-    """Validate identification prompts, stream unit responses to `out/cache`, score every unit by AP."""
+    """Validate identification prompts, gate the relations (`gate.py`), stream unit responses of the kept
+    relations' validated prompts to `out/cache`, score every unit by AP."""
     start = time.perf_counter()
+    gate = gate or KnowledgeGate()
+    if units not in UNIT_KINDS:
+        UnitSpace(loaded.layout, units)  # raises the clear error
     neuron_space = UnitSpace(loaded.layout, "neurons")
     candidates = identification_prompts(relations, max_prompts, seed)
     validated, checked = validate(loaded, candidates, batch_size)
+    names, excluded = gate.split(
+        {
+            n: {"validated": validated.where(relation=n).size, "candidates": candidates.where(relation=n).size}
+            for n in relations
+        }
+    )
+    require_two(names, excluded, loaded.ref)
     write_parquet(
         out / "identification_prompts.parquet",
         {**candidates.rows(), "correct": checked.correct[0].tolist(), "prediction": checked.predictions[0].tolist()},
     )
+    validated = validated.subset(np.flatnonzero(np.isin(validated.relation, names)))
 
     matrix = ResponseMatrix(
         out / "cache" / "responses.f32",
@@ -144,15 +224,12 @@ def find(
     )
     collect_responses(loaded, validated.text, neuron_space, matrix, response, batch_size)
 
-    names = list(relations)
     rows_per_relation, counts = sample_rows(validated, names, candidates, seed)
     ap = score_units(matrix, rows_per_relation)  # [R, N]
     space_size = neuron_space.size
     if units == "channels":
         ap = channel_scores(neuron_space, UnitSpace(loaded.layout, "channels"), ap)
         space_size = ap.shape[1]
-    elif units != "neurons":
-        UnitSpace(loaded.layout, units)  # raises the clear error
     result = FindResult(
         relations=names,
         ap=ap.astype(np.float32),
@@ -165,6 +242,7 @@ def find(
         seed=seed,
         selection_templates=frames_in(relations, "selection"),
         heldout_templates=frames_in(relations, "heldout"),
+        excluded=excluded,
     )
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")
@@ -173,38 +251,37 @@ def find(
 
 
 def validate(loaded: LoadedModel, candidates: PromptSet, batch_size: int) -> tuple[PromptSet, object]:
-    """Keep the candidate prompts the model answers correctly."""
+    """Keep the candidate prompts the model answers correctly (the knowledge gate then judges each relation)."""
     checked = recall(loaded, candidates.text, candidates.gold, batch_size=batch_size, description="validate P_det")
-    keep = np.flatnonzero(checked.correct[0])
-    if keep.size == 0:
-        raise EngramError(
-            f"{loaded.ref} answers none of the {len(candidates)} identification prompts correctly; "
-            "relation neurons need facts the model knows."
-        )
-    return candidates.subset(keep), checked
+    return candidates.subset(np.flatnonzero(checked.correct[0])), checked
 
 
-def load_identification(folder: str | Path) -> tuple[PromptSet, PromptSet]:
-    """(candidates, validated) P_det of a `relations find` folder, read back from identification_prompts.parquet."""
+def load_identification(folder: str | Path, relations: list[str] | None = None) -> tuple[PromptSet, PromptSet]:
+    """(candidates, validated) P_det of a `relations find` folder, read back from identification_prompts.parquet;
+    the validated prompts only of `relations` when given (the relations that passed the knowledge gate)."""
     path = Path(folder) / "identification_prompts.parquet"
     if not path.is_file():
         raise EngramError(f"{folder} holds no identification_prompts.parquet; run `relations find` there first.")
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path).to_pydict()
+    rows = read_parquet(path, (*PROMPT_COLUMNS, "correct"), FIND_HINT).to_pydict()
     candidates = PromptSet.from_rows(rows, str(path))
-    if "correct" not in rows:
-        raise EngramError(f"{path} has no column 'correct'; run `relations find` again.")
-    return candidates, candidates.subset(np.flatnonzero(np.asarray(rows["correct"], dtype=bool)))
+    correct = rows["correct"]
+    if not all(isinstance(c, bool) for c in correct):
+        raise EngramError(f"{path}: column 'correct' must hold true/false values; {FIND_HINT}.")
+    keep = np.asarray(correct, dtype=bool)
+    if relations is not None:
+        keep &= np.isin(candidates.relation, relations)
+    return candidates, candidates.subset(np.flatnonzero(keep))
 
 
 def sample_rows(validated: PromptSet, names: list[str], candidates: PromptSet, seed: int):
-    """Per relation: (positive rows, negative rows) of the validated set, and counts for the summary."""
+    """Per relation: (positive rows, negative rows) of the validated set, and counts for the summary. Negatives
+    come from the validated prompts of the other relations in `names`."""
     rng = np.random.default_rng(seed)
+    in_study = np.isin(validated.relation, names)
     rows, counts = [], {}
     for name in names:
         pos = validated.where(relation=name)
-        others = np.flatnonzero(validated.relation != name)
+        others = np.flatnonzero(in_study & (validated.relation != name))
         n_neg = min(NEGATIVE_FACTOR * pos.size, others.size)
         neg = np.sort(rng.choice(others, size=n_neg, replace=False)) if pos.size else np.array([], dtype=np.int64)
         rows.append((pos, neg))

@@ -31,6 +31,8 @@ from engramlab.data.loaders import read_json, read_json_records
 from engramlab.data.multilingual import relation_in
 from engramlab.errors import EngramError
 
+PROMPT_COLUMNS = ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
+
 
 @dataclass
 class PromptSet:
@@ -76,16 +78,17 @@ class PromptSet:
     @classmethod
     def from_rows(cls, rows: dict[str, list], where: str) -> PromptSet:
         """The inverse of `rows()` (a table read back from parquet); `where` names the source in errors."""
-        missing = [
-            c
-            for c in ("relation", "prompt", "gold", "subject", "subject_start", "frame", "template_split")
-            if c not in rows
-        ]
+        missing = [c for c in PROMPT_COLUMNS if c not in rows]
         if missing:
             raise EngramError(
                 f"{where} has no column {missing[0]!r}: it was written by an older engramlab; "
                 "run `relations find` again."
             )
+        text_columns = [c for c in PROMPT_COLUMNS if c != "subject_start"]
+        bad = [c for c in text_columns if not all(isinstance(v, str) for v in rows[c])]
+        if bad or not all(isinstance(v, int) and v >= 0 for v in rows["subject_start"]):
+            column = bad[0] if bad else "subject_start"
+            raise EngramError(f"{where}: column {column!r} holds values of the wrong type; run `relations find` again.")
         return cls(
             list(rows["prompt"]),
             list(rows["gold"]),
@@ -202,10 +205,22 @@ def load_relations_for_study(
     return relations
 
 
+RELATION_FILE_HINT = "check the --relation-file path and its LRE format"
+
+
+def _bad(text: str) -> bool:
+    """True for strings that cannot be written as UTF-8 (JSON's lone surrogate escapes like \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def load_relation_file(path: str | os.PathLike) -> Relation:
     """A relation from an LRE-format JSON file, with one-line errors naming the file and the field."""
     path = Path(path)
-    obj = read_json(path)
+    obj = read_json(path, RELATION_FILE_HINT)
     if not isinstance(obj, dict):
         raise EngramError(f"{path}: expected a JSON object with 'name', 'prompt_templates' and 'samples'.")
     templates = obj.get("prompt_templates")
@@ -217,7 +232,10 @@ def load_relation_file(path: str | os.PathLike) -> Relation:
     name = obj.get("name")
     if not isinstance(name, str) or not name.strip():
         raise EngramError(f"{path}: field 'name' must be a non-empty string.")
-    records = read_json_records(path, "samples", ("subject", "object"))
+    records = read_json_records(path, "samples", ("subject", "object"), RELATION_FILE_HINT)
+    unencodable = [t for t in [name, *templates, *(r[f] for r in records for f in ("subject", "object"))] if _bad(t)]
+    if unencodable:
+        raise EngramError(f"{path}: {unencodable[0]!r} is not valid Unicode text (a lone surrogate escape?).")
     seen, facts = set(), []
     for r in records:
         subject, obj_ = r["subject"].strip(), r["object"].strip()

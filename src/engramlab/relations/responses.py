@@ -39,16 +39,26 @@ class ResponseMatrix:
         self.path = Path(path)
         self.meta_path = self.path.with_suffix(".json")
         self.rows, self.cols, self.fingerprint = rows, cols, fingerprint
-        self.done = 0
-        if self.meta_path.is_file() and self.path.is_file():
-            meta = json.loads(self.meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint and meta.get("shape") == [rows, cols]:
-                self.done = int(meta["done"])
+        self.done = self._resumable_rows()
         if self.done == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "wb") as f:
                 f.truncate(rows * cols * 4)
             self._save_meta()
+
+    def _resumable_rows(self) -> int:
+        """Rows an earlier pass of the same job finished; 0 (start over) when the cache is absent, from another
+        job, damaged or truncated: it is a cache, so a bad one is rebuilt, not reported."""
+        if not (self.meta_path.is_file() and self.path.is_file()):
+            return 0
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            done = int(meta["done"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return 0
+        same_job = meta.get("fingerprint") == self.fingerprint and meta.get("shape") == [self.rows, self.cols]
+        intact = self.path.stat().st_size == self.rows * self.cols * 4 and 0 <= done <= self.rows
+        return done if same_job and intact else 0
 
     @property
     def complete(self) -> bool:

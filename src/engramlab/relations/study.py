@@ -5,22 +5,25 @@ Each `run_*` function is what one `engramlab relations ...` command does; the CL
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engramlab.data.facts import PAPER1_RELATIONS, RELATIONS
 from engramlab.errors import EngramError
-from engramlab.models.loading import LoadedModel, load_model
+from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model
 from engramlab.relations import effects, plots
 from engramlab.relations.find import FindResult, find, load_identification, sample_rows, top_units_table
+from engramlab.relations.gate import MIN_SHARE, MIN_VALIDATED, KnowledgeGate, require_two
 from engramlab.relations.perplexity import MAX_OBJECTS, perplexity
 from engramlab.relations.prompts import frames_in, load_relations_for_study, split_templates, template_frames
+from engramlab.relations.responses import RESPONSE_MODES
 from engramlab.relations.template_control import DEFAULT_TOP, TemplateControl, template_control
-from engramlab.relations.units import UnitSpace
+from engramlab.relations.units import UNIT_KINDS, UnitSpace
 from engramlab.report import Section, key_values, table, write_report
-from engramlab.results import prepare_out_dir, write_json, write_parquet
+from engramlab.results import RunMarker, check_out_dir, prepare_out_dir, write_json, write_parquet
 
 RELATION_SETS = {"all": RELATIONS, "paper": PAPER1_RELATIONS}
 
@@ -46,6 +49,35 @@ class StudyOptions:
     batch_size: int = 32
     overwrite: bool = False
     resume: bool = False
+    min_validated: int = MIN_VALIDATED  # knowledge gate (gate.py): validated prompts a relation needs
+    min_validated_share: float = MIN_SHARE  # ... and the share of its candidates
+
+    def check(self) -> None:
+        """Every check that needs neither the model nor a file: run before anything is loaded or written."""
+        for name, value in (("--max-prompts", self.max_prompts), ("--eval-subjects", self.eval_subjects)):
+            if value is not None and value < 1:
+                raise EngramError(f"{name} must be >= 1, got {value}.")
+        if self.k is not None and self.k < 1:
+            raise EngramError(f"--k must be >= 1, got {self.k}.")
+        if self.batch_size < 1 or self.seed < 0:
+            raise EngramError(f"--batch-size must be >= 1 and --seed >= 0, got {self.batch_size} and {self.seed}.")
+        if self.response not in RESPONSE_MODES:
+            raise EngramError(
+                f"--response {self.response!r} is not supported; choose one of: {', '.join(RESPONSE_MODES)}."
+            )
+        if self.units not in UNIT_KINDS:
+            raise EngramError(f"--units {self.units!r} is not supported; choose one of: {', '.join(UNIT_KINDS)}.")
+        self.gate()  # its own range checks
+        check_device_and_dtype(self.device, self.dtype)
+
+    def gate(self) -> KnowledgeGate:
+        return KnowledgeGate(self.min_validated, self.min_validated_share)
+
+    def run_marker(self, command: str, extra: dict[str, Any]) -> RunMarker:
+        """What `--resume` must match: the command and every option that decides its results."""
+        skip = ("out", "overwrite", "resume", "device", "batch_size")
+        options = {k: v for k, v in asdict(self).items() if k not in skip}
+        return RunMarker(f"relations {command}", {**options, **extra}, self.resume)
 
 
 def relation_names(spec: str) -> list[str]:
@@ -72,29 +104,35 @@ class Study:
     find_dir: Path  # the folder holding the find result (`out` or `--neurons`)
 
 
-def prepare(opts: StudyOptions) -> Study:
+def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = None, ks: list[int] = ()) -> Study:
     """Output folder, model, relations (templates split by `--heldout-templates`), and the find result (computed
-    into `out` or read from `--neurons`, whose template split is then the default and must not be contradicted)."""
-    out = opts.out
-    if not opts.resume:
-        out = prepare_out_dir(out, opts.overwrite)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+    into `out` or read from `--neurons`, whose template split is then the default and must not be contradicted).
+
+    Order: every option, relation file and `--neurons` folder is checked, then --out (without writing), then the
+    model is loaded and k (and `ks`) checked against its units; only then is --out created and written, so a run
+    that fails on its input leaves nothing behind. `command` and `extra` (the command's own options) go into the
+    run marker that `--resume` checks."""
+    opts.check()
+    run = opts.run_marker(command, extra or {})
     names = relation_names(opts.relations) if opts.relations else []
     relations = load_relations_for_study(names, opts.relation_files)
     found = None
     if opts.neurons is not None:
-        found = FindResult.load(opts.neurons)
-        missing = [n for n in relations if n not in found.relations]
-        if missing:
-            raise EngramError(f"--neurons {opts.neurons} has no neurons for relation {missing[0]!r}.")
-        if opts.k:
-            found.k = opts.k
-        relations = _split_like(relations, found, opts)
-        find_dir = Path(opts.neurons)
+        found = _reused_find(opts, relations)
+        relations = _split_like({n: r for n, r in relations.items() if n in found.relations}, found, opts)
+        _check_ks(opts, ks, found.n_units)
     else:
         relations = split_templates(relations, opts.heldout_templates)
+    check_out_dir(opts.out, opts.overwrite, run)
     loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    space = UnitSpace(loaded.layout, found.units if found is not None else opts.units)
+    if found is not None and space.size != found.ap.shape[1]:
+        raise EngramError(
+            f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
+            f"{opts.model} has {space.size}."
+        )
+    _check_ks(opts, ks, space.size)
+    out = prepare_out_dir(opts.out, opts.overwrite, run)
     if found is None:
         found = find(
             loaded,
@@ -106,18 +144,42 @@ def prepare(opts: StudyOptions) -> Study:
             max_prompts=opts.max_prompts,
             seed=opts.seed,
             batch_size=opts.batch_size,
+            gate=opts.gate(),
         )
-        write_parquet(out / "neurons.parquet", top_units_table(found, UnitSpace(loaded.layout, found.units)))
+        write_parquet(out / "neurons.parquet", top_units_table(found, space))
         find_dir = out
-    space = UnitSpace(loaded.layout, found.units)
-    if space.size != found.ap.shape[1]:
-        raise EngramError(
-            f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
-            f"{opts.model} has {space.size}."
-        )
+    else:
+        find_dir = Path(opts.neurons)
     return Study(
         opts, out, loaded, {n: relations[n] for n in found.relations if n in relations}, found, space, find_dir
     )
+
+
+def _reused_find(opts: StudyOptions, relations: dict) -> FindResult:
+    """The `--neurons` find result, gated with this run's thresholds, for the requested relations."""
+    found = FindResult.load(opts.neurons)
+    missing = [n for n in relations if n not in found.relations and n not in found.excluded]
+    if missing:
+        raise EngramError(f"--neurons {opts.neurons} has no neurons for relation {missing[0]!r}.")
+    found = found.gated(opts.gate())
+    require_two([n for n in relations if n in found.relations], found.excluded, opts.model)
+    if opts.k:
+        found.k = opts.k
+    return found
+
+
+def _check_ks(opts: StudyOptions, ks: list[int], n_units: int) -> None:
+    """--k (and the sweep's --ks) must not exceed the units there are to choose from."""
+    for option, k in [("--k", opts.k), *(("--ks", k) for k in ks)]:
+        if k is not None and k > n_units:
+            raise EngramError(f"{option} {k} exceeds the {n_units:,} units ({opts.units}) of {opts.model}.")
+
+
+def _check_counts(**values: tuple[int, int]) -> None:
+    """Command options that count something: each (value, minimum)."""
+    for name, (value, minimum) in values.items():
+        if value < minimum:
+            raise EngramError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
 
 
 def _split_like(relations: dict, found: FindResult, opts: StudyOptions) -> dict:
@@ -170,14 +232,31 @@ def _finish(study: Study, title: str, summary: dict, sections: list[Section]) ->
         "response": study.found.response,
         "n_units": study.found.n_units,
         **summary,
+        "excluded_relations": study.found.excluded,
+        "knowledge_gate": {"min_validated": study.opts.min_validated, "min_share": study.opts.min_validated_share},
     }
     write_json(study.out / "summary.json", summary)
-    write_report(study.out / "report.html", title, _find_sections(study) + sections, summary)
+    write_report(study.out / "report.html", title, _gate_sections(study) + _find_sections(study) + sections, summary)
     return summary
 
 
+def _gate_sections(study: Study) -> list[Section]:
+    """The knowledge gate's exclusions, first in the report so that no mean below is read without them."""
+    excluded = study.found.excluded
+    if not excluded:
+        return []
+    rows = [{"relation": n, **{k: e[k] for k in ("validated", "candidates", "reason")}} for n, e in excluded.items()]
+    text = (
+        f"<p><b>{len(excluded)} requested relation(s) excluded</b>: the model answers too few of their "
+        f"identification prompts (the gate needs at least {study.opts.min_validated} validated prompts and "
+        f"{study.opts.min_validated_share:.0%} of the candidates). They take no part in selection, negatives or any "
+        "mean on this page.</p>"
+    )
+    return [Section("Knowledge gate: excluded relations", text=text, tables=[table(rows)])]
+
+
 def run_find(opts: StudyOptions) -> dict:
-    study = prepare(opts)
+    study = prepare(opts, "find")
     found = study.found
     top_ap = {n: float(np.nanmean(found.ap[r][found.top(n)])) for r, n in enumerate(found.relations)}
     return _finish(
@@ -198,7 +277,10 @@ def run_find(opts: StudyOptions) -> dict:
 
 def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True, top: int = DEFAULT_TOP) -> dict:
     """`relations deactivate`, with the template control on the top `top` units unless `diagnose` is off."""
-    study = prepare(opts)
+    _check_counts(n_random=(n_random, 0), top=(top, 1))
+    study = prepare(opts, "deactivate", {"random_seeds": n_random, "diagnose": diagnose, "diagnose_top": top})
+    # the find's prompts are read (and checked) before any result is written
+    prompts = _find_prompts(study) if diagnose else None
     result = effects.deactivate(
         study.loaded,
         study.found,
@@ -227,8 +309,8 @@ def run_deactivate(opts: StudyOptions, n_random: int = 10, diagnose: bool = True
         ),
     ]
     summary = result.summary
-    if diagnose:
-        control = _template_control(study, top)
+    if prompts is not None:
+        control = _template_control(study, top, prompts)
         summary = {**summary, "template_control": _control_headline(control)}
         sections.append(_control_section(control))
     return _finish(study, "Relation-specific neurons: deactivation", summary, sections)
@@ -255,9 +337,10 @@ def _drop_text(summary: dict) -> str:
     return text
 
 
-def _template_control(study: Study, top: int) -> TemplateControl:
-    """The template control on the find's own validated prompts and negatives; writes template_control.parquet."""
-    candidates, validated = load_identification(study.find_dir)
+def _find_prompts(study: Study) -> tuple:
+    """The find's validated prompts and its (positive, negative) rows per relation, read back from the find folder
+    and checked against find.json: done before any result of this run is written."""
+    candidates, validated = load_identification(study.find_dir, study.found.relations)
     rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
     for name in study.found.relations:
         if counts[name] != study.found.counts.get(name):
@@ -265,6 +348,13 @@ def _template_control(study: Study, top: int) -> TemplateControl:
                 f"{study.find_dir}: identification_prompts.parquet does not match find.json for "
                 f"relation {name!r}; run `relations find` again."
             )
+    return validated, rows
+
+
+def _template_control(study: Study, top: int, prompts: tuple) -> TemplateControl:
+    """The template control on the find's own validated prompts and negatives (`_find_prompts`); writes
+    template_control.parquet."""
+    validated, rows = prompts
     control = template_control(study.loaded, study.found, validated, rows, top, study.opts.batch_size)
     write_parquet(study.out / "template_control.parquet", control.rows)
     return control
@@ -292,8 +382,9 @@ def _control_section(control: TemplateControl) -> Section:
 
 def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
     """`relations diagnose`: the template control alone (find first unless `--neurons` is given)."""
-    study = prepare(opts)
-    control = _template_control(study, top)
+    _check_counts(top=(top, 1))
+    study = prepare(opts, "diagnose", {"top": top})
+    control = _template_control(study, top, _find_prompts(study))
     return _finish(
         study,
         "Relation-specific neurons: template control",
@@ -304,8 +395,9 @@ def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
 
 def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MAX_OBJECTS) -> dict:
     """`relations perplexity`: paper 1 §5.5's probe sentences before / after zeroing, with random controls."""
-    study = prepare(opts)
-    _, validated = load_identification(study.find_dir)
+    _check_counts(n_random=(n_random, 0), max_objects=(max_objects, 1))
+    study = prepare(opts, "perplexity", {"random_seeds": n_random, "max_objects": max_objects})
+    _, validated = load_identification(study.find_dir, study.found.relations)
     result = perplexity(
         study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed, max_objects, opts.batch_size
     )
@@ -329,7 +421,7 @@ def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MA
 
 
 def run_matrix(opts: StudyOptions) -> dict:
-    study = prepare(opts)
+    study = prepare(opts, "matrix")
     result = effects.deactivate(
         study.loaded,
         study.found,
@@ -366,7 +458,9 @@ def run_matrix(opts: StudyOptions) -> dict:
 
 
 def run_sweep(opts: StudyOptions, ks: list[int] | None = None) -> dict:
-    study = prepare(opts)
+    if ks is not None and (not ks or min(ks) < 1):
+        raise EngramError(f"--ks values must be >= 1, got {ks}.")
+    study = prepare(opts, "sweep", {"ks": ks}, ks or [])
     result = effects.sweep(
         study.loaded,
         study.found,
@@ -391,7 +485,7 @@ def run_sweep(opts: StudyOptions, ks: list[int] | None = None) -> dict:
 
 
 def run_overlap(opts: StudyOptions) -> dict:
-    study = prepare(opts)
+    study = prepare(opts, "overlap")
     result = effects.overlap(study.found, opts.k)
     write_parquet(study.out / "overlap.parquet", result["pairs"])
     sections = [
@@ -408,9 +502,11 @@ def run_multilingual(opts: StudyOptions, languages: list[str], n_random: int = 3
     from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in
 
     unknown = [lang for lang in languages if lang not in LANGUAGES]
-    if unknown:
-        raise EngramError(f"--languages: no shipped templates for {unknown[0]!r}; available: {', '.join(LANGUAGES)}.")
-    study = prepare(opts)
+    if unknown or not languages:
+        first = repr(unknown[0]) if unknown else "(none given)"
+        raise EngramError(f"--languages: no shipped templates for {first}; available: {', '.join(LANGUAGES)}.")
+    _check_counts(n_random=(n_random, 0))
+    study = prepare(opts, "multilingual", {"languages": languages})
     shared = [n for n in MULTILINGUAL_RELATIONS if n in study.found.relations]
     if not shared:
         raise EngramError(
@@ -428,6 +524,7 @@ def run_multilingual(opts: StudyOptions, languages: list[str], n_random: int = 3
         opts.seed,
         opts.eval_subjects,
         opts.batch_size,
+        opts.gate(),
     )
     write_parquet(study.out / "multilingual.parquet", rows)
     sections = [

@@ -27,6 +27,7 @@ def relations_step(ctx: TourContext) -> TourSection:
         dtype=ctx.dtype,
         seed=ctx.seed,
         batch_size=64,
+        overwrite=ctx.overwrite,
     )
     summary = run_deactivate(opts, n_random=3)
     headline = {

@@ -17,6 +17,7 @@ class TourContext:
     device: str
     dtype: str
     seed: int
+    overwrite: bool = False  # the tour's --overwrite, passed on to every step's own --out
 
 
 @dataclass

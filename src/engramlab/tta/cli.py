@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from engramlab.cli_options import Out, Overwrite, Seed, comma_list
+from engramlab.cli_options import Out, Overwrite, Seed, comma_list, positive, probability
 from engramlab.errors import EngramError
 
 console = Console()
@@ -41,9 +41,9 @@ def tta(
         "quantile of the anchor's batch confidence on the clean source data), or auto "
         "= source on the digits stream, 0.92 with --data-dir.",
     ),
-    ema_alpha: float = typer.Option(0.999, "--ema-alpha"),
-    restore_p: float = typer.Option(0.01, "--restore-p"),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
+    ema_alpha: float = typer.Option(0.999, "--ema-alpha", callback=probability),
+    restore_p: float = typer.Option(0.01, "--restore-p", callback=probability),
+    lr: float = typer.Option(1e-3, "--lr", callback=positive, help="Adam learning rate (paper: 1e-3)."),
     data_dir: Path = typer.Option(
         None,
         "--data-dir",
@@ -68,7 +68,9 @@ def tta(
     try:
         gate = 0.0 if from_source else float(threshold)
     except ValueError:
-        raise EngramError(f"--threshold must be a number in [0, 1] or 'source', got {threshold!r}.") from None
+        gate = float("nan")
+    if not 0 <= gate <= 1:  # also refuses nan
+        raise EngramError(f"--threshold must be a number in [0, 1] or 'source', got {threshold!r}.")
     settings = CoTTASettings(
         ema_alpha=ema_alpha, restore_p=restore_p, threshold=gate, n_augmentations=n_augmentations, policy=policy
     )
@@ -107,11 +109,12 @@ def train_source(
     overwrite: Overwrite = False,
 ) -> None:
     """Rebuild the shipped source classifier (SmallResNet on the clean vendored MNIST training digits)."""
-    from engramlab.results import prepare_out_dir
+    from engramlab.results import check_out_dir, prepare_out_dir
     from engramlab.tta.source_model import SourceRecipe, save_source, train_source
 
-    folder = prepare_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     model, card = train_source(SourceRecipe(epochs=epochs, seed=seed))
+    folder = prepare_out_dir(out, overwrite)
     path = save_source(model, card, folder / "mnist_resnet.safetensors")
     console.print(
         f"clean test accuracy {card['clean_test_accuracy']:.3f}; wrote {path} and its .json card "

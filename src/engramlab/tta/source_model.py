@@ -10,7 +10,6 @@ The weights are a safetensors file next to a JSON card with the architecture, re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -18,12 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from engramlab.data.batching import batches
 from engramlab.data.mnist import mnist_split, to_rgb32
 from engramlab.errors import EngramError
 from engramlab.progress import track
+from engramlab.readers import read_json_object, read_safetensors
 from engramlab.results import atomic_path, write_json
 from engramlab.tta.vision import SmallResNet
 
@@ -133,12 +133,22 @@ def load_source(path: str | Path | None = None) -> torch.nn.Module:
             f"source model {weights} (and its card {card_path.name}) not found; build one with "
             "`engramlab continual train-source --out DIR`."
         )
-    card = json.loads(card_path.read_text())
+    hint = "give --source a .safetensors file written by `engramlab continual train-source` (with its .json card)"
+    card = read_json_object(card_path, {}, hint)
     recipe = card.get("recipe", {})
-    model = SmallResNet(card.get("n_classes", 10), recipe.get("width", 16), recipe.get("blocks_per_stage", 1))
+    if not isinstance(recipe, dict):
+        raise EngramError(f"{card_path}: field 'recipe' must be a JSON object; {hint}.")
+    shape = (card.get("n_classes", 10), recipe.get("width", 16), recipe.get("blocks_per_stage", 1))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in shape):
+        raise EngramError(
+            f"{card_path}: 'n_classes', 'recipe.width' and 'recipe.blocks_per_stage' must be integers in 1..4096; "
+            f"{hint}."
+        )
+    model = SmallResNet(*shape)
+    tensors, _ = read_safetensors(weights, hint=hint)
     try:
-        model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as err:
+        model.load_state_dict(tensors)
+    except (RuntimeError, OSError, TypeError) as err:
         raise EngramError(
             f"{weights} does not hold the SmallResNet weights its card describes: {str(err).splitlines()[0]}"
         ) from err

@@ -5,6 +5,7 @@ model, the paper-style error table, error over time and rounds, speed, and CoTTA
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +19,7 @@ from engramlab.data.image_benchmarks import check_corruption_dir
 from engramlab.errors import EngramError
 from engramlab.progress import track
 from engramlab.report import Section, key_values, table, write_report
-from engramlab.results import prepare_out_dir, write_json, write_parquet
+from engramlab.results import check_out_dir, prepare_out_dir, write_json, write_parquet
 from engramlab.tta.methods import TTA_METHODS, CoTTA, CoTTASettings, make_tta_method, source_confidence_threshold
 from engramlab.tta.source_model import load_source, mnist_rgb32_split
 from engramlab.tta.streams import StreamBatch, build_stream, stream_from_benchmark
@@ -195,8 +196,11 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
                 "images (the shipped source model knows MNIST digits only)."
             )
         check_corruption_dir(opts.data_dir, opts.corruptions)
-    out = prepare_out_dir(opts.out, opts.overwrite)
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise EngramError(f"--lr must be a finite number > 0, got {opts.lr}.")
+    check_out_dir(opts.out, opts.overwrite)
     model = load_source(opts.source)
+    out = prepare_out_dir(opts.out, opts.overwrite)
     if opts.threshold_from_source:
         if opts.data_dir is not None:
             raise EngramError(

@@ -22,6 +22,7 @@ def tta_step(ctx: TourContext) -> TourSection:
         out=ctx.out / "tta",
         cotta=CoTTASettings(policy="cotta-no-flip"),
         threshold_from_source=True,
+        overwrite=ctx.overwrite,
     )
     summary = run_tta_study(opts)
     headline = {f"error % {m}": round(v, 2) for m, v in summary["error_mean"].items()}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engramlab.errors import EngramError
+from engramlab.readers import load_failure
 
 
 class WideBasicBlock(nn.Module):
@@ -89,9 +90,7 @@ def load_robustbench_checkpoint(path: str | Path, n_classes: int = 10) -> WideRe
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise EngramError(
-            f"--source {path} is not a tensors-only torch checkpoint: {str(err).splitlines()[0]}"
-        ) from err
+        raise EngramError(f"--source {path} is not a tensors-only torch checkpoint: {load_failure(err)}.") from err
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise EngramError(f"--source {path} holds no state dict.")
