@@ -4,6 +4,7 @@ line on stderr and exit code 2."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import typer
@@ -100,9 +101,44 @@ def tour(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `engramlab` script and of `python -m engramlab`."""
+    """Entry point of the `engramlab` script and of `python -m engramlab` (also under torchrun)."""
+    parallel = _start_ranks()
     try:
         app(args=argv, prog_name="engramlab")
     except EngramError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err, parallel)
         sys.exit(2)
+    except SystemExit as done:
+        if parallel and not done.code:
+            from engramlab.distributed import shutdown
+
+            shutdown()
+        raise
+
+
+def _start_ranks() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group and silence stdout on every rank but 0, so that
+    summaries are printed once. Without torchrun nothing happens (and torch.distributed is not imported)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    from engramlab.distributed import init_from_env, rank
+
+    if not init_from_env():
+        return False
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return True
+
+
+def _print_error(err: EngramError, parallel: bool) -> None:
+    """One line on stderr. Under torchrun: an error every rank raised together (`distributed.on_main`) is printed by
+    rank 0 only; any other names the rank that failed (torchrun then stops the remaining ranks)."""
+    if not parallel:
+        print(f"error: {err}", file=sys.stderr)
+        return
+    from engramlab.distributed import SharedError, rank, world_size
+
+    if rank() == 0:
+        print(f"error: {err}", file=sys.stderr)
+    elif not isinstance(err, SharedError):
+        print(f"error (rank {rank()} of {world_size()}): {err}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engramlab.distributed import is_running, local_device
 from engramlab.errors import EngramError
 from engramlab.models.arch import ArchSpec, ModelLayout, arch_for_config
 from engramlab.models.hooks import HookEngine
@@ -83,11 +84,12 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
-    """`auto` -> the first CUDA device if there is one (several GPUs are then spread by accelerate), else CPU."""
+    """`auto` -> the first CUDA device if there is one (several GPUs are then spread by accelerate), else CPU; a
+    torchrun rank on a GPU machine gets its own GPU, `cuda:LOCAL_RANK` (data parallel: one model copy per rank)."""
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -189,7 +191,9 @@ def load_model(
 
     target = parse_device(device)
     torch_dtype = parse_dtype(dtype, target)
-    multi_gpu = target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1
+    multi_gpu = (
+        target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1 and not is_running()
+    )
     try:
         with _no_hf_progress_bar():
             model = AutoModelForCausalLM.from_pretrained(

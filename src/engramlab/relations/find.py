@@ -26,7 +26,9 @@ import pyarrow as pa
 import torch
 from safetensors.numpy import load_file, save_file
 
+from engramlab import distributed
 from engramlab.data.facts import Relation
+from engramlab.distributed import is_main_process
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 from engramlab.relations.accuracy import recall
@@ -60,6 +62,8 @@ class FindResult:
     seed: int = 0  # the negatives' sampling seed (the template control redraws the same negatives)
     selection_templates: list[str] | None = None  # template frames used for selection (None: not recorded)
     heldout_templates: list[str] | None = None  # template frames held out of selection
+    # (candidates, validated) P_det when computed in this process (not saved; `load_identification` reads it back)
+    identification: tuple[PromptSet, PromptSet] | None = field(default=None, repr=False, compare=False)
 
     def top(self, relation: str, k: int | None = None) -> np.ndarray:
         """Unit ids of the top-k units of a relation by AP (descending; ties by lower id)."""
@@ -68,6 +72,9 @@ class FindResult:
         return order[: k or self.k]
 
     def save(self, out: Path) -> None:
+        """Write ap.safetensors and find.json (on rank 0 only under torchrun)."""
+        if not is_main_process():
+            return
         with atomic_path(out / "ap.safetensors") as tmp:
             save_file(
                 {"ap": self.ap},
@@ -126,7 +133,11 @@ def find(
     seed: int = 0,
     batch_size: int = 32,
 ) -> FindResult:
-    """Validate identification prompts, stream unit responses to `out/cache`, score every unit by AP."""
+    """Validate identification prompts, stream unit responses to `out/cache`, score every unit by AP.
+
+    Under torchrun each rank validates and records its share of the batches (`engramlab.distributed`); the AP is
+    exact all the same: each column block of the response matrix is gathered, whole, on one rank and scored there.
+    """
     start = time.perf_counter()
     neuron_space = UnitSpace(loaded.layout, "neurons")
     candidates = identification_prompts(relations, max_prompts, seed)
@@ -136,17 +147,20 @@ def find(
         {**candidates.rows(), "correct": checked.correct[0].tolist(), "prediction": checked.predictions[0].tolist()},
     )
 
+    rows_of = [distributed.batch_rows(len(validated), batch_size, r) for r in range(distributed.world_size())]
+    mine = rows_of[distributed.rank()]  # this rank's validated prompts: whole batches, in order
+    texts = [validated.text[i] for i in mine]
     matrix = ResponseMatrix(
-        out / "cache" / "responses.f32",
-        len(validated),
+        out / "cache" / _cache_name(),
+        len(texts),
         neuron_space.size,
-        fingerprint(loaded.ref, validated.text, response, neuron_space.size),
+        fingerprint(loaded.ref, texts, response, neuron_space.size),
     )
-    collect_responses(loaded, validated.text, neuron_space, matrix, response, batch_size)
+    collect_responses(loaded, texts, neuron_space, matrix, response, batch_size)
 
     names = list(relations)
     rows_per_relation, counts = sample_rows(validated, names, candidates, seed)
-    ap = score_units(matrix, rows_per_relation)  # [R, N]
+    ap = score_units(matrix, rows_per_relation, rows_of if distributed.is_running() else None)  # [R, N]
     space_size = neuron_space.size
     if units == "channels":
         ap = channel_scores(neuron_space, UnitSpace(loaded.layout, "channels"), ap)
@@ -169,7 +183,15 @@ def find(
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")
     result.save(out)
+    result.identification = (candidates, validated)
     return result
+
+
+def _cache_name() -> str:
+    """One response matrix per rank (rows of its batches); a resumed run must use the same number of ranks."""
+    if distributed.world_size() == 1:
+        return "responses.f32"
+    return f"responses.rank{distributed.rank()}-of-{distributed.world_size()}.f32"
 
 
 def validate(loaded: LoadedModel, candidates: PromptSet, batch_size: int) -> tuple[PromptSet, object]:
@@ -216,21 +238,38 @@ def sample_rows(validated: PromptSet, names: list[str], candidates: PromptSet, s
     return rows, counts
 
 
-def score_units(matrix: ResponseMatrix, rows_per_relation: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """AP [R, N] of every unit for every relation, reading the response matrix in column blocks."""
+def score_units(
+    matrix: ResponseMatrix,
+    rows_per_relation: list[tuple[np.ndarray, np.ndarray]],
+    rows_of: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """AP [R, N] of every unit for every relation, reading the response matrix in column blocks.
+
+    `rows_of[r]`: the rows of the whole matrix that rank r's `matrix` holds (None: one process holding every row).
+    Under torchrun column block b is gathered whole on rank b mod N, which scores it; the blocks' AP are then
+    summed over the ranks (each block is non-zero on its owner only), so every rank ends with the same [R, N].
+    """
     n_rel = len(rows_per_relation)
-    ap = np.full((n_rel, matrix.cols), np.nan, dtype=np.float64)
-    block = max(1, AP_BLOCK_ELEMENTS // max(matrix.rows, 1))
-    for start in range(0, matrix.cols, block):
+    n_rows = sum(len(r) for r in rows_of) if rows_of is not None else matrix.rows
+    ap = np.full((n_rel, matrix.cols), np.nan if rows_of is None else 0.0, dtype=np.float64)
+    block = max(1, AP_BLOCK_ELEMENTS // max(n_rows, 1))
+    for b, start in enumerate(range(0, matrix.cols, block)):
         stop = min(start + block, matrix.cols)
-        columns = torch.from_numpy(matrix.columns(start, stop))  # [P, block]
+        if rows_of is None:
+            full = matrix.columns(start, stop)
+        else:
+            full = distributed.gather_rows_to(b % len(rows_of), matrix.columns(start, stop), rows_of, n_rows)
+            if full is None:  # another rank scores this block
+                continue
+        columns = torch.from_numpy(full)  # [P, block]
         for r, (pos, neg) in enumerate(rows_per_relation):
             if pos.size == 0 or neg.size == 0:
+                ap[r, start:stop] = np.nan
                 continue
             index = torch.from_numpy(np.concatenate([pos, neg]))
             labels = torch.cat([torch.ones(pos.size), torch.zeros(neg.size)])
             ap[r, start:stop] = average_precision(columns[index], labels).numpy()
-    return ap
+    return ap if rows_of is None else distributed.sum_over_ranks(ap)
 
 
 def top_units_table(result: FindResult, space: UnitSpace, k: int | None = None) -> pa.Table:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from engramlab.data.facts import PAPER1_RELATIONS, RELATIONS
+from engramlab.distributed import on_main
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel, load_model
 from engramlab.relations import effects, plots
@@ -77,9 +78,8 @@ def prepare(opts: StudyOptions) -> Study:
     into `out` or read from `--neurons`, whose template split is then the default and must not be contradicted)."""
     out = opts.out
     if not opts.resume:
-        out = prepare_out_dir(out, opts.overwrite)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+        on_main(prepare_out_dir, out, opts.overwrite)  # under torchrun: rank 0 checks, every rank stops if refused
+    out.mkdir(parents=True, exist_ok=True)
     names = relation_names(opts.relations) if opts.relations else []
     relations = load_relations_for_study(names, opts.relation_files)
     found = None
@@ -255,9 +255,15 @@ def _drop_text(summary: dict) -> str:
     return text
 
 
+def _identification(study: Study):
+    """(candidates, validated) P_det: from this run's find when there was one (every torchrun rank holds it, so no
+    rank reads a file rank 0 is writing), else read back from the `--neurons` folder."""
+    return study.found.identification or load_identification(study.find_dir)
+
+
 def _template_control(study: Study, top: int) -> TemplateControl:
     """The template control on the find's own validated prompts and negatives; writes template_control.parquet."""
-    candidates, validated = load_identification(study.find_dir)
+    candidates, validated = _identification(study)
     rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
     for name in study.found.relations:
         if counts[name] != study.found.counts.get(name):
@@ -305,7 +311,7 @@ def run_diagnose(opts: StudyOptions, top: int = DEFAULT_TOP) -> dict:
 def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MAX_OBJECTS) -> dict:
     """`relations perplexity`: paper 1 §5.5's probe sentences before / after zeroing, with random controls."""
     study = prepare(opts)
-    _, validated = load_identification(study.find_dir)
+    _, validated = _identification(study)
     result = perplexity(
         study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed, max_objects, opts.batch_size
     )
