@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from engramlab import distributed
 from engramlab.errors import EngramError
 
 DECODE_SITES = ("up", "gate", "down")
@@ -403,16 +405,13 @@ def decode_atlas(
     device = unembed.device
     _sync(device)
     start = time.perf_counter()
-    decoded = decode_vectors(
-        vectors,
-        unembed,
-        top_k,
-        norm=norm,
-        softmax=softmax,
-        chunk_size=chunk_size,
-        compute_dtype=compute_dtype,
-        progress=tracker,
+    decode = partial(
+        decode_vectors, unembed=unembed, top_k=top_k, norm=norm, softmax=softmax, compute_dtype=compute_dtype
     )
+    if distributed.is_running():
+        decoded = _decode_sharded(vectors, decode, chunk_size, tracker)
+    else:
+        decoded = decode(vectors, chunk_size=chunk_size, progress=tracker)
     _sync(device)
     seconds = time.perf_counter() - start
     n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
@@ -435,6 +434,37 @@ def decode_atlas(
         model=str(getattr(loaded, "ref", "")),
         head=str(getattr(head or loaded, "ref", "")),
         chunk_size=decoded.chunk_size,
+    )
+
+
+def _decode_sharded(vectors: Sequence[torch.Tensor], decode: Callable, chunk_size: int | None, tracker) -> Decoded:
+    """Under torchrun: each rank decodes a contiguous run of whole chunks (the same chunks one process would, at
+    the chunk size of the rank with the least memory), and the ranks' rows are gathered back in (layer, neuron)
+    order on every rank, so every rank holds the one merged atlas."""
+    total = sum(int(v.shape[0]) for v in vectors)
+    if chunk_size is None:
+        unembed = decode.keywords["unembed"]
+        dtype = decode.keywords["compute_dtype"] or _compute_dtype(unembed.dtype, unembed.device)
+        chunk_size = auto_chunk_size(unembed.shape[0], dtype, unembed.device, decode.keywords["softmax"])
+    chunk_size = min(min(distributed.gather_objects(chunk_size)), total)
+    n_chunks, world, rank = -(-total // chunk_size), distributed.world_size(), distributed.rank()
+    lo = min(n_chunks * rank // world * chunk_size, total)
+    hi = min(n_chunks * (rank + 1) // world * chunk_size, total)
+    offsets = np.cumsum([0] + [int(v.shape[0]) for v in vectors])
+    mine = [
+        v[max(lo, a) - a : min(hi, b) - a]
+        for v, a, b in zip(vectors, offsets[:-1], offsets[1:], strict=True)
+        if max(lo, a) < min(hi, b)
+    ]  # this rank's rows [lo, hi), as views per layer
+    part = decode(mine, chunk_size=chunk_size, progress=tracker) if mine else None
+    parts = [p for p in distributed.gather_objects(part) if p is not None]
+
+    def cat(name: str) -> torch.Tensor | None:
+        pieces = [getattr(p, name) for p in parts]
+        return None if pieces[0] is None else torch.cat(pieces)
+
+    return Decoded(
+        ids=cat("ids"), scores=cat("scores"), probs=cat("probs"), top1_raw=cat("top1_raw"), chunk_size=chunk_size
     )
 
 
@@ -529,6 +559,8 @@ def write_atlas(
     self-contained `atlas.html`. Returns the summary."""
     from engramlab.results import atomic_path, prepare_out_dir, write_json
 
+    if not distributed.is_main_process():  # under torchrun every rank holds the merged atlas; rank 0 writes it
+        return {**atlas.summary(), "rows": atlas.n_neurons * atlas.top_k, **(extra or {})}
     out_dir = prepare_out_dir(out, overwrite)
     start = time.perf_counter()
     schema = atlas_schema(atlas.probs is not None)

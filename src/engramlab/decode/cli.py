@@ -88,9 +88,10 @@ def atlas_cmd(
 ) -> None:
     """Decode every MLP neuron through the LM head; write atlas.parquet, summary.json and atlas.html."""
     from engramlab.decode.atlas import decode_atlas, write_atlas
+    from engramlab.distributed import on_main
     from engramlab.results import prepare_out_dir
 
-    prepare_out_dir(out, overwrite)  # refuse a non-empty folder before the work, not after
+    on_main(prepare_out_dir, out, overwrite)  # refuse a non-empty folder before the work, not after
     loaded = _load(model, device, dtype, trust_remote_code, download)
     atlas = decode_atlas(
         loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
@@ -179,12 +180,13 @@ def compare_cmd(
 ) -> None:
     """Top-1 token agreement of every neuron between two same-shaped models, per layer and overall."""
     from engramlab.decode.compare import compare_models, write_comparison
+    from engramlab.distributed import on_main
     from engramlab.errors import EngramError
     from engramlab.results import prepare_out_dir
 
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
-    prepare_out_dir(out, overwrite)
+    on_main(prepare_out_dir, out, overwrite)
     model_a = _load(a, device, dtype, trust_remote_code, download)
     model_b = _load(b, device, dtype, trust_remote_code, download)
     result = compare_models(
