@@ -30,6 +30,7 @@ from plotly.subplots import make_subplots
 
 from engramlab.data import chat, statements
 from engramlab.data.facts import load_relation
+from engramlab.distributed import on_main
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel, load_model
 from engramlab.posttrain import entropy, patching, refusal, truth
@@ -475,7 +476,8 @@ ANALYSES = {"knowledge": knowledge, "truth": truth_analysis, "refusal": refusal_
 
 def run(opts: Options, analyses: list[str]) -> dict:
     """Run the named analyses; write `<name>.parquet`, `summary.json` (one section each) and `report.html`."""
-    out = prepare_out_dir(opts.out, opts.overwrite)
+    on_main(prepare_out_dir, opts.out, opts.overwrite)  # under torchrun: rank 0 checks, every rank stops if refused
+    out = Path(opts.out)
     base, post = _load(opts)
     summary, sections = {"base": opts.base, "post": opts.post}, []
     for name in analyses:
