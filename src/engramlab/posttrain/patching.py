@@ -104,7 +104,7 @@ def pairs_by_last_word(
     for key in sorted(groups):
         trues, falses = groups[key][True], groups[key][False]
         rng.shuffle(falses)
-        pairs.extend(Pair(t, f) for t, f in zip(trues, falses, strict=True))
+        pairs.extend(Pair(t, f) for t, f in zip(trues, falses, strict=False))  # the shorter side sets the count
     rng.shuffle(pairs)
     return pairs[:max_pairs]
 
