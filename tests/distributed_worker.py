@@ -53,15 +53,30 @@ def decode(out: Path) -> None:
 
 
 def posttrain(out: Path) -> None:
-    """posttrain compare's sharded analyses at small sizes: knowledge (patching pairs), truth and refusal (statement
-    and prompt batches); entropy (32 fixed texts, not sharded) is left out."""
+    """posttrain truth and refusal at small sizes (statement and prompt batches shared out; probes on gathered
+    activations, mean differences summed in batch order); entropy (32 fixed texts, not sharded) is left out."""
     from engramlab.posttrain import study
 
-    common = {"device": "cpu", "overwrite": True, "max_new_tokens": 3}
-    # batch_size: patching cells per forward in knowledge, statements or prompts per batch in truth and refusal
-    study.run(study.Options(out=out / "knowledge", batch_size=32, max_pairs=2, **common), ["knowledge"])
-    opts = study.Options(out=out / "truth", batch_size=6, per_set=10, n_refusal_train=6, n_refusal_eval=6, **common)
+    opts = study.Options(
+        out=out / "posttrain",
+        device="cpu",
+        overwrite=True,
+        batch_size=4,
+        per_set=6,
+        n_refusal_train=6,
+        n_refusal_eval=6,
+        max_new_tokens=3,
+    )
     study.run(opts, ["truth", "refusal"])
+
+
+def knowledge(out: Path) -> None:
+    """posttrain knowledge: activation-patching pairs shared out (the slow part of posttrain compare)."""
+    from engramlab.posttrain import study
+
+    study.run(
+        study.Options(out=out / "knowledge", device="cpu", overwrite=True, batch_size=64, max_pairs=2), ["knowledge"]
+    )
 
 
 def organisms(out: Path) -> None:
@@ -86,7 +101,14 @@ def organisms(out: Path) -> None:
     write_json(out / "organism" / "summary.json", summary)
 
 
-STUDIES = {"relations": relations, "decode": decode, "posttrain": posttrain, "organisms": organisms}
+STUDIES = {
+    "relations": relations,
+    "decode": decode,
+    "posttrain": posttrain,
+    "organisms": organisms,
+    "knowledge": knowledge,
+}
+FAST = ["relations", "decode", "posttrain", "organisms"]
 
 
 def run(out: Path, names: list[str]) -> None:
@@ -117,7 +139,7 @@ if __name__ == "__main__":
     from engramlab import distributed
 
     distributed.init_from_env()
-    target, what = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else ",".join(STUDIES)
+    target, what = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else ",".join(FAST)
     if what == "fail_on_rank1":
         fail_on_rank1(target)
     try:
