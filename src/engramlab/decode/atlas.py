@@ -39,6 +39,7 @@ from torch import nn
 
 from engramlab import distributed
 from engramlab.errors import EngramError
+from engramlab.models.loading import is_offloaded, onloaded
 
 DECODE_SITES = ("up", "gate", "down")
 _CPU_BUDGET = 0.25  # fraction of available RAM the [chunk, V] score block (and its scratch) may use
@@ -393,8 +394,7 @@ def decode_atlas(
     layout = loaded.layout
     head_layout = (head or loaded).layout
     vectors = neuron_vectors(layout, site)
-    unembed = unembedding(head_layout)
-    norm = _norm_fn(head_layout.final_norm) if fold_norm else None
+    offloaded = is_offloaded(loaded.model) or is_offloaded((head or loaded).model)
     tracker = None
     if progress:
         from engramlab.progress import track
@@ -402,17 +402,22 @@ def decode_atlas(
         def tracker(items, total):
             return track(items, f"decoding {site} neurons", total=total)
 
-    device = unembed.device
-    _sync(device)
-    start = time.perf_counter()
-    decode = partial(
-        decode_vectors, unembed=unembed, top_k=top_k, norm=norm, softmax=softmax, compute_dtype=compute_dtype
-    )
-    if distributed.is_running():
-        decoded = _decode_sharded(vectors, decode, chunk_size, tracker)
-    else:
-        decoded = decode(vectors, chunk_size=chunk_size, progress=tracker)
-    _sync(device)
+    with onloaded(head_layout.lm_head):  # W_U stays in memory for the whole decode (a no-op unless offloaded)
+        unembed = unembedding(head_layout)
+        norm = _norm_fn(head_layout.final_norm) if fold_norm else None
+        device = unembed.device
+        _sync(device)
+        start = time.perf_counter()
+        decode = partial(
+            decode_vectors, unembed=unembed, top_k=top_k, norm=norm, softmax=softmax, compute_dtype=compute_dtype
+        )
+        if offloaded:
+            decoded = _decode_offloaded(layout, site, decode, chunk_size)
+        elif distributed.is_running():
+            decoded = _decode_sharded(vectors, decode, chunk_size, tracker)
+        else:
+            decoded = decode(vectors, chunk_size=chunk_size, progress=tracker)
+        _sync(device)
     seconds = time.perf_counter() - start
     n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
     if any(int(v.shape[0]) != per_layer for v in vectors):
@@ -434,6 +439,24 @@ def decode_atlas(
         model=str(getattr(loaded, "ref", "")),
         head=str(getattr(head or loaded, "ref", "")),
         chunk_size=decoded.chunk_size,
+    )
+
+
+def _decode_offloaded(layout, site: str, decode: Callable, chunk_size: int | None) -> Decoded:
+    """A model whose weights are partly offloaded (accelerate's device_map with CPU or disk): one layer at a time,
+    its weights brought onto the execution device for that layer only, so memory holds one layer's vectors."""
+    spec = layout.spec
+    rel = {"up": spec.up, "gate": spec.gate, "down": spec.down}[site]  # `neuron_vectors` has checked `site`
+    parts = []
+    for layer in range(layout.n_layers):
+        with onloaded(layout.layer_module(layer, rel)):
+            parts.append(decode([neuron_vectors(layout, site)[layer]], chunk_size=chunk_size))
+    return Decoded(
+        ids=torch.cat([p.ids for p in parts]),
+        scores=torch.cat([p.scores for p in parts]),
+        probs=None if parts[0].probs is None else torch.cat([p.probs for p in parts]),
+        top1_raw=None if parts[0].top1_raw is None else torch.cat([p.top1_raw for p in parts]),
+        chunk_size=parts[0].chunk_size,
     )
 
 

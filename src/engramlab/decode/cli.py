@@ -16,7 +16,9 @@ from engramlab.cli_options import (
     Device,
     Download,
     Dtype,
+    MaxMemory,
     Model,
+    OffloadFolder,
     Out,
     Overwrite,
     Seed,
@@ -57,8 +59,10 @@ def _load(
     trust_remote_code: bool = False,
     download: bool = False,
     with_tokenizer: bool = True,
+    max_memory: str | None = None,
+    offload_folder: Path | None = None,
 ):
-    from engramlab.models.loading import load_model
+    from engramlab.models.loading import load_model, parse_max_memory
 
     return load_model(
         ref,
@@ -67,6 +71,8 @@ def _load(
         trust_remote_code=trust_remote_code,
         allow_download=download,
         with_tokenizer=with_tokenizer,
+        max_memory=parse_max_memory(max_memory),
+        offload_folder=offload_folder,
     )
 
 
@@ -82,6 +88,8 @@ def atlas_cmd(
     html: bool = typer.Option(True, "--html/--no-html", help="Also write the atlas.html explorer."),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     trust_remote_code: TrustRemoteCode = False,
     download: Download = False,
     overwrite: Overwrite = False,
@@ -92,7 +100,9 @@ def atlas_cmd(
     from engramlab.results import prepare_out_dir
 
     on_main(prepare_out_dir, out, overwrite)  # refuse a non-empty folder before the work, not after
-    loaded = _load(model, device, dtype, trust_remote_code, download)
+    loaded = _load(
+        model, device, dtype, trust_remote_code, download, max_memory=max_memory, offload_folder=offload_folder
+    )
     atlas = decode_atlas(
         loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
     )

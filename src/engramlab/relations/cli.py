@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Dtype, Overwrite, Seed
+from engramlab.cli_options import DEFAULT_MODEL, BatchSize, Device, Dtype, MaxMemory, OffloadFolder, Overwrite, Seed
 from engramlab.relations import study
 
 app = typer.Typer(help="Relation-specific neurons (Liu et al., EMNLP 2025).", no_args_is_help=True)
@@ -74,6 +74,8 @@ def find_cmd(
     heldout_templates: Heldout = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     seed: Seed = 0,
     batch_size: BatchSize = 32,
     overwrite: Overwrite = False,
@@ -92,6 +94,8 @@ def find_cmd(
         heldout_templates=heldout_templates,
         device=device,
         dtype=dtype,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
         seed=seed,
         batch_size=batch_size,
         overwrite=overwrite,

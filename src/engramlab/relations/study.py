@@ -13,7 +13,7 @@ import numpy as np
 from engramlab.data.facts import PAPER1_RELATIONS, RELATIONS
 from engramlab.distributed import on_main
 from engramlab.errors import EngramError
-from engramlab.models.loading import LoadedModel, load_model
+from engramlab.models.loading import LoadedModel, load_model, parse_max_memory
 from engramlab.relations import effects, plots
 from engramlab.relations.find import FindResult, find, load_identification, sample_rows, top_units_table
 from engramlab.relations.perplexity import MAX_OBJECTS, perplexity
@@ -43,6 +43,8 @@ class StudyOptions:
     neurons: Path | None = None  # reuse a previous `relations find` folder
     device: str = "auto"
     dtype: str = "auto"
+    max_memory: str | None = None  # accelerate device_map caps, e.g. "0=20GiB,cpu=64GiB" (see load_model)
+    offload_folder: Path | None = None  # disk offload for the weights that fit nowhere else
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False
@@ -94,7 +96,13 @@ def prepare(opts: StudyOptions) -> Study:
         find_dir = Path(opts.neurons)
     else:
         relations = split_templates(relations, opts.heldout_templates)
-    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    loaded = load_model(
+        opts.model,
+        device=opts.device,
+        dtype=opts.dtype,
+        max_memory=parse_max_memory(opts.max_memory),
+        offload_folder=opts.offload_folder,
+    )
     if found is None:
         found = find(
             loaded,
