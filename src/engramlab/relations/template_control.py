@@ -91,7 +91,7 @@ def pooled_responses(
         for rec in (rec_all, rec_subject, rec_template):
             block = np.empty((stop - start, ids.size), dtype=np.float32)  # [B, U]
             for key, (cols, within) in columns.items():
-                block[:, cols] = rec[key][:, within.to(loaded.device)].float().cpu().numpy()
+                block[:, cols] = rec[key][:, within.to(rec[key].device)].float().cpu().numpy()
             pooled.append(block)
         return pooled
 
