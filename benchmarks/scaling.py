@@ -105,6 +105,14 @@ def rss_peak(box: dict, key: str):
         box[key] = max(peak[0], proc.memory_info().rss) / 2**20
 
 
+def _touch(model: torch.nn.Module) -> None:
+    """Read one element per memory page of every weight: safetensors are memory-mapped, so the weights count in
+    the resident set only once touched, and "model" must include them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.reshape(-1)[:: 4096 // p.element_size()].sum()
+
+
 def child(args) -> None:
     """One rank: response pass, AP, atlas; rank 0 prints every rank's numbers as one JSON line."""
     from engramlab import distributed
@@ -124,6 +132,7 @@ def child(args) -> None:
 
     out = {"rank": distributed.rank()}
     loaded = load_model(args.model, device="cpu", dtype="bfloat16")
+    _touch(loaded.model)
     out["model_mb"] = psutil.Process().memory_info().rss / 2**20
     space = UnitSpace(loaded.layout, "neurons")
     texts = prompts(args.prompts)
@@ -144,6 +153,7 @@ def child(args) -> None:
     if args.atlas_model:
         del loaded, matrix
         atlas_model = load_model(args.atlas_model, device="cpu", dtype="bfloat16")
+        _touch(atlas_model)
         with rss_peak(out, "atlas_peak_mb"):
             start = barrier()
             atlas = decode_atlas(atlas_model, top_k=10, compute_dtype=torch.bfloat16)

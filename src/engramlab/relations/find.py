@@ -246,30 +246,45 @@ def score_units(
     """AP [R, N] of every unit for every relation, reading the response matrix in column blocks.
 
     `rows_of[r]`: the rows of the whole matrix that rank r's `matrix` holds (None: one process holding every row).
-    Under torchrun column block b is gathered whole on rank b mod N, which scores it; the blocks' AP are then
-    summed over the ranks (each block is non-zero on its owner only), so every rank ends with the same [R, N].
+    Under torchrun the blocks go in rounds of N: in each round block b is gathered whole on rank b mod N, then every
+    rank scores its block at the same time; the blocks' AP are summed over the ranks at the end (each block is
+    non-zero on its owner only), so every rank ends with the same [R, N].
     """
-    n_rel = len(rows_per_relation)
     n_rows = sum(len(r) for r in rows_of) if rows_of is not None else matrix.rows
-    ap = np.full((n_rel, matrix.cols), np.nan if rows_of is None else 0.0, dtype=np.float64)
-    block = max(1, AP_BLOCK_ELEMENTS // max(n_rows, 1))
-    for b, start in enumerate(range(0, matrix.cols, block)):
-        stop = min(start + block, matrix.cols)
-        if rows_of is None:
-            full = matrix.columns(start, stop)
-        else:
-            full = distributed.gather_rows_to(b % len(rows_of), matrix.columns(start, stop), rows_of, n_rows)
-            if full is None:  # another rank scores this block
-                continue
-        columns = torch.from_numpy(full)  # [P, block]
-        for r, (pos, neg) in enumerate(rows_per_relation):
-            if pos.size == 0 or neg.size == 0:
-                ap[r, start:stop] = np.nan
-                continue
-            index = torch.from_numpy(np.concatenate([pos, neg]))
-            labels = torch.cat([torch.ones(pos.size), torch.zeros(neg.size)])
-            ap[r, start:stop] = average_precision(columns[index], labels).numpy()
-    return ap if rows_of is None else distributed.sum_over_ranks(ap)
+    width = max(1, AP_BLOCK_ELEMENTS // max(n_rows, 1))
+    starts = list(range(0, matrix.cols, width))
+    if rows_of is None:
+        ap = np.full((len(rows_per_relation), matrix.cols), np.nan, dtype=np.float64)
+        for start in starts:
+            stop = min(start + width, matrix.cols)
+            ap[:, start:stop] = _block_ap(matrix.columns(start, stop), rows_per_relation)
+        return ap
+    world = len(rows_of)
+    ap = np.zeros((len(rows_per_relation), matrix.cols), dtype=np.float64)
+    for first in range(0, len(starts), world):
+        owned = None
+        for owner, start in enumerate(starts[first : first + world]):
+            stop = min(start + width, matrix.cols)
+            full = distributed.gather_rows_to(owner, matrix.columns(start, stop), rows_of, n_rows)
+            if full is not None:
+                owned = (start, stop, full)
+        if owned is not None:
+            start, stop, full = owned
+            ap[:, start:stop] = _block_ap(full, rows_per_relation)
+    return distributed.sum_over_ranks(ap)
+
+
+def _block_ap(columns: np.ndarray, rows_per_relation: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """AP [R, C] of a column block [P, C] of the response matrix (NaN for a relation without prompts)."""
+    block = torch.from_numpy(columns)  # [P, C]
+    ap = np.full((len(rows_per_relation), columns.shape[1]), np.nan, dtype=np.float64)
+    for r, (pos, neg) in enumerate(rows_per_relation):
+        if pos.size == 0 or neg.size == 0:
+            continue
+        index = torch.from_numpy(np.concatenate([pos, neg]))
+        labels = torch.cat([torch.ones(pos.size), torch.zeros(neg.size)])
+        ap[r] = average_precision(block[index], labels).numpy()
+    return ap
 
 
 def top_units_table(result: FindResult, space: UnitSpace, k: int | None = None) -> pa.Table:
