@@ -153,7 +153,7 @@ def child(args) -> None:
     if args.atlas_model:
         del loaded, matrix
         atlas_model = load_model(args.atlas_model, device="cpu", dtype="bfloat16")
-        _touch(atlas_model)
+        _touch(atlas_model.model)
         with rss_peak(out, "atlas_peak_mb"):
             start = barrier()
             atlas = decode_atlas(atlas_model, top_k=10, compute_dtype=torch.bfloat16)
