@@ -1,7 +1,7 @@
 """torchrun support: the data-heavy studies run data-parallel under `torchrun --nproc_per_node N -m engramlab ...`.
 
 Every rank runs the same study code on the same inputs; only the expensive loops are split. The unit of work is
-the batch a single process would run: batch b goes to rank b mod N (`map_batches`, `my_batches`), so every
+the batch a single process would run: batch b goes to rank b mod N (`map_batches`, `batch_rows`), so every
 forward pass sees exactly the rows, padding and shapes of the one-process run, and the gathered results equal it
 (bit for bit where the kernels are deterministic). Results are gathered back in batch order on every rank, so
 what follows a loop (AP, summaries, plots) is computed identically everywhere; only rank 0 writes files
