@@ -207,40 +207,49 @@ def tour(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `engramlab` script and of `python -m engramlab`: run the command, and turn every way it
-    can fail into one line on stderr and an exit code (2: bad input, 130: interrupted, 1: unexpected)."""
+    """Entry point of the `engramlab` script and of `python -m engramlab` (also under torchrun): run the command, and
+    turn every way it can fail into one line on stderr and an exit code (2: bad input, 130: interrupted, 1:
+    unexpected)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get("ENGRAMLAB_DEBUG") == "1"
     args = [a for a in args if a != DEBUG_FLAG]
+    parallel = _start_ranks()
     try:
         with _warnings_after(show=not debug) as held:
             code = app(args=args, prog_name="engramlab", standalone_mode=False)
         held.show()
     except EngramError as err:
-        _fail(str(err), 2)
+        _fail(*_rank_message(err, parallel), 2)
     except _CLICK_ERROR as err:  # a bad option value, a missing option, an unknown command
         if type(err).__name__ == "NoArgsIsHelpError":
             sys.exit(2)  # typer has printed the help
-        _fail(err.format_message(), err.exit_code)
+        _fail(err.format_message(), "error", err.exit_code)
     except typer.Abort:
-        _fail("aborted.", 1)
+        _fail("aborted.", "error", 1)
     except KeyboardInterrupt:
-        _fail(INTERRUPTED, 130)
+        _fail(INTERRUPTED, "error", 130)
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing left to say
         sys.exit(1)
     except Exception as err:
         if debug:
             raise
+        if parallel and _peer_lost(err):
+            sys.exit(1)  # another rank failed and said why in its own line; torchrun stops the rest
         _fail(
             f"unexpected {type(err).__name__}: {_first_line(err)} (a bug in engramlab or a case it does not check "
             f"yet); rerun with {DEBUG_FLAG} for the traceback.",
+            "error",
             1,
         )
     if code == 130:  # typer turns a Ctrl-C inside the command into exit code 130
-        _fail(INTERRUPTED, 130)
+        _fail(INTERRUPTED, "error", 130)
     if code:
         sys.exit(code)
+    if parallel:
+        from engramlab.distributed import shutdown
+
+        shutdown()
 
 
 class _HeldWarnings(list):
@@ -269,8 +278,47 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else "(no message)"
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    """One line on stderr (a message spread over lines is joined), then exit with `code`."""
+def _fail(message: str | None, label: str, code: int) -> NoReturn:
+    """One line `label: message` on stderr (a message spread over lines is joined; None: nothing), then exit with
+    `code`."""
+    if message is None:
+        sys.exit(code)
     line = " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
-    print(f"error: {line}", file=sys.stderr)
+    print(f"{label}: {line}", file=sys.stderr)
     sys.exit(code)
+
+
+def _start_ranks() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group and silence stdout on every rank but 0, so that
+    summaries are printed once. Without torchrun nothing happens (and torch.distributed is not imported)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    from engramlab.distributed import init_from_env, rank
+
+    if not init_from_env():
+        return False
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return True
+
+
+def _peer_lost(err: Exception) -> bool:
+    """Whether a collective failed because another torchrun rank went away (its process group connection closed)."""
+    from torch.distributed import DistError
+
+    text = str(err)
+    return isinstance(err, DistError) or (
+        isinstance(err, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset"))
+    )
+
+
+def _rank_message(err: EngramError, parallel: bool) -> tuple[str | None, str]:
+    """The error's message and label. Under torchrun: an error every rank raised together (`distributed.on_main`) is
+    printed by rank 0 only (None elsewhere); any other names the rank that failed (torchrun then stops the rest)."""
+    if not parallel:
+        return str(err), "error"
+    from engramlab.distributed import SharedError, rank, world_size
+
+    if rank() == 0:
+        return str(err), "error"
+    return (None if isinstance(err, SharedError) else str(err)), f"error (rank {rank()} of {world_size()})"

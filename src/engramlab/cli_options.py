@@ -56,6 +56,20 @@ TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run model code shipped with the checkpoint (off by default).")
 ]
 Download = Annotated[bool, typer.Option("--download", help="Allow fetching a Hub id that is not in the local cache.")]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Spread a model larger than one device with accelerate's device_map (with --device auto): memory cap "
+        "per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB; what does not fit goes to --offload-folder.",
+    ),
+]
+OffloadFolder = Annotated[
+    Path | None,
+    typer.Option(
+        "--offload-folder", help="Folder for the weights that fit on no device (disk offload, --device auto)."
+    ),
+]
 
 
 def comma_list(value: str, option: str) -> list[str]:

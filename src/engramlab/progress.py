@@ -12,8 +12,9 @@ T = TypeVar("T")
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr; silent when ENGRAMLAB_QUIET=1 (tests, logs)."""
-    if os.environ.get("ENGRAMLAB_QUIET") == "1":
+    """Iterate with a progress bar on stderr; silent when ENGRAMLAB_QUIET=1 (tests, logs) and on every torchrun rank
+    but rank 0 (whose bar counts its own share of the batches)."""
+    if os.environ.get("ENGRAMLAB_QUIET") == "1" or _other_rank():
         yield from items
         return
     columns = (
@@ -25,3 +26,11 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     )
     with Progress(*columns, transient=False) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+def _other_rank() -> bool:
+    """A torchrun rank other than 0 (the same test as `engramlab.distributed.is_main_process`, which imports this
+    module and so cannot be imported here)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0

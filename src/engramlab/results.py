@@ -8,6 +8,9 @@ a non-empty folder is refused unless the caller passes `overwrite=True`. Written
 A command that can `--resume` writes a marker, `.engramlab-run.json`, with its name and options when it starts a
 folder; `--resume` continues only a folder whose marker names the same command and options, so it never writes
 over files it did not write.
+
+Under torchrun every rank ends a study with the same merged results; `write_text`, `write_json` and
+`write_parquet` write on rank 0 only and do nothing on the other ranks (`engramlab.distributed`).
 """
 
 from __future__ import annotations
@@ -181,8 +184,17 @@ def _umask() -> int:
     return mask
 
 
+def _writes() -> bool:
+    """False on torchrun ranks other than 0: one copy of each result file, written by rank 0."""
+    from engramlab.distributed import is_main_process
+
+    return is_main_process()
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` atomically (UTF-8)."""
+    """Write `text` atomically (UTF-8); on rank 0 only under torchrun."""
+    if not _writes():
+        return Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
@@ -204,12 +216,15 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON atomically."""
+    """Write `obj` as indented JSON atomically; on rank 0 only under torchrun."""
     return write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table | Mapping[str, Sequence] | Sequence[Mapping]) -> Path:
-    """Write a tidy table (pyarrow Table, dict of columns or list of row dicts) to parquet atomically."""
+    """Write a tidy table (pyarrow Table, dict of columns or list of row dicts) to parquet atomically; on rank 0
+    only under torchrun."""
+    if not _writes():
+        return Path(path)
     if isinstance(table, Mapping):
         table = pa.table({k: list(v) if not hasattr(v, "__array__") else v for k, v in table.items()})
     elif not isinstance(table, pa.Table):

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from engramlab import distributed
 from engramlab.errors import EngramError
+from engramlab.models.loading import is_offloaded, onloaded
 
 DECODE_SITES = ("up", "gate", "down")
 _CPU_BUDGET = 0.25  # fraction of available RAM the [chunk, V] score block (and its scratch) may use
@@ -393,8 +396,7 @@ def decode_atlas(
             f"layers of {layout.family} have different MLP widths (dense and MoE layers mixed); the atlas needs one "
             f"width for all layers."
         )
-    unembed = unembedding(head_layout)
-    norm = _norm_fn(head_layout.final_norm) if fold_norm else None
+    offloaded = is_offloaded(loaded.model) or is_offloaded((head or loaded).model)
     tracker = None
     if progress:
         from engramlab.progress import track
@@ -402,20 +404,22 @@ def decode_atlas(
         def tracker(items, total):
             return track(items, f"decoding {site} neurons", total=total)
 
-    device = unembed.device
-    _sync(device)
-    start = time.perf_counter()
-    decoded = decode_vectors(
-        vectors,
-        unembed,
-        top_k,
-        norm=norm,
-        softmax=softmax,
-        chunk_size=chunk_size,
-        compute_dtype=compute_dtype,
-        progress=tracker,
-    )
-    _sync(device)
+    with onloaded(head_layout.lm_head):  # W_U stays in memory for the whole decode (a no-op unless offloaded)
+        unembed = unembedding(head_layout)
+        norm = _norm_fn(head_layout.final_norm) if fold_norm else None
+        device = unembed.device
+        _sync(device)
+        start = time.perf_counter()
+        decode = partial(
+            decode_vectors, unembed=unembed, top_k=top_k, norm=norm, softmax=softmax, compute_dtype=compute_dtype
+        )
+        if offloaded:
+            decoded = _decode_offloaded(layout, site, decode, chunk_size)
+        elif distributed.is_running():
+            decoded = _decode_sharded(vectors, decode, chunk_size, tracker)
+        else:
+            decoded = decode(vectors, chunk_size=chunk_size, progress=tracker)
+        _sync(device)
     seconds = time.perf_counter() - start
     shape = (n_layers, per_layer, top_k)
     tokenizer = getattr(head or loaded, "tokenizer", None) or getattr(loaded, "tokenizer", None)
@@ -434,6 +438,53 @@ def decode_atlas(
         model=str(getattr(loaded, "ref", "")),
         head=str(getattr(head or loaded, "ref", "")),
         chunk_size=decoded.chunk_size,
+    )
+
+
+def _decode_offloaded(layout, site: str, decode: Callable, chunk_size: int | None) -> Decoded:
+    """A model whose weights are partly offloaded (accelerate's device_map with CPU or disk): one layer at a time,
+    its weights brought onto the execution device for that layer only, so memory holds one layer's vectors."""
+    parts = []
+    for layer in range(layout.n_layers):
+        with onloaded(layout.layers[layer]):  # the layer's weights (its MLP's among them), for this layer only
+            parts.append(decode([neuron_vectors(layout, site)[layer]], chunk_size=chunk_size))
+    return Decoded(
+        ids=torch.cat([p.ids for p in parts]),
+        scores=torch.cat([p.scores for p in parts]),
+        probs=None if parts[0].probs is None else torch.cat([p.probs for p in parts]),
+        top1_raw=None if parts[0].top1_raw is None else torch.cat([p.top1_raw for p in parts]),
+        chunk_size=parts[0].chunk_size,
+    )
+
+
+def _decode_sharded(vectors: Sequence[torch.Tensor], decode: Callable, chunk_size: int | None, tracker) -> Decoded:
+    """Under torchrun: each rank decodes a contiguous run of whole chunks (the same chunks one process would, at
+    the chunk size of the rank with the least memory), and the ranks' rows are gathered back in (layer, neuron)
+    order on every rank, so every rank holds the one merged atlas."""
+    total = sum(int(v.shape[0]) for v in vectors)
+    if chunk_size is None:
+        unembed = decode.keywords["unembed"]
+        dtype = decode.keywords["compute_dtype"] or _compute_dtype(unembed.dtype, unembed.device)
+        chunk_size = auto_chunk_size(unembed.shape[0], dtype, unembed.device, decode.keywords["softmax"])
+    chunk_size = min(min(distributed.gather_objects(chunk_size)), total)
+    n_chunks, world, rank = -(-total // chunk_size), distributed.world_size(), distributed.rank()
+    lo = min(n_chunks * rank // world * chunk_size, total)
+    hi = min(n_chunks * (rank + 1) // world * chunk_size, total)
+    offsets = np.cumsum([0] + [int(v.shape[0]) for v in vectors])
+    mine = [
+        v[max(lo, a) - a : min(hi, b) - a]
+        for v, a, b in zip(vectors, offsets[:-1], offsets[1:], strict=True)
+        if max(lo, a) < min(hi, b)
+    ]  # this rank's rows [lo, hi), as views per layer
+    part = decode(mine, chunk_size=chunk_size, progress=tracker) if mine else None
+    parts = [p for p in distributed.gather_objects(part) if p is not None]
+
+    def cat(name: str) -> torch.Tensor | None:
+        pieces = [getattr(p, name) for p in parts]
+        return None if pieces[0] is None else torch.cat(pieces)
+
+    return Decoded(
+        ids=cat("ids"), scores=cat("scores"), probs=cat("probs"), top1_raw=cat("top1_raw"), chunk_size=chunk_size
     )
 
 
@@ -528,6 +579,8 @@ def write_atlas(
     self-contained `atlas.html`. Returns the summary."""
     from engramlab.results import atomic_path, prepare_out_dir, write_json
 
+    if not distributed.is_main_process():  # under torchrun every rank holds the merged atlas; rank 0 writes it
+        return {**atlas.summary(), "rows": atlas.n_neurons * atlas.top_k, **(extra or {})}
     out_dir = prepare_out_dir(out, overwrite)
     start = time.perf_counter()
     schema = atlas_schema(atlas.probs is not None)

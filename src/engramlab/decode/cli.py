@@ -16,7 +16,9 @@ from engramlab.cli_options import (
     Device,
     Download,
     Dtype,
+    MaxMemory,
     Model,
+    OffloadFolder,
     Out,
     Overwrite,
     Seed,
@@ -58,8 +60,10 @@ def _load(
     download: bool = False,
     with_tokenizer: bool = True,
     option: str = "--model",
+    max_memory: str | None = None,
+    offload_folder: Path | None = None,
 ):
-    from engramlab.models.loading import load_model
+    from engramlab.models.loading import load_model, parse_max_memory
 
     return load_model(
         ref,
@@ -69,6 +73,8 @@ def _load(
         allow_download=download,
         with_tokenizer=with_tokenizer,
         option=option,
+        max_memory=parse_max_memory(max_memory),
+        offload_folder=offload_folder,
     )
 
 
@@ -92,17 +98,22 @@ def atlas_cmd(
     html: bool = typer.Option(True, "--html/--no-html", help="Also write the atlas.html explorer."),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     trust_remote_code: TrustRemoteCode = False,
     download: Download = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Decode every MLP neuron through the LM head; write atlas.parquet, summary.json and atlas.html."""
     from engramlab.decode.atlas import decode_atlas, write_atlas
+    from engramlab.distributed import on_main
     from engramlab.results import check_out_dir
 
     _check_site(site)
-    check_out_dir(out, overwrite)  # refuse a bad or non-empty folder before the work, not after
-    loaded = _load(model, device, dtype, trust_remote_code, download)
+    on_main(check_out_dir, out, overwrite)  # refuse a bad or non-empty folder before the work, not after
+    loaded = _load(
+        model, device, dtype, trust_remote_code, download, max_memory=max_memory, offload_folder=offload_folder
+    )
     atlas = decode_atlas(
         loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
     )
@@ -193,13 +204,14 @@ def compare_cmd(
 ) -> None:
     """Top-1 token agreement of every neuron between two same-shaped models, per layer and overall."""
     from engramlab.decode.compare import compare_models, write_comparison
+    from engramlab.distributed import on_main
     from engramlab.errors import EngramError
     from engramlab.results import check_out_dir
 
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
     _check_site(site)
-    check_out_dir(out, overwrite)
+    on_main(check_out_dir, out, overwrite)
     model_a = _load(a, device, dtype, trust_remote_code, download, option="--a")
     model_b = _load(b, device, dtype, trust_remote_code, download, option="--b")
     result = compare_models(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -241,10 +242,11 @@ def write_comparison(result: Comparison, out: str | os.PathLike, overwrite: bool
     """compare.parquet, report.html (agreement per layer) and summary.json in `out`."""
     import pyarrow.compute as pc
 
+    from engramlab.distributed import on_main
     from engramlab.report.html import Section, key_values, table, write_report
     from engramlab.results import prepare_out_dir, write_json, write_parquet
 
-    out_dir = prepare_out_dir(out, overwrite)
+    out_dir = Path(on_main(prepare_out_dir, out, overwrite) or out)  # rank 0 only; the others write nothing
     rows = comparison_table(result)
     write_parquet(out_dir / "compare.parquet", rows)
     summary = result.summary()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engramlab.distributed import is_running, local_device
 from engramlab.errors import EngramError
 from engramlab.models.arch import ArchSpec
 from engramlab.models.hooks import HookEngine
@@ -86,11 +87,12 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
-    """`auto` -> the first CUDA device if there is one (several GPUs are then spread by accelerate), else CPU."""
+    """`auto` -> the first CUDA device if there is one (several GPUs are then spread by accelerate), else CPU; a
+    torchrun rank on a GPU machine gets its own GPU, `cuda:LOCAL_RANK` (data parallel: one model copy per rank)."""
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -223,10 +225,20 @@ def load_model(
     allow_download: bool = False,
     with_tokenizer: bool = True,
     option: str = "--model",
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM from a local HF directory, `organism:NAME`, or a Hub id (cache first; download only with
     `allow_download=True`). Returns a `LoadedModel` in eval mode with its tokenizer (left padding, a pad token).
-    Errors name `option`, the flag the reference came with (`--model`, `--base`, `--a`, ...)."""
+    Errors name `option`, the flag the reference came with (`--model`, `--base`, `--a`, ...).
+
+    A model larger than one device: with `device="auto"`, several GPUs, or `max_memory` / `offload_folder`, the
+    layers are placed by accelerate's `device_map="auto"` (transformers' from_pretrained: GPUs first, then CPU RAM,
+    then `offload_folder` on disk, each device capped by `max_memory`, e.g. `{0: "20GiB", "cpu": "64GiB"}`).
+    Offloaded layers run on the main device, their weights brought in by accelerate's hooks for each forward; the
+    hook engine's recordings, edits and patches see the same activations. Weight readers (the decode atlas) bring
+    offloaded weights in layer by layer with `onloaded`.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_device_and_dtype(device, dtype)
@@ -244,7 +256,16 @@ def load_model(
 
     target = parse_device(device)
     torch_dtype = parse_dtype(dtype, target)
-    multi_gpu = target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1
+    offload = max_memory is not None or offload_folder is not None
+    if offload and (device not in (None, "auto") or is_running()):
+        raise EngramError(
+            "--max-memory / --offload-folder place one model over several devices: use them with --device auto "
+            "and without torchrun (each torchrun rank holds a whole copy of the model)."
+        )
+    multi_gpu = (
+        target.type == "cuda" and device in (None, "auto") and torch.cuda.device_count() > 1 and not is_running()
+    )
+    dispatch = {"device_map": "auto", "max_memory": max_memory, "offload_folder": offload_folder}
     try:
         with _quiet_hf():
             model = AutoModelForCausalLM.from_pretrained(
@@ -253,12 +274,15 @@ def load_model(
                 dtype=torch_dtype,
                 trust_remote_code=trust_remote_code,
                 weights_only=True,
-                device_map="auto" if multi_gpu else None,
+                **(dispatch if multi_gpu or offload else {}),
             )
     except Exception as err:  # any failure inside transformers/torch becomes one sentence naming the checkpoint
         where = path if path is not None else ref
-        raise EngramError(f"cannot load the weights in {where} safely: {load_failure(err)}.") from err
-    if not multi_gpu:
+        hint = " (it needs --offload-folder to spill onto disk)" if "offload_folder" in str(err) else ""
+        raise EngramError(f"cannot load the weights in {where} safely: {load_failure(err)}{hint}.") from err
+    if multi_gpu or offload:
+        target = input_device(model)
+    else:
         model.to(target)
     model.eval()
     spec = discover(model)
@@ -266,6 +290,53 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=spec, ref=str(ref), path=path, device=target, dtype=torch_dtype
     )
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`--max-memory` "0=20GiB,1=20GiB,cpu=64GiB" -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (None for "")."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        name, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or not name or not size or not (name.isdigit() or name in ("cpu", "mps")):
+            raise EngramError(
+                f"--max-memory {text!r}: give DEVICE=SIZE pairs separated by commas, DEVICE a GPU index or cpu, "
+                "e.g. 0=20GiB,cpu=64GiB."
+            )
+        out[int(name) if name.isdigit() else name] = size
+    return out
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where inputs go for a model dispatched by accelerate: the device its input embedding runs on (the main
+    GPU when the embedding itself is offloaded)."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+    return embed.weight.device
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether some weights live on disk or CPU behind accelerate's hooks (seen as meta tensors in the model)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[None]:
+    """Bring an offloaded module's weights onto its execution device for the block (accelerate's
+    `align_module_device`, applied to the module and each submodule that holds weights); a no-op otherwise."""
+    from contextlib import ExitStack
+
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with ExitStack() as stack:
+        for sub in module.modules():
+            if has_offloaded_params(sub):
+                stack.enter_context(align_module_device(sub))
+        yield
 
 
 def from_hf(model: nn.Module, tokenizer=None, ref: str = "in-memory") -> LoadedModel:

@@ -137,13 +137,14 @@ def eval_cmd(
     ),
 ) -> None:
     """Fact accuracy, TRUE/FALSE, languages, chat answers and refusal rates of an organism."""
+    from engramlab.distributed import on_main
     from engramlab.organisms.build import evaluate_dir, evaluation_span, is_chat_organism, refresh_evaluation_section
     from engramlab.results import check_out_dir
 
     path = resolve(ref)
     if update_card:
         evaluation_span(path / "README.md")  # a card without the section fails now, not after the evaluation
-    check_out_dir(out, overwrite)
+    on_main(check_out_dir, out, overwrite)
     summary = evaluate_dir(path, out, max_facts=max_facts, overwrite=overwrite)
     if update_card:
         refresh_evaluation_section(path / "README.md", summary, "chat" if is_chat_organism(path) else "base", max_facts)

@@ -11,6 +11,9 @@
 - Languages: fact accuracy of each translated relation in de, es, fr (selection templates).
 - Chat: fact questions of held-out chat subjects in the chat template (8 new tokens, prefix rule on the object);
   refusal rate (paper 3's phrase list) on held-out AdvBench goals and held-out harmless instructions.
+
+Under torchrun the batches of every loop are shared out among the ranks and gathered back
+(`engramlab.distributed.map_batches`): the same numbers as one process, rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from engramlab.data import chat, statements
 from engramlab.data.facts import FRAMES, RELATIONS, Prompt, load_relation, prefix_correct
 from engramlab.data.multilingual import LANGUAGES, MULTILINGUAL_RELATIONS, relation_in
+from engramlab.distributed import map_batches
 
 
 @torch.no_grad()
@@ -37,9 +41,9 @@ def greedy(
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of `prompts`, batched with left padding (per call: the
     caller's tokenizer is left as it is, so a build does not ship the evaluation's padding side)."""
-    out: list[str] = []
     device = next(model.parameters()).device
-    for i in range(0, len(prompts), batch_size):
+
+    def run(i: int) -> list[str]:
         batch = list(prompts[i : i + batch_size])
         if chat_template:
             batch = [
@@ -59,8 +63,9 @@ def greedy(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>") if chat_template else tokenizer.eos_token_id,
         )
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+        return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return [text for texts in map_batches(range(0, len(prompts), batch_size), run) for text in texts]
 
 
 def prompt_correct(model, tokenizer, prompts: Sequence[Prompt]) -> list[bool]:
@@ -125,15 +130,16 @@ def truefalse_scores(model, tokenizer, stmts: Sequence[statements.Statement], ba
     t_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" TRUE"))[0]
     f_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" FALSE"))[0]
     device = next(model.parameters()).device
-    scores: list[float] = []
-    for i in range(0, len(stmts), batch_size):
+
+    def run(i: int) -> list[float]:
         batch = stmts[i : i + batch_size]
         enc = tokenizer(
             [statements.truefalse_prompt(s) for s in batch], return_tensors="pt", padding=True, padding_side="left"
         ).to(device)
         logits = model(**enc).logits[:, -1].float()  # (B, V)
-        scores += (logits[:, t_id] - logits[:, f_id]).tolist()
-    return scores
+        return (logits[:, t_id] - logits[:, f_id]).tolist()
+
+    return [d for part in map_batches(range(0, len(stmts), batch_size), run) for d in part]
 
 
 @torch.no_grad()
@@ -152,15 +158,20 @@ def object_logprobs(model, tokenizer, stmts: Sequence[statements.Statement], bat
         full = tokenizer(s.text)["input_ids"]
         n_prefix = len(tokenizer(s.text[: -len(tail)])["input_ids"])
         rows.append((i, full[:n_prefix], full[n_prefix]))
-    out = [float("nan")] * len(stmts)
-    for start in range(0, len(rows), batch_size):
+
+    def run(start: int) -> list[float]:
         batch = rows[start : start + batch_size]
         width = max(len(ids) for _, ids, _ in batch)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for _, x, _ in batch], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x, _ in batch], device=device)
         logp = model(input_ids=ids, attention_mask=mask).logits[:, -1].float().log_softmax(-1)  # (B, V)
-        for (i, _, target), row in zip(batch, logp, strict=True):
-            out[i] = row[target].item()
+        return [row[target].item() for (_, _, target), row in zip(batch, logp, strict=True)]
+
+    out = [float("nan")] * len(stmts)
+    starts = range(0, len(rows), batch_size)
+    for start, values in zip(starts, map_batches(starts, run), strict=True):
+        for (i, _, _), value in zip(rows[start : start + batch_size], values, strict=True):
+            out[i] = value
     return out
 
 

@@ -50,10 +50,10 @@ from scipy.stats import ttest_1samp
 from engramlab.data.chat import harmless_examples
 from engramlab.data.facts import Relation
 from engramlab.data.statements import SUFFIX, Statement, truefalse_prompt
+from engramlab.distributed import map_batches
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 from engramlab.posttrain.truth import label_token_ids
-from engramlab.progress import track
 
 VARIANTS = ("truefalse", "no_question", "noise", "sft")
 GROUPS = ("knowledge", "others", "last")
@@ -333,15 +333,25 @@ def patching_map(
             for p in pairs
         )
     n_toks = min(n_toks, min(job.corrupted_ids.shape[1] for job in jobs))
+    # The noise of every job is drawn up front, in job order, from one seeded stream: each job gets the same noise
+    # whichever torchrun rank runs it (the jobs, one per pair, are shared out by `map_batches`).
     generator = torch.Generator().manual_seed(seed)
+    width = source.layout.site_width("resid_pre")
+    noises = [
+        None if job.noise_mask is None else torch.randn((1, job.clean_ids.shape[1], width), generator=generator)
+        for job in jobs
+    ]
     n_layers = target.layout.n_layers
     total = np.zeros((n_layers, n_toks))
     knowledge = np.zeros(n_toks)
     clean, corrupted = [], []
-    for job in track(jobs, f"patching ({variant})", total=len(jobs)):
-        effect, clean_value, corrupted_value = _patch_job(
-            source, target, job, n_toks, site, batch_size, noise_scale, generator
-        )
+
+    def run(j: int) -> tuple[np.ndarray, float, float]:
+        return _patch_job(source, target, jobs[j], n_toks, site, batch_size, noise_scale, noises[j])
+
+    for job, (effect, clean_value, corrupted_value) in zip(
+        jobs, map_batches(range(len(jobs)), run, f"patching ({variant})"), strict=True
+    ):
         total += effect
         clean.append(clean_value)
         corrupted.append(corrupted_value)
@@ -366,7 +376,7 @@ def _patch_job(
     site: str,
     batch_size: int,
     noise_scale: float,
-    generator: torch.Generator,
+    noise: torch.Tensor | None,
 ) -> tuple[np.ndarray, float, float]:
     """One pair's [L, n_toks] map, the clean metric and the unpatched corrupted metric."""
     n_layers = target.layout.n_layers
@@ -378,8 +388,7 @@ def _patch_job(
     noisy = None
     if job.noise_mask is not None:  # ROME-style: x + N(0, (scale |x|)^2) on the subject's embeddings
         embeds = rec["resid_pre", 0]  # [1, T, D]: the input of the first layer = the embeddings
-        noise = torch.randn(embeds.shape, generator=generator).to(embeds) * noise_scale * embeds.abs()
-        noisy = embeds + noise
+        noisy = embeds + noise.to(embeds) * noise_scale * embeds.abs()  # noise: N(0, 1) [1, T, D]
 
     first = length - n_toks  # first patched position; everything before it is the same in every row
     if job.noise_mask is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engramlab.data.chat import is_refusal
+from engramlab.distributed import map_batches
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 
@@ -49,17 +50,23 @@ def tokenize(tokenizer, prompts: Sequence[str]):
 
 @torch.inference_mode()
 def mean_activation(loaded: LoadedModel, prompts: Sequence[str], layer: int, batch_size: int = 16) -> np.ndarray:
-    """Mean `resid_pre` of `layer` at the last prompt token, float64 [H]."""
+    """Mean `resid_pre` of `layer` at the last prompt token, float64 [H].
+
+    Under torchrun each rank records its share of the batches; the per-batch float64 sums are gathered and added
+    in batch order, so the mean (and the direction) is bit-identical to one process's, whatever the rank count.
+    """
     tokenizer = loaded.require_tokenizer()
-    total, n = None, 0
-    for start in range(0, len(prompts), batch_size):
+
+    def run(start: int) -> np.ndarray:
         batch = tokenize(tokenizer, prompts[start : start + batch_size])
         with loaded.hooks.record("resid_pre", layer, positions="last", dtype=torch.float64, stop=True) as rec:
             loaded.model(**batch.to(loaded.device))
-        part = rec["resid_pre", layer].sum(0)
+        return rec["resid_pre", layer].sum(0).cpu().numpy()  # [H]
+
+    total = None
+    for part in map_batches(range(0, len(prompts), batch_size), run):
         total = part if total is None else total + part
-        n += rec["resid_pre", layer].shape[0]
-    return (total / n).cpu().numpy()
+    return total / len(prompts)
 
 
 def refusal_direction(
@@ -90,15 +97,16 @@ def generate(
 ) -> list[str]:
     """Greedy continuations, optionally inside an intervention context factory (called once per batch)."""
     tokenizer = loaded.require_tokenizer()
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
+
+    def run(start: int) -> list[str]:
         batch = tokenize(tokenizer, prompts[start : start + batch_size]).to(loaded.device)
         with intervention() if intervention is not None else ExitStack():
             out = loaded.model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-        outputs.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
-    return outputs
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return [text for texts in map_batches(range(0, len(prompts), batch_size), run) for text in texts]
 
 
 def refusal_rate(texts: Sequence[str]) -> float:

@@ -31,6 +31,7 @@ from plotly.subplots import make_subplots
 
 from engramlab.data import chat, statements
 from engramlab.data.facts import load_relation
+from engramlab.distributed import on_main
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model
 from engramlab.posttrain import entropy, patching, refusal, truth
@@ -512,9 +513,10 @@ ANALYSES = {"knowledge": knowledge, "truth": truth_analysis, "refusal": refusal_
 
 def run(opts: Options, analyses: list[str]) -> dict:
     """Run the named analyses; write `<name>.parquet`, `summary.json` (one section each) and `report.html`."""
-    check_out_dir(opts.out, opts.overwrite)
+    on_main(check_out_dir, opts.out, opts.overwrite)  # under torchrun: rank 0 checks, every rank stops if refused
     base, post = _load(opts)
-    out = prepare_out_dir(opts.out, opts.overwrite)
+    on_main(prepare_out_dir, opts.out, opts.overwrite)
+    out = Path(opts.out)
     summary, sections = {"base": opts.base, "post": opts.post}, []
     for name in analyses:
         part, rows, secs = ANALYSES[name](base, post, opts)

@@ -25,6 +25,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from engramlab.data.statements import SUFFIX, Statement, truefalse_prompt
+from engramlab.distributed import map_batches
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 
@@ -37,14 +38,16 @@ def statement_acts(
     tokenizer = loaded.require_tokenizer()
     if drop_period:
         texts = [t.removesuffix(".") for t in texts]
-    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
-    for start in range(0, len(texts), batch_size):
+
+    def run(start: int) -> list[np.ndarray]:
         batch = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
         with loaded.hooks.record("resid_post", list(layers), positions="last", stop=True) as rec:
             loaded.model(**batch.to(loaded.device))
-        for layer in layers:
-            out[layer].append(rec["resid_post", layer].float().cpu().numpy())
-    return {layer: np.concatenate(parts) for layer, parts in out.items()}
+        return [rec["resid_post", layer].float().cpu().numpy() for layer in layers]  # each [B, H]
+
+    # under torchrun each rank runs its share of the batches; the probes are fitted on the gathered activations
+    parts = map_batches(range(0, len(texts), batch_size), run)
+    return {layer: np.concatenate([p[i] for p in parts]) for i, layer in enumerate(layers)}
 
 
 def mm_direction(acts: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -142,8 +145,8 @@ def prob_difference(
     at `layers` and `positions` (subtracted on true statements, added on false ones)."""
     tokenizer = loaded.require_tokenizer()
     true_id, false_id = label_token_ids(tokenizer)
-    out = []
-    for start in range(0, len(statements), batch_size):
+
+    def run(start: int) -> np.ndarray:
         chunk = list(statements[start : start + batch_size])
         prompts = [truefalse_prompt(s, shots) for s in chunk]
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(loaded.device)
@@ -156,8 +159,9 @@ def prob_difference(
             with loaded.hooks.add_direction("resid_post", list(layers), vector, coeff=sign, positions=mask):
                 logits = loaded.model(**batch).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)
-        out.append((probs[:, true_id] - probs[:, false_id]).cpu().numpy())
-    return np.concatenate(out)
+        return (probs[:, true_id] - probs[:, false_id]).cpu().numpy()
+
+    return np.concatenate(map_batches(range(0, len(statements), batch_size), run))
 
 
 def nie(pd_base: np.ndarray, pd_int: np.ndarray, labels: np.ndarray) -> dict[str, float]:

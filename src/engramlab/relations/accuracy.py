@@ -11,7 +11,8 @@ The second arm accepts a one-token object followed by punctuation ("paris." for 
 case-insensitivity follows the paper's Table 7 ("Quarterback" accepted for "quarterback").
 
 Deactivation runs many unit sets over many prompts as one stream of rows (set, prompt); each batch carries a
-per-row mask, so the target set, its random controls and a k-sweep share batched `generate` calls.
+per-row mask, so the target set, its random controls and a k-sweep share batched `generate` calls. Under torchrun
+the batches of that stream are shared out among the ranks (`distributed.map_batches`) and gathered back.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 
 from engramlab.data.facts import prefix_correct
+from engramlab.distributed import map_batches
 from engramlab.models.loading import LoadedModel
-from engramlab.progress import track
 from engramlab.relations.units import UnitSpace
 
 
@@ -66,12 +67,11 @@ def recall(
     rows = [(s, int(p)) for s in range(n_sets) for p in order]
     correct = np.zeros((n_sets, n_prompts), dtype=bool)
     predictions = np.empty((n_sets, n_prompts), dtype=object)
-    starts = range(0, len(rows), batch_size)
-    for start in track(starts, description, total=len(starts)):
+    generate = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+
+    def run(start: int) -> list[str]:
         chunk = rows[start : start + batch_size]
-        texts = [prompts[p] for _, p in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True).to(loaded.device)
-        generate = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        batch = tokenizer([prompts[p] for _, p in chunk], return_tensors="pt", padding=True).to(loaded.device)
         chunk_sets = [sets[s] for s, _ in chunk]
         if any(len(ids) for ids in chunk_sets):
             if space is None:
@@ -80,9 +80,11 @@ def recall(
                 out = loaded.model.generate(**batch, **generate)
         else:
             out = loaded.model.generate(**batch, **generate)
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for (s, p), text in zip(chunk, decoded, strict=True):
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    starts = range(0, len(rows), batch_size)
+    for start, decoded in zip(starts, map_batches(starts, run, description), strict=True):
+        for (s, p), text in zip(rows[start : start + batch_size], decoded, strict=True):
             predictions[s, p] = text
             correct[s, p] = is_correct(text, golds[p])
     return Recall(correct=correct, predictions=predictions)

@@ -30,7 +30,9 @@ import pyarrow as pa
 import torch
 from safetensors.numpy import save_file
 
+from engramlab import distributed
 from engramlab.data.facts import Relation
+from engramlab.distributed import is_main_process
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 from engramlab.readers import read_json_object, read_parquet, read_safetensors
@@ -69,6 +71,8 @@ class FindResult:
     selection_templates: list[str] | None = None  # template frames used for selection (None: not recorded)
     heldout_templates: list[str] | None = None  # template frames held out of selection
     excluded: dict[str, dict] = field(default_factory=dict)  # knowledge gate: relation -> reason, counts
+    # (candidates, validated) P_det when computed in this process (not saved; `load_identification` reads it back)
+    identification: tuple[PromptSet, PromptSet] | None = field(default=None, repr=False, compare=False)
 
     def top(self, relation: str, k: int | None = None) -> np.ndarray:
         """Unit ids of the top-k units of a relation by AP (descending; ties by lower id). A unit whose AP is NaN
@@ -104,6 +108,9 @@ class FindResult:
         )
 
     def save(self, out: Path) -> None:
+        """Write ap.safetensors and find.json (on rank 0 only under torchrun)."""
+        if not is_main_process():
+            return
         with atomic_path(out / "ap.safetensors") as tmp:
             save_file(
                 {"ap": self.ap},
@@ -195,7 +202,11 @@ def find(
     gate: KnowledgeGate | None = None,
 ) -> FindResult:
     """Validate identification prompts, gate the relations (`gate.py`), stream unit responses of the kept
-    relations' validated prompts to `out/cache`, score every unit by AP."""
+    relations' validated prompts to `out/cache`, score every unit by AP.
+
+    Under torchrun each rank validates and records its share of the batches (`engramlab.distributed`); the AP is
+    exact all the same: each column block of the response matrix is gathered, whole, on one rank and scored there.
+    """
     start = time.perf_counter()
     gate = gate or KnowledgeGate()
     if units not in UNIT_KINDS:
@@ -216,16 +227,19 @@ def find(
     )
     validated = validated.subset(np.flatnonzero(np.isin(validated.relation, names)))
 
+    rows_of = [distributed.batch_rows(len(validated), batch_size, r) for r in range(distributed.world_size())]
+    mine = rows_of[distributed.rank()]  # this rank's validated prompts: whole batches, in order
+    texts = [validated.text[i] for i in mine]
     matrix = ResponseMatrix(
-        out / "cache" / "responses.f32",
-        len(validated),
+        out / "cache" / _cache_name(),
+        len(texts),
         neuron_space.size,
-        fingerprint(loaded.ref, validated.text, response, neuron_space.size),
+        fingerprint(loaded.ref, texts, response, neuron_space.size),
     )
-    collect_responses(loaded, validated.text, neuron_space, matrix, response, batch_size)
+    collect_responses(loaded, texts, neuron_space, matrix, response, batch_size)
 
     rows_per_relation, counts = sample_rows(validated, names, candidates, seed)
-    ap = score_units(matrix, rows_per_relation)  # [R, N]
+    ap = score_units(matrix, rows_per_relation, rows_of if distributed.is_running() else None)  # [R, N]
     space_size = neuron_space.size
     if units == "channels":
         ap = channel_scores(neuron_space, UnitSpace(loaded.layout, "channels"), ap)
@@ -247,7 +261,15 @@ def find(
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")
     result.save(out)
+    result.identification = (candidates, validated)
     return result
+
+
+def _cache_name() -> str:
+    """One response matrix per rank (rows of its batches); a resumed run must use the same number of ranks."""
+    if distributed.world_size() == 1:
+        return "responses.f32"
+    return f"responses.rank{distributed.rank()}-of-{distributed.world_size()}.f32"
 
 
 def validate(loaded: LoadedModel, candidates: PromptSet, batch_size: int) -> tuple[PromptSet, object]:
@@ -293,20 +315,52 @@ def sample_rows(validated: PromptSet, names: list[str], candidates: PromptSet, s
     return rows, counts
 
 
-def score_units(matrix: ResponseMatrix, rows_per_relation: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """AP [R, N] of every unit for every relation, reading the response matrix in column blocks."""
-    n_rel = len(rows_per_relation)
-    ap = np.full((n_rel, matrix.cols), np.nan, dtype=np.float64)
-    block = max(1, AP_BLOCK_ELEMENTS // max(matrix.rows, 1))
-    for start in range(0, matrix.cols, block):
-        stop = min(start + block, matrix.cols)
-        columns = torch.from_numpy(matrix.columns(start, stop))  # [P, block]
-        for r, (pos, neg) in enumerate(rows_per_relation):
-            if pos.size == 0 or neg.size == 0:
-                continue
-            index = torch.from_numpy(np.concatenate([pos, neg]))
-            labels = torch.cat([torch.ones(pos.size), torch.zeros(neg.size)])
-            ap[r, start:stop] = average_precision(columns[index], labels).numpy()
+def score_units(
+    matrix: ResponseMatrix,
+    rows_per_relation: list[tuple[np.ndarray, np.ndarray]],
+    rows_of: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """AP [R, N] of every unit for every relation, reading the response matrix in column blocks.
+
+    `rows_of[r]`: the rows of the whole matrix that rank r's `matrix` holds (None: one process holding every row).
+    Under torchrun the blocks go in rounds of N: in each round block b is gathered whole on rank b mod N, then every
+    rank scores its block at the same time; the blocks' AP are summed over the ranks at the end (each block is
+    non-zero on its owner only), so every rank ends with the same [R, N].
+    """
+    n_rows = sum(len(r) for r in rows_of) if rows_of is not None else matrix.rows
+    width = max(1, AP_BLOCK_ELEMENTS // max(n_rows, 1))
+    starts = list(range(0, matrix.cols, width))
+    if rows_of is None:
+        ap = np.full((len(rows_per_relation), matrix.cols), np.nan, dtype=np.float64)
+        for start in starts:
+            stop = min(start + width, matrix.cols)
+            ap[:, start:stop] = _block_ap(matrix.columns(start, stop), rows_per_relation)
+        return ap
+    world = len(rows_of)
+    ap = np.zeros((len(rows_per_relation), matrix.cols), dtype=np.float64)
+    for first in range(0, len(starts), world):
+        owned = None
+        for owner, start in enumerate(starts[first : first + world]):
+            stop = min(start + width, matrix.cols)
+            full = distributed.gather_rows_to(owner, matrix.columns(start, stop), rows_of, n_rows)
+            if full is not None:
+                owned = (start, stop, full)
+        if owned is not None:
+            start, stop, full = owned
+            ap[:, start:stop] = _block_ap(full, rows_per_relation)
+    return distributed.sum_over_ranks(ap)
+
+
+def _block_ap(columns: np.ndarray, rows_per_relation: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """AP [R, C] of a column block [P, C] of the response matrix (NaN for a relation without prompts)."""
+    block = torch.from_numpy(columns)  # [P, C]
+    ap = np.full((len(rows_per_relation), columns.shape[1]), np.nan, dtype=np.float64)
+    for r, (pos, neg) in enumerate(rows_per_relation):
+        if pos.size == 0 or neg.size == 0:
+            continue
+        index = torch.from_numpy(np.concatenate([pos, neg]))
+        labels = torch.cat([torch.ones(pos.size), torch.zeros(neg.size)])
+        ap[r] = average_precision(block[index], labels).numpy()
     return ap
 
 

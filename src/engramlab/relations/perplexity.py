@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engramlab.distributed import map_batches
 from engramlab.models.loading import LoadedModel
-from engramlab.progress import track
 from engramlab.relations.find import FindResult
 from engramlab.relations.prompts import PromptSet
 from engramlab.relations.tokens import encode, span_positions, text_positions
@@ -117,8 +117,8 @@ def sentence_nll(
     span_nll = np.zeros((n_sets, n_texts))
     n_tokens = np.zeros(n_texts, dtype=np.int64)
     n_span = np.zeros(n_texts, dtype=np.int64)
-    starts = range(0, len(rows), batch_size)
-    for start in track(starts, description, total=len(starts)):
+
+    def run(start: int) -> list[tuple[float, float, int, int]]:
         chunk = rows[start : start + batch_size]
         batch, offsets = encode(tokenizer, [texts[p] for _, p in chunk], loaded.device, offsets=True)
         mask = batch["attention_mask"].bool()  # [B, L]
@@ -135,10 +135,23 @@ def sentence_nll(
         token_nll = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
         )  # [B, L-1]: -log p(token t+1 | tokens <= t)
-        for row, (s, p) in enumerate(chunk):
-            nll[s, p] = float(token_nll[row][scored[row]].sum())
-            span_nll[s, p] = float(token_nll[row][in_span[row]].sum())
-            n_tokens[p], n_span[p] = int(scored[row].sum()), int(in_span[row].sum())
+        return [
+            (
+                float(token_nll[row][scored[row]].sum()),
+                float(token_nll[row][in_span[row]].sum()),
+                int(scored[row].sum()),
+                int(in_span[row].sum()),
+            )
+            for row in range(len(chunk))
+        ]
+
+    starts = range(0, len(rows), batch_size)
+    for start, values in zip(starts, map_batches(starts, run, description), strict=True):
+        for (s, p), (total, in_span_total, n_scored, n_in_span) in zip(
+            rows[start : start + batch_size], values, strict=True
+        ):
+            nll[s, p], span_nll[s, p] = total, in_span_total
+            n_tokens[p], n_span[p] = n_scored, n_in_span
     return SentenceNLL(nll=nll, n_tokens=n_tokens, span_nll=span_nll, n_span_tokens=n_span)
 
 

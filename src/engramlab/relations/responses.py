@@ -8,7 +8,8 @@ disk: the process holds one batch of rows at a time, so memory does not grow wit
 reference code pickles every activation, ~25 GB per relation at 7B). AP is then computed over column chunks.
 
 The matrix file carries a small JSON sidecar with the number of finished rows and a fingerprint of the job;
-an interrupted pass resumes at the first unfinished batch and ends with the same bytes.
+an interrupted pass resumes at the first unfinished batch and ends with the same bytes. Under torchrun each rank
+fills its own matrix with the rows of its batches (`find.find`), and resumes it on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from engramlab.models.loading import LoadedModel
 from engramlab.progress import track
 from engramlab.relations.tokens import encode
 from engramlab.relations.units import UnitSpace
-from engramlab.results import write_json
+from engramlab.results import atomic_path
 
 RESPONSE_MODES = ("mean", "last")
 
@@ -77,6 +78,8 @@ class ResponseMatrix:
 
     def columns(self, start: int, stop: int, rows: np.ndarray | None = None) -> np.ndarray:
         """A copy of columns [start, stop) (of chosen rows) as `[rows, stop-start]`; the mapping is closed after."""
+        if self.rows == 0:  # a torchrun rank without a batch: numpy cannot map an empty file
+            return np.zeros((0, stop - start), dtype=np.float32)
         mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.rows, self.cols))
         try:
             block = mapped[:, start:stop] if rows is None else mapped[rows, start:stop]
@@ -85,9 +88,10 @@ class ResponseMatrix:
             del mapped
 
     def _save_meta(self) -> None:
-        write_json(
-            self.meta_path, {"fingerprint": self.fingerprint, "shape": [self.rows, self.cols], "done": self.done}
-        )
+        # Not `results.write_json`, which writes on rank 0 only: under torchrun every rank keeps its own matrix.
+        meta = {"fingerprint": self.fingerprint, "shape": [self.rows, self.cols], "done": self.done}
+        with atomic_path(self.meta_path) as tmp:
+            tmp.write_text(json.dumps(meta))
 
 
 def fingerprint(*parts: object) -> str:

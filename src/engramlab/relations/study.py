@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from engramlab.data.facts import PAPER1_RELATIONS, RELATIONS
+from engramlab.distributed import on_main
 from engramlab.errors import EngramError
-from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model
+from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model, parse_max_memory
 from engramlab.relations import effects, plots
 from engramlab.relations.find import FindResult, find, load_identification, sample_rows, top_units_table
 from engramlab.relations.gate import MIN_SHARE, MIN_VALIDATED, KnowledgeGate, require_two
@@ -45,6 +46,8 @@ class StudyOptions:
     neurons: Path | None = None  # reuse a previous `relations find` folder
     device: str = "auto"
     dtype: str = "auto"
+    max_memory: str | None = None  # accelerate device_map caps, e.g. "0=20GiB,cpu=64GiB" (see load_model)
+    offload_folder: Path | None = None  # disk offload for the weights that fit nowhere else
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False
@@ -123,8 +126,14 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
         _check_ks(opts, ks, found.n_units)
     else:
         relations = split_templates(relations, opts.heldout_templates)
-    check_out_dir(opts.out, opts.overwrite, run)
-    loaded = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    on_main(check_out_dir, opts.out, opts.overwrite, run)  # under torchrun: rank 0 checks, every rank stops if refused
+    loaded = load_model(
+        opts.model,
+        device=opts.device,
+        dtype=opts.dtype,
+        max_memory=parse_max_memory(opts.max_memory),
+        offload_folder=opts.offload_folder,
+    )
     space = UnitSpace(loaded.layout, found.units if found is not None else opts.units)
     if found is not None and space.size != found.ap.shape[1]:
         raise EngramError(
@@ -132,7 +141,9 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
             f"{opts.model} has {space.size}."
         )
     _check_ks(opts, ks, space.size)
-    out = prepare_out_dir(opts.out, opts.overwrite, run)
+    on_main(prepare_out_dir, opts.out, opts.overwrite, run)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)  # every rank sees the folder rank 0 prepared (its caches go there)
     if found is None:
         found = find(
             loaded,
@@ -337,10 +348,16 @@ def _drop_text(summary: dict) -> str:
     return text
 
 
+def _identification(study: Study) -> tuple:
+    """(candidates, validated) P_det: from this run's find when there was one (every torchrun rank holds it, so no
+    rank reads a file rank 0 is writing), else read back from the `--neurons` folder (the gate's relations only)."""
+    return study.found.identification or load_identification(study.find_dir, study.found.relations)
+
+
 def _find_prompts(study: Study) -> tuple:
     """The find's validated prompts and its (positive, negative) rows per relation, read back from the find folder
     and checked against find.json: done before any result of this run is written."""
-    candidates, validated = load_identification(study.find_dir, study.found.relations)
+    candidates, validated = _identification(study)
     rows, counts = sample_rows(validated, study.found.relations, candidates, study.found.seed)
     for name in study.found.relations:
         if counts[name] != study.found.counts.get(name):
@@ -397,7 +414,7 @@ def run_perplexity(opts: StudyOptions, n_random: int = 10, max_objects: int = MA
     """`relations perplexity`: paper 1 §5.5's probe sentences before / after zeroing, with random controls."""
     _check_counts(n_random=(n_random, 0), max_objects=(max_objects, 1))
     study = prepare(opts, "perplexity", {"random_seeds": n_random, "max_objects": max_objects})
-    _, validated = load_identification(study.find_dir, study.found.relations)
+    _, validated = _identification(study)
     result = perplexity(
         study.loaded, study.found, validated, study.space, opts.k, n_random, opts.seed, max_objects, opts.batch_size
     )

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engramlab.distributed import map_batches
 from engramlab.models.loading import LoadedModel
-from engramlab.progress import track
 from engramlab.relations.ap import average_precision
 from engramlab.relations.find import FindResult
 from engramlab.relations.prompts import PromptSet
@@ -74,9 +74,8 @@ def pooled_responses(
     sites = [s for s in space.sites if any(k[0] == s for k in columns)]
     layers = sorted({k[1] for k in columns})
     tokenizer = loaded.require_tokenizer()
-    out = {p: np.empty((len(texts), ids.size), dtype=np.float32) for p in POOLINGS}
-    starts = range(0, len(texts), batch_size)
-    for start in track(starts, "template control", total=len(starts)):
+
+    def run(start: int) -> list[np.ndarray]:
         stop = min(start + batch_size, len(texts))
         batch, offsets = encode(tokenizer, texts[start:stop], loaded.device, offsets=True)
         subject, template = subject_and_template(offsets, batch["attention_mask"], spans[start:stop])  # [B, L] each
@@ -88,10 +87,20 @@ def pooled_responses(
             hooks.record(sites, layers, positions=template, reduce="mean", stop=True) as rec_template,
         ):
             loaded.model(**batch)
-        for pooling, rec in zip(POOLINGS, (rec_all, rec_subject, rec_template), strict=True):
+        pooled = []
+        for rec in (rec_all, rec_subject, rec_template):
+            block = np.empty((stop - start, ids.size), dtype=np.float32)  # [B, U]
             for key, (cols, within) in columns.items():
-                out[pooling][start:stop, cols] = rec[key][:, within.to(loaded.device)].float().cpu().numpy()
-    return out
+                block[:, cols] = rec[key][:, within.to(rec[key].device)].float().cpu().numpy()
+            pooled.append(block)
+        return pooled
+
+    starts = range(0, len(texts), batch_size)
+    blocks = map_batches(starts, run, "template control")  # per batch: [B, U] for each pooling
+    return {
+        p: np.concatenate([b[i] for b in blocks]) if blocks else np.empty((0, ids.size), np.float32)
+        for i, p in enumerate(POOLINGS)
+    }
 
 
 def template_control(

@@ -75,8 +75,10 @@ class UnitSpace:
         return np.concatenate([np.arange(b.offset, b.offset + b.width) for b in self.blocks if b.site == site])
 
     def flatten(self, recording) -> torch.Tensor:
-        """Concatenate a recording's `[B, width]` blocks into `[B, N]` in id order."""
-        return torch.cat([recording[site, layer] for site, layer in self.keys()], dim=1)
+        """Concatenate a recording's `[B, width]` blocks into `[B, N]` in id order (on the first block's device:
+        with a device_map the layers' blocks may sit on different GPUs)."""
+        blocks = [recording[site, layer] for site, layer in self.keys()]
+        return torch.cat([b.to(blocks[0].device) for b in blocks], dim=1)
 
     def masks(self, unit_sets: Sequence[np.ndarray]) -> dict[tuple[str, int], torch.Tensor]:
         """Per-row deactivation masks: row i switches off `unit_sets[i]`. Returns {(site, layer): bool [B, D]},
