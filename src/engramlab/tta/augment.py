@@ -408,14 +408,25 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
         out.addcmul_(rows[..., t : t + width], k1[:, t])
 
 
-def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def apply_params(
+    x: torch.Tensor,
+    params: AugmentParams,
+    generator: torch.Generator | None = None,
+    views_per_chunk: int | None = None,
+) -> torch.Tensor:
     """All V views of `params` on x [B, 3, H, W] -> [V, B, 3, H, W], vectorised over views.
 
     Equal to `apply_one` view by view up to float rounding (for V = 1 with the same generator state, noise
-    included). Noise is drawn from `generator` (on x's device) as one [V, B, 3, H, W] tensor before any view is
-    computed, so the result does not depend on the CPU chunking.
+    included). Views are computed `views_per_chunk` at a time (default: chunks of about `_CPU_CHUNK_BYTES` on a
+    CPU, all views at once elsewhere); every view starts from its own copy of the clipped batch, and x is never
+    written. Noise is drawn from `generator` (on x's device) as one [V, B, 3, H, W] tensor before any view is
+    computed, so the result does not depend on the chunking.
     """
     _check_input(x, params, generator)
+    if views_per_chunk is not None and (
+        isinstance(views_per_chunk, bool) or not isinstance(views_per_chunk, int) or views_per_chunk < 1
+    ):
+        raise EngramError(f"views_per_chunk must be a positive integer, got {views_per_chunk!r}.")
     params = params.to(x.device)
     n_views, (batch, _, height, width) = len(params), x.shape
     out = torch.empty(n_views, batch, 3, height, width, dtype=x.dtype, device=x.device)
@@ -423,28 +434,37 @@ def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Genera
         out.normal_(0, params.noise_std, generator=generator)
     else:
         out.zero_()
-    x = x.clamp(0, 1)
-    per_chunk = n_views
-    if x.device.type == "cpu":
+    per_chunk = views_per_chunk or n_views
+    if views_per_chunk is None and x.device.type == "cpu":
         half = params.blur_kernel // 2
         view_bytes = batch * 3 * (height + 2 * half) * (width + 2 * half) * x.element_size()
         per_chunk = max(1, _CPU_CHUNK_BYTES // view_bytes)
     for start in range(0, n_views, per_chunk):
         chunk = params.select(slice(start, start + per_chunk))
-        views = _colour_jitter_views(x.expand(len(chunk), *x.shape).contiguous(), chunk)  # [v, B, 3, H, W]
-        _warp_blur_views(views, chunk, out[start : start + len(chunk)])
+        # A fresh buffer per chunk, filled with the clipped batch: the colour ops below work in place, so the
+        # views must not share memory with x or with each other. (`x.expand(1, ...).contiguous()` would return
+        # x itself, a size-1 expanded dimension counting as contiguous, and each view would carry the jitter of
+        # the views before it; issue 24.)
+        views = torch.empty(len(chunk), *x.shape, dtype=x.dtype, device=x.device)  # [v, B, 3, H, W]
+        torch.clamp(x.expand_as(views), 0, 1, out=views)
+        _warp_blur_views(_colour_jitter_views(views, chunk), chunk, out[start : start + len(chunk)])
     return out.clamp_(0, 1)
 
 
 def augment_views(
-    x: torch.Tensor, n_views: int, policy: AugmentPolicy, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    n_views: int,
+    policy: AugmentPolicy,
+    generator: torch.Generator | None = None,
+    views_per_chunk: int | None = None,
 ) -> torch.Tensor:
     """CoTTA's N augmented copies of a batch (spec §1.4): x [B, 3, H, W] in [0, 1] -> [n_views, B, 3, H, W].
 
-    `generator` (on x's device, or None for the global RNG) draws parameters then noise.
+    `generator` (on x's device, or None for the global RNG) draws parameters then noise; the views are the same
+    for every `views_per_chunk` (see `apply_params`).
     """
     params = sample_params(n_views, policy, generator)
-    return apply_params(x, params, generator)
+    return apply_params(x, params, generator, views_per_chunk)
 
 
 def augment_one(x: torch.Tensor, policy: AugmentPolicy, generator: torch.Generator | None = None) -> torch.Tensor:
