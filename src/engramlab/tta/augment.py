@@ -21,7 +21,7 @@ result: `apply_one` follows the torchvision ops of the official code one by one 
 reflect-padded blur, crop, flip); `apply_params` applies V views in one vectorised pass. `apply_params` computes the
 affine warp and blur only on the H+4 x W+4 window that survives the crop (the blur's reflect padding never reaches
 it), samples the unpadded image with border clamping instead of materialising the padded canvas (a per-view
-coverage map restores the zero fill outside it), and folds the flip into the sampling grid (blur and crop are
+coverage map restores torchvision's zero fill outside it), and folds the flip into the sampling grid (blur and crop are
 mirror-symmetric). `augment_views` and `augment_one` sample and apply in one call.
 
 torchvision and kornia are not dependencies, so the ops are written here following torchvision's tensor code
@@ -331,7 +331,10 @@ def apply_one(x: torch.Tensor, params: AugmentParams, generator: torch.Generator
     base = torch.stack([xs.expand(hp, wp), ys[:, None].expand(hp, wp), torch.ones(hp, wp, dtype=x.dtype)], dim=-1)
     grid = (base @ theta.T) / torch.tensor([0.5 * wp, 0.5 * hp], dtype=x.dtype)  # [Hp, Wp, 2]
     grid = grid.to(x.device).expand(x.shape[0], hp, wp, 2)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # torchvision `_apply_grid_transform` with fill 0: a channel of ones is warped along, and the zero-padded
+    # result is blended with the fill by it (img * mask + (1 - mask) * 0).
+    x = F.grid_sample(torch.cat([x, x.new_ones(x.shape[0], 1, hp, wp)], dim=1), grid, align_corners=False)
+    x = x[:, :3] * x[:, 3:]
     k1 = _gaussian_kernel1d(p.sigma.to(x.dtype), p.blur_kernel)[0]
     kernel = torch.outer(k1, k1).to(x.device).expand(3, 1, p.blur_kernel, p.blur_kernel)
     half = p.blur_kernel // 2
@@ -389,15 +392,16 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
     theta[:, :, 0] *= (1.0 - 2.0 * params.flip.to(dtype)).view(-1, 1)
     src = torch.einsum("hwk,vjk->vhwj", base, theta)  # [V, oh, ow, 2] source pixel offsets from the canvas centre
     # Sampling the unpadded image with border clamping equals sampling the edge-padded canvas inside the canvas.
-    # Outside it torchvision's grid_sample fills 0: the bilinear weight left inside is clamp(1 - distance past the
-    # outermost pixel centre, 0, 1) per axis (exactly 1 inside), so multiply by that coverage where it is < 1.
+    # Outside it torchvision's grid_sample pads with 0: the bilinear weight left inside is clamp(1 - distance past
+    # the outermost pixel centre, 0, 1) per axis (exactly 1 inside), the "coverage". torchvision then blends with
+    # the fill value 0 by the warped mask channel, which is that coverage again: multiply by coverage**2 where < 1.
     outermost = torch.tensor([(wp - 1) / 2, (hp - 1) / 2], dtype=dtype, device=device)
     coverage = (1 - (src.abs() - outermost).clamp_(min=0)).clamp_(min=0).prod(dim=-1)  # [V, oh, ow]
     half_image = torch.tensor([width / 2, height / 2], dtype=dtype, device=device)
     planes = x.view(n_views, batch * 3, height, width)  # [V, B*3, H, W]: one grid per view serves all images
     warped = F.grid_sample(planes, src / half_image, mode="bilinear", padding_mode="border", align_corners=False)
     if bool((coverage < 1).any()):
-        warped.mul_(coverage.unsqueeze(1))  # [V, B*3, oh, ow]
+        warped.mul_(coverage.square_().unsqueeze(1))  # [V, B*3, oh, ow]
     # Separable Gaussian blur with per-view kernels on the valid region: rows, then columns into `out`.
     k1 = _gaussian_kernel1d(params.sigma.to(dtype), params.blur_kernel).view(n_views, -1, 1, 1, 1)  # [V, k, 1,1,1]
     rows = warped[..., 0:height, :] * k1[:, 0]  # [V, B*3, H, ow]
