@@ -17,6 +17,7 @@ from torch import nn
 
 from engramlab.errors import EngramError
 from engramlab.tta.augment import (
+    _CPU_CHUNK_BYTES,
     BRIGHTNESS,
     GAMMA,
     HUE,
@@ -143,6 +144,57 @@ def test_one_view_paths_draw_the_same_image_with_noise(images):
     one = augment_one(images, COTTA, torch.Generator().manual_seed(9))
     torch.testing.assert_close(views[0], one, atol=1e-5, rtol=0)
     assert (one - images).abs().mean() > 0.01
+
+
+# ---- issue 24: a batch large enough to be cut into one-view chunks on a CPU ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_batch() -> torch.Tensor:
+    """200 images (the CIFAR protocol's batch): at 32 px the default CPU chunk holds a single view."""
+    x = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    half = COTTA.blur_kernel // 2
+    assert _CPU_CHUNK_BYTES // (200 * 3 * (32 + 2 * half) ** 2 * x.element_size()) == 1
+    return x
+
+
+def test_views_do_not_depend_on_the_chunk_size_and_the_batch_is_not_written(large_batch):
+    before = large_batch.clone()
+    everything = augment_views(large_batch, 12, COTTA, torch.Generator().manual_seed(3), views_per_chunk=12)
+    assert torch.equal(large_batch, before)
+    for chunk in (1, 2, 5, None):  # None: the CPU default (1 view here); 5: chunks of 5, 5 and 2
+        views = augment_views(large_batch, 12, COTTA, torch.Generator().manual_seed(3), views_per_chunk=chunk)
+        torch.testing.assert_close(views, everything, atol=1e-5, rtol=0)
+        assert torch.equal(large_batch, before)  # bit-identical after every call
+    # The jitter of one view does not leak into the next: view v is the same whatever views come before it.
+    params = sample_params(12, COTTA, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        apply_params(large_batch, replace(params.select(slice(8, 12)), noise_std=0.0), views_per_chunk=1),
+        apply_params(large_batch, replace(params, noise_std=0.0), views_per_chunk=1)[8:],
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_every_view_equals_the_sequential_one_with_the_same_draws(large_batch):
+    g = torch.Generator().manual_seed(11)
+    views = augment_views(large_batch, 32, COTTA, g)
+    g = torch.Generator().manual_seed(11)
+    params = sample_params(32, COTTA, g)  # the draws augment_views made: parameters, then the noise
+    noise = torch.empty(32, *large_batch.shape).normal_(0, COTTA.noise_std, generator=g)
+    for v in range(32):
+        one = apply_one(large_batch, replace(params.select(v), noise_std=0.0))
+        torch.testing.assert_close(views[v], (one + noise[v]).clamp(0, 1), atol=1e-5, rtol=0)
+    first = augment_one(large_batch, COTTA, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        augment_views(large_batch, 1, COTTA, torch.Generator().manual_seed(5))[0], first, atol=1e-5, rtol=0
+    )
+
+
+def test_views_per_chunk_is_validated(images):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(EngramError, match="views_per_chunk"):
+            augment_views(images, 2, COTTA, views_per_chunk=bad)
 
 
 def test_parameter_distribution():

@@ -248,3 +248,67 @@ def test_cli_runs_on_a_cifar_c_folder_with_a_user_source_model(tmp_path, cli):
     assert summary["data"] == str(data) and summary["cotta"]["threshold"] == 0.92  # paper values with --data-dir
     assert summary["cotta"]["policy"] == "cotta" and summary["steps"] == 15
     assert set(summary["error_mean"]) == {"bn", "cotta"}
+
+
+def _cifar_c_folder(path: Path, names: list[str]) -> Path:
+    """A CIFAR-10-C-layout folder holding only `names` (5 severities x 4 images each) and labels.npy."""
+    import numpy as np
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        np.save(path / f"{name}.npy", rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    np.save(path / "labels.npy", rng.integers(0, 10, 20))
+    return path
+
+
+def test_cli_corruptions_subset_on_a_data_dir_holding_only_those_files(tmp_path, cli):
+    from engramlab.tta.source_model import save_source
+
+    data = _cifar_c_folder(tmp_path / "C", ["fog", "contrast"])
+    torch.manual_seed(0)
+    weights = save_source(
+        SmallResNet(10, width=4),
+        {"architecture": "SmallResNet", "n_classes": 10, "recipe": {"width": 4, "blocks_per_stage": 1}},
+        tmp_path / "source.safetensors",
+    )
+    common = ["continual", "tta", "--data-dir", str(data), "--source", str(weights), "--method", "bn", "--batch-size"]
+    code, _, err = cli([*common, "4", "--corruptions", "contrast,fog", "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2  # one batch of 4 images per corruption
+    import pyarrow.parquet as pq
+
+    errors = pq.read_table(tmp_path / "run" / "errors.parquet").to_pylist()
+    assert [e["corruption"] for e in errors] == ["contrast", "fog"]  # the order given
+    code, _, err = cli([*common, "4", "--out", str(tmp_path / "all")])  # all 15 by default: the first is missing
+    assert code == 2 and "gaussian_noise.npy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_corruptions_names_every_unknown_one(tmp_path, cli):
+    code, _, err = cli(["continual", "tta", "--corruptions", "fog,blurry,snow,rain", "--out", str(tmp_path / "o")])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'blurry', 'rain'" in err and "gaussian_noise" in err  # names the unknown ones and the valid choices
+    for value, needle in ((",", "at least one"), ("fog,fog", "'fog' more than once")):
+        code, _, err = cli(["continual", "tta", "--corruptions", value, "--out", str(tmp_path / "o")])
+        assert code == 2 and needle in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_corruptions_subset_on_the_digits_stream(tmp_path, cli):
+    out = tmp_path / "digits"
+    code, _, err = cli(["continual", "tta", "--method", "bn", "--corruptions", "fog", "--out", str(out)])
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and set(summary["error_mean"]) == {"bn"}  # 1,000 digits, batch 200, one domain
+
+
+def test_mixed_stream_of_a_subset_reports_the_subset_names(tmp_path):
+    import pyarrow.parquet as pq
+
+    opts = _tiny_options(tmp_path, "mixed", setting="mixed")
+    opts.corruptions = ["fog", "contrast"]
+    opts.methods = ["bn"]
+    run_tta_study(opts)
+    names = {e["corruption"] for e in pq.read_table(tmp_path / "mixed" / "errors.parquet").to_pylist()}
+    assert names == {"fog", "contrast"}

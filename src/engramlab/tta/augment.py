@@ -21,7 +21,7 @@ result: `apply_one` follows the torchvision ops of the official code one by one 
 reflect-padded blur, crop, flip); `apply_params` applies V views in one vectorised pass. `apply_params` computes the
 affine warp and blur only on the H+4 x W+4 window that survives the crop (the blur's reflect padding never reaches
 it), samples the unpadded image with border clamping instead of materialising the padded canvas (a per-view
-coverage map restores the zero fill outside it), and folds the flip into the sampling grid (blur and crop are
+coverage map restores torchvision's zero fill outside it), and folds the flip into the sampling grid (blur and crop are
 mirror-symmetric). `augment_views` and `augment_one` sample and apply in one call.
 
 torchvision and kornia are not dependencies, so the ops are written here following torchvision's tensor code
@@ -331,7 +331,10 @@ def apply_one(x: torch.Tensor, params: AugmentParams, generator: torch.Generator
     base = torch.stack([xs.expand(hp, wp), ys[:, None].expand(hp, wp), torch.ones(hp, wp, dtype=x.dtype)], dim=-1)
     grid = (base @ theta.T) / torch.tensor([0.5 * wp, 0.5 * hp], dtype=x.dtype)  # [Hp, Wp, 2]
     grid = grid.to(x.device).expand(x.shape[0], hp, wp, 2)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # torchvision `_apply_grid_transform` with fill 0: a channel of ones is warped along, and the zero-padded
+    # result is blended with the fill by it (img * mask + (1 - mask) * 0).
+    x = F.grid_sample(torch.cat([x, x.new_ones(x.shape[0], 1, hp, wp)], dim=1), grid, align_corners=False)
+    x = x[:, :3] * x[:, 3:]
     k1 = _gaussian_kernel1d(p.sigma.to(x.dtype), p.blur_kernel)[0]
     kernel = torch.outer(k1, k1).to(x.device).expand(3, 1, p.blur_kernel, p.blur_kernel)
     half = p.blur_kernel // 2
@@ -389,15 +392,16 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
     theta[:, :, 0] *= (1.0 - 2.0 * params.flip.to(dtype)).view(-1, 1)
     src = torch.einsum("hwk,vjk->vhwj", base, theta)  # [V, oh, ow, 2] source pixel offsets from the canvas centre
     # Sampling the unpadded image with border clamping equals sampling the edge-padded canvas inside the canvas.
-    # Outside it torchvision's grid_sample fills 0: the bilinear weight left inside is clamp(1 - distance past the
-    # outermost pixel centre, 0, 1) per axis (exactly 1 inside), so multiply by that coverage where it is < 1.
+    # Outside it torchvision's grid_sample pads with 0: the bilinear weight left inside is clamp(1 - distance past
+    # the outermost pixel centre, 0, 1) per axis (exactly 1 inside), the "coverage". torchvision then blends with
+    # the fill value 0 by the warped mask channel, which is that coverage again: multiply by coverage**2 where < 1.
     outermost = torch.tensor([(wp - 1) / 2, (hp - 1) / 2], dtype=dtype, device=device)
     coverage = (1 - (src.abs() - outermost).clamp_(min=0)).clamp_(min=0).prod(dim=-1)  # [V, oh, ow]
     half_image = torch.tensor([width / 2, height / 2], dtype=dtype, device=device)
     planes = x.view(n_views, batch * 3, height, width)  # [V, B*3, H, W]: one grid per view serves all images
     warped = F.grid_sample(planes, src / half_image, mode="bilinear", padding_mode="border", align_corners=False)
     if bool((coverage < 1).any()):
-        warped.mul_(coverage.unsqueeze(1))  # [V, B*3, oh, ow]
+        warped.mul_(coverage.square_().unsqueeze(1))  # [V, B*3, oh, ow]
     # Separable Gaussian blur with per-view kernels on the valid region: rows, then columns into `out`.
     k1 = _gaussian_kernel1d(params.sigma.to(dtype), params.blur_kernel).view(n_views, -1, 1, 1, 1)  # [V, k, 1,1,1]
     rows = warped[..., 0:height, :] * k1[:, 0]  # [V, B*3, H, ow]
@@ -408,14 +412,25 @@ def _warp_blur_views(x: torch.Tensor, params: AugmentParams, out: torch.Tensor) 
         out.addcmul_(rows[..., t : t + width], k1[:, t])
 
 
-def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def apply_params(
+    x: torch.Tensor,
+    params: AugmentParams,
+    generator: torch.Generator | None = None,
+    views_per_chunk: int | None = None,
+) -> torch.Tensor:
     """All V views of `params` on x [B, 3, H, W] -> [V, B, 3, H, W], vectorised over views.
 
     Equal to `apply_one` view by view up to float rounding (for V = 1 with the same generator state, noise
-    included). Noise is drawn from `generator` (on x's device) as one [V, B, 3, H, W] tensor before any view is
-    computed, so the result does not depend on the CPU chunking.
+    included). Views are computed `views_per_chunk` at a time (default: chunks of about `_CPU_CHUNK_BYTES` on a
+    CPU, all views at once elsewhere); every view starts from its own copy of the clipped batch, and x is never
+    written. Noise is drawn from `generator` (on x's device) as one [V, B, 3, H, W] tensor before any view is
+    computed, so the result does not depend on the chunking.
     """
     _check_input(x, params, generator)
+    if views_per_chunk is not None and (
+        isinstance(views_per_chunk, bool) or not isinstance(views_per_chunk, int) or views_per_chunk < 1
+    ):
+        raise EngramError(f"views_per_chunk must be a positive integer, got {views_per_chunk!r}.")
     params = params.to(x.device)
     n_views, (batch, _, height, width) = len(params), x.shape
     out = torch.empty(n_views, batch, 3, height, width, dtype=x.dtype, device=x.device)
@@ -423,28 +438,37 @@ def apply_params(x: torch.Tensor, params: AugmentParams, generator: torch.Genera
         out.normal_(0, params.noise_std, generator=generator)
     else:
         out.zero_()
-    x = x.clamp(0, 1)
-    per_chunk = n_views
-    if x.device.type == "cpu":
+    per_chunk = views_per_chunk or n_views
+    if views_per_chunk is None and x.device.type == "cpu":
         half = params.blur_kernel // 2
         view_bytes = batch * 3 * (height + 2 * half) * (width + 2 * half) * x.element_size()
         per_chunk = max(1, _CPU_CHUNK_BYTES // view_bytes)
     for start in range(0, n_views, per_chunk):
         chunk = params.select(slice(start, start + per_chunk))
-        views = _colour_jitter_views(x.expand(len(chunk), *x.shape).contiguous(), chunk)  # [v, B, 3, H, W]
-        _warp_blur_views(views, chunk, out[start : start + len(chunk)])
+        # A fresh buffer per chunk, filled with the clipped batch: the colour ops below work in place, so the
+        # views must not share memory with x or with each other. (`x.expand(1, ...).contiguous()` would return
+        # x itself, a size-1 expanded dimension counting as contiguous, and each view would carry the jitter of
+        # the views before it; issue 24.)
+        views = torch.empty(len(chunk), *x.shape, dtype=x.dtype, device=x.device)  # [v, B, 3, H, W]
+        torch.clamp(x.expand_as(views), 0, 1, out=views)
+        _warp_blur_views(_colour_jitter_views(views, chunk), chunk, out[start : start + len(chunk)])
     return out.clamp_(0, 1)
 
 
 def augment_views(
-    x: torch.Tensor, n_views: int, policy: AugmentPolicy, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    n_views: int,
+    policy: AugmentPolicy,
+    generator: torch.Generator | None = None,
+    views_per_chunk: int | None = None,
 ) -> torch.Tensor:
     """CoTTA's N augmented copies of a batch (spec §1.4): x [B, 3, H, W] in [0, 1] -> [n_views, B, 3, H, W].
 
-    `generator` (on x's device, or None for the global RNG) draws parameters then noise.
+    `generator` (on x's device, or None for the global RNG) draws parameters then noise; the views are the same
+    for every `views_per_chunk` (see `apply_params`).
     """
     params = sample_params(n_views, policy, generator)
-    return apply_params(x, params, generator)
+    return apply_params(x, params, generator, views_per_chunk)
 
 
 def augment_one(x: torch.Tensor, policy: AugmentPolicy, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -50,12 +50,19 @@ def tta(
         help="CIFAR-10-C / CIFAR-100-C folder (<corruption>.npy, labels.npy) instead of the generated MNIST stream.",
     ),
     n_examples: int = typer.Option(None, "--n-examples", min=1, help="Images per corruption from --data-dir."),
+    corruptions: str = typer.Option(
+        "all",
+        "--corruptions",
+        help="all (the 15 in the standard order), or a comma list of them, run in the given order; with --data-dir "
+        "only the named <corruption>.npy files must exist.",
+    ),
     source: Path = typer.Option(None, "--source", help="Source weights (.safetensors with its .json card)."),
     seed: Seed = 1,
     out: Out = Path("runs/tta"),
     overwrite: Overwrite = False,
 ) -> None:
     """Continual test-time adaptation on a corruption stream: per-corruption errors, rounds, speed, report."""
+    from engramlab.data.corruptions import CORRUPTIONS
     from engramlab.tta.methods import CoTTASettings
     from engramlab.tta.study import TTAStudyOptions, run_tta_study
 
@@ -85,6 +92,7 @@ def tta(
         lr=lr,
         data_dir=data_dir,
         n_examples=n_examples,
+        corruptions=list(CORRUPTIONS) if corruptions == "all" else comma_list(corruptions, "--corruptions"),
         source=source,
         seed=seed,
         out=out,

@@ -90,7 +90,7 @@ def run_method(name: str, model: torch.nn.Module, opts: TTAStudyOptions) -> list
         gate = method.last_gate if isinstance(method, CoTTA) else None
         # CoTTA diagnostic (labels are used for reporting only): would the plain teacher have been right?
         wrong_plain = (method.last_plain.argmax(1) != batch.y).float() if isinstance(method, CoTTA) else None
-        for corruption, mask in _domains(batch):
+        for corruption, mask in _domains(batch, opts.corruptions):
             records.append(
                 {
                     "method": name,
@@ -108,13 +108,14 @@ def run_method(name: str, model: torch.nn.Module, opts: TTAStudyOptions) -> list
     return records
 
 
-def _domains(batch: StreamBatch):
-    """(corruption, sample mask) pairs of a batch: one for a single-domain batch, several for a mixed one."""
+def _domains(batch: StreamBatch, corruptions: list[str]):
+    """(corruption, sample mask) pairs of a batch: one for a single-domain batch, several for a mixed one (whose
+    sample_domains index the stream's list of corruptions)."""
     if batch.sample_domains is None:
         yield batch.corruption, torch.ones(len(batch.y), dtype=torch.bool)
         return
     for d in batch.sample_domains.unique().tolist():
-        yield CORRUPTIONS[d], batch.sample_domains == d
+        yield corruptions[d], batch.sample_domains == d
 
 
 def _error_table(records: list[dict]) -> list[dict]:
@@ -189,6 +190,7 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
         raise EngramError(f"--method: unknown method {unknown[0]!r}; choose from all, {', '.join(TTA_METHODS)}.")
     if opts.rounds < 1:
         raise EngramError(f"--rounds must be >= 1, got {opts.rounds}.")
+    _check_corruptions(opts.corruptions)
     if opts.data_dir is not None:
         if opts.source is None:
             raise EngramError(
@@ -227,6 +229,20 @@ def run_tta_study(opts: TTAStudyOptions) -> dict:
         summary,
     )
     return summary
+
+
+def _check_corruptions(corruptions: list[str]) -> None:
+    """One line naming every unknown or repeated name of --corruptions."""
+    if not corruptions:
+        raise EngramError("--corruptions needs at least one name.")
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise EngramError(
+            f"--corruptions: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(CORRUPTIONS)}."
+        )
+    repeated = sorted({c for c in corruptions if corruptions.count(c) > 1})
+    if repeated:
+        raise EngramError(f"--corruptions names {', '.join(map(repr, repeated))} more than once.")
 
 
 def paper_table(errors: list[dict], round_: int) -> list[dict]:
