@@ -352,7 +352,7 @@ def apply_one(x: torch.Tensor, params: AugmentParams, generator: torch.Generator
 
 # On a CPU, views are processed in chunks of about this many bytes of warped images: all ops are vectorised over
 # the views of a chunk, and a chunk stays in cache (one 32-view tensor for B = 100 at 32x32 is 40 MB; measured
-# 2-3x slower than chunks of a few MB, see /work/notes/augment.md). On other devices all views go in one chunk.
+# 2-3x slower than chunks of a few MB when this was written). On other devices all views go in one chunk.
 _CPU_CHUNK_BYTES = 4 * 2**20
 
 

@@ -135,7 +135,7 @@ def _grouped_batch_norm(m: _BatchNorm, n_groups: int, x: torch.Tensor) -> torch.
     """BatchNorm with batch statistics computed separately for each of `n_groups` contiguous slices of the batch.
 
     One native batch_norm per slice: exactly what a separate forward computes, and on a CPU faster than a
-    hand-written grouped reduction (measured in /work/notes/augment.md).
+    hand-written grouped reduction (measured when this was written; the notes were not kept).
     """
     if x.shape[0] % n_groups:
         raise EngramError(f"per_view_batch_stats: batch of {x.shape[0]} is not a multiple of n_views={n_groups}.")
