@@ -21,7 +21,7 @@ import time
 import torch
 import transformers
 
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, interleaved_medians, print_ratios, recording_variants  # benchmarks/ on sys.path
 from engramlab.models import HookEngine, discover
 
 
@@ -87,28 +87,8 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": mask}
     neurons = engine.layout.site_width("mlp.act")
 
-    def plain():
-        model(**batch)
-
-    def act():
-        with engine.record("mlp.act", None, positions="nonpad", reduce="mean"):
-            model(**batch)
-
-    def all_sites():
-        with engine.record(["mlp.gate", "mlp.up", "mlp.down"], None, positions="nonpad", reduce="mean"):
-            model(**batch)
-
-    variants = {"plain": plain, "act": act, "neurons": all_sites}
-    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        names = list(variants)
-        for repeat in range(args.repeats):
-            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate the order
-                start = time.perf_counter()
-                variants[name]()
-                times[name].append(time.perf_counter() - start)
+        medians = interleaved_medians(recording_variants(engine, model, batch, "neurons"), args.repeats)
 
     print(
         f"experts: Mixtral-shaped, {args.layers} layers, hidden {args.hidden}, {args.experts} experts x "
@@ -119,10 +99,7 @@ def main() -> None:
         f"batch {args.batch} x {args.seq} tokens; CPU ({cpu_name()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats}"
     )
-    base = statistics.median(times["plain"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:8s} {median * 1000:9.1f} ms   ratio to plain {median / base:.3f}")
+    print_ratios(medians, width=8)
 
 
 if __name__ == "__main__":

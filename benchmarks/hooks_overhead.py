@@ -13,13 +13,11 @@ and prints the median time of each and the ratios to plain. Target (issue 3): ac
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import transformers
 
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, interleaved_medians, print_ratios, recording_variants  # benchmarks/ on sys.path
 from engramlab.models import HookEngine
 
 
@@ -58,33 +56,9 @@ def main() -> None:
     mask[: args.batch // 2, : args.seq // 4] = 0  # half the rows left-padded, so the masking path is exercised
     batch = {"input_ids": ids, "attention_mask": mask}
 
-    def plain():
-        model(**batch)
-
-    def act():
-        with engine.record("mlp.act", None, positions="nonpad", reduce="mean"):
-            model(**batch)
-
-    def rsn_sites():
-        with engine.record(["mlp.gate", "mlp.up", "mlp.down"], None, positions="nonpad", reduce="mean"):
-            model(**batch)
-
-    variants = {"plain": plain, "act": act, "rsn-sites": rsn_sites}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        names = list(variants)
-        for repeat in range(args.repeats):
-            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate the order
-                fn = variants[name]
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        medians = interleaved_medians(recording_variants(engine, model, batch, "rsn-sites"), args.repeats, sync)
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     print(
@@ -95,10 +69,7 @@ def main() -> None:
         f"batch {args.batch} x {args.seq} tokens; device {args.device} ({device}), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}"
     )
-    base = statistics.median(times["plain"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:10s} {median * 1000:9.1f} ms   ratio to plain {median / base:.3f}")
+    print_ratios(medians)
 
 
 if __name__ == "__main__":
