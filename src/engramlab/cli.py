@@ -34,7 +34,7 @@ from engramlab.cli_options import (
 )
 from engramlab.continual.cli import app as continual_app
 from engramlab.decode.cli import app as decode_app
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 from engramlab.organisms.cli import app as organisms_app
 from engramlab.posttrain.cli import app as posttrain_app
 from engramlab.relations.cli import app as relations_app
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         if parallel and _peer_lost(err):
             sys.exit(1)  # another rank failed and said why in its own line; torchrun stops the rest
         _fail(
-            f"unexpected {type(err).__name__}: {_first_line(err)} (a bug in engramlab or a case it does not check "
+            f"unexpected {type(err).__name__}: {first_line(err)} (a bug in engramlab or a case it does not check "
             f"yet); rerun with {DEBUG_FLAG} for the traceback.",
             "error",
             1,
@@ -271,11 +271,6 @@ def _warnings_after(show: bool) -> Iterator[_HeldWarnings]:
         warnings.simplefilter("default")
         yield held
     held.extend(caught)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else "(no message)"
 
 
 def _fail(message: str | None, label: str, code: int) -> NoReturn:

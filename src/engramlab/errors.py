@@ -8,3 +8,10 @@ with code 2; library callers can catch it. Internal bugs stay ordinary exception
 
 class EngramError(ValueError):
     """A clear, one-line error about user input."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message without its final period (its type's name if it has none): what
+    an `EngramError` quotes of a failure inside a library."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__).rstrip(".")

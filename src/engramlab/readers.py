@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 
 
 def _fail(path: Path, problem: str, hint: str) -> EngramError:
@@ -84,7 +84,7 @@ def read_parquet(path: str | os.PathLike, columns: Iterable[str] = (), hint: str
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
-        raise _fail(path, f"not a readable parquet file ({_first_line(err)})", hint) from err
+        raise _fail(path, f"not a readable parquet file ({first_line(err)})", hint) from err
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise _fail(path, f"has no column {missing[0]!r}", hint)
@@ -106,7 +106,7 @@ def read_safetensors(
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(path, f"not a readable safetensors file ({_first_line(err)})", hint) from err
+        raise _fail(path, f"not a readable safetensors file ({first_line(err)})", hint) from err
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise _fail(path, f"holds no tensor {missing[0]!r}", hint)
@@ -121,9 +121,4 @@ def load_failure(err: BaseException) -> str:
         return (
             "it holds pickled Python objects besides tensors, and engramlab never unpickles those (they can run code)"
         )
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__).rstrip(".")
+    return first_line(err)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual full-training-set statistics (HLOP's pmnist loader uses them)
 MNIST_IDX_FILES = (
@@ -65,7 +65,7 @@ def _parse_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # [5000, 785]
     except (ValueError, OSError, EOFError, zlib.error) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise EngramError(f"{path}: corrupt MNIST CSV ({reason}); reinstall engramlab to restore it.") from err
     if table.shape != (_N_IMAGES, 28 * 28 + 1):
         raise EngramError(

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from engramlab import distributed
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 from engramlab.models.loading import is_offloaded, onloaded
 
 DECODE_SITES = ("up", "gate", "down")
@@ -612,7 +612,7 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
     try:
         table = pq.read_table(file)
     except (OSError, pa.ArrowInvalid) as err:
-        raise EngramError(f"cannot read {file}: {str(err).splitlines()[0]}") from err
+        raise EngramError(f"cannot read {file}: {first_line(err)}") from err
     missing = {"layer", "neuron", "rank", "token_id", "token", "score"} - set(table.column_names)
     if missing:
         raise EngramError(f"{file} is not an atlas: it lacks the column(s) {', '.join(sorted(missing))}.")

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from engramlab.decode.atlas import ATLAS_FILE
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 
 
 def atlas_file(path: str | os.PathLike) -> Path:
@@ -53,7 +53,7 @@ def search_atlas(
     try:
         dataset = ds.dataset(file, format="parquet")
     except (OSError, pa.ArrowInvalid) as err:
-        raise EngramError(f"cannot read {file}: {str(err).splitlines()[0]}") from err
+        raise EngramError(f"cannot read {file}: {first_line(err)}") from err
     names = set(dataset.schema.names)
     if not {"layer", "neuron", "rank", "token_id", "token", "score"} <= names:
         raise EngramError(f"{file} is not an atlas (columns: {', '.join(sorted(names))}).")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from engramlab.distributed import is_running, local_device
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 from engramlab.models.arch import ArchSpec
 from engramlab.models.hooks import HookEngine
 from engramlab.models.layout import ModelLayout, discover
@@ -250,7 +250,7 @@ def load_model(
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # any failure inside transformers' config parsing: one sentence naming the file
         where = path / "config.json" if path is not None else ref
-        raise EngramError(f"cannot read the model config {where}: {_first_line(err)}") from err
+        raise EngramError(f"cannot read the model config {where}: {first_line(err)}.") from err
     if path is not None:
         _check_weights(path)
 
@@ -359,16 +359,11 @@ def _load_tokenizer(source: str, path: Path | None, trust_remote_code: bool):
         with _quiet_hf():
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # a broken tokenizer file: say which folder
-        raise EngramError(f"cannot load the tokenizer in {path or source}: {_first_line(err)}") from err
+        raise EngramError(f"cannot load the tokenizer in {path or source}: {first_line(err)}.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # so that position -1 is every row's last real token, also for generate
     return tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__).rstrip(".") + "."
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from engramlab.data.batching import batches
 from engramlab.data.mnist import mnist_split, to_rgb32
-from engramlab.errors import EngramError
+from engramlab.errors import EngramError, first_line
 from engramlab.progress import track
 from engramlab.readers import read_json_object, read_safetensors
 from engramlab.results import atomic_path, write_json
@@ -150,6 +150,6 @@ def load_source(path: str | Path | None = None) -> torch.nn.Module:
         model.load_state_dict(tensors)
     except (RuntimeError, OSError, TypeError) as err:
         raise EngramError(
-            f"{weights} does not hold the SmallResNet weights its card describes: {str(err).splitlines()[0]}"
+            f"{weights} does not hold the SmallResNet weights its card describes: {first_line(err)}"
         ) from err
     return model.eval()
