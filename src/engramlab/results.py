@@ -53,11 +53,7 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool = False, run: RunMarke
         if not _writable(path):
             raise EngramError(f"--out {path} is not writable; choose a folder you can write to.")
     else:
-        parent = _existing_parent(path)
-        if not parent.is_dir():
-            raise EngramError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
-        if not _writable(parent):
-            raise EngramError(f"cannot create --out {path}: {parent} is not writable.")
+        _check_parent(path, "create")
     return path
 
 
@@ -84,12 +80,18 @@ def check_out_file(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise EngramError(f"--out {path} is a folder; give a file path (e.g. {path / 'hits.parquet'}).")
     if path.exists() and not overwrite:
         raise EngramError(f"--out {path} exists; pass --overwrite to replace it, or give a new file name.")
+    _check_parent(path, "write")
+    return path
+
+
+def _check_parent(path: Path, action: str) -> None:
+    """A path that does not exist yet can be made: its nearest existing ancestor is a folder this process can write
+    in (`action` names what would be refused: create a folder, write a file)."""
     parent = _existing_parent(path)
     if not parent.is_dir():
         raise EngramError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
     if not _writable(parent):
-        raise EngramError(f"cannot write --out {path}: {parent} is not writable.")
-    return path
+        raise EngramError(f"cannot {action} --out {path}: {parent} is not writable.")
 
 
 def _writable(folder: Path) -> bool:
