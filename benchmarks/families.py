@@ -10,19 +10,27 @@ Two measurements in one run (issue 20's targets):
      act      + record("mlp.act", all layers, positions="nonpad", reduce="mean")   (every expert neuron)
      neurons  + record(["mlp.gate", "mlp.up", "mlp.down"], all layers, same reduction)
    median of each and the ratio to plain. Target act/plain <= 1.15.
+3. list experts: the same shape with its experts kept as a list of modules (transformers 4's Mixtral block, built
+   by tests/list_moe.py), where recording runs the block's capture / compute / replay forward
+   (`engramlab.models.expert_list`); the same three variants. No target in the issue; printed for the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from _machine import cpu_name, interleaved_medians, print_ratios, recording_variants  # benchmarks/ on sys.path
 from engramlab.models import HookEngine, discover
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the list-of-experts models live there
+from list_moe import tiny_list_moe
 
 
 def discovery_ms(repeats: int) -> tuple[float, int]:
@@ -99,6 +107,20 @@ def main() -> None:
         f"batch {args.batch} x {args.seq} tokens; CPU ({cpu_name()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {args.repeats}"
     )
+    print_ratios(medians, width=8)
+
+    listed = tiny_list_moe(
+        "list_mixtral",
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        width=args.expert_intermediate,
+        vocab=args.vocab,
+    )
+    engine = HookEngine(listed)
+    with torch.inference_mode():
+        medians = interleaved_medians(recording_variants(engine, listed, batch, "neurons"), args.repeats)
+    print(f"list experts: the same shape, experts kept as {args.experts} modules per layer (transformers 4 Mixtral)")
     print_ratios(medians, width=8)
 
 

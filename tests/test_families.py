@@ -2,8 +2,10 @@
 
 Kinds: gated (qwen3), non-gated with flattened [B*T, D] MLP tensors (opt), parallel attention+MLP (gptj), fused
 gate+up (phi3), MoE with batched expert tensors (mixtral), MoE with a shared expert and dense first layers
-(deepseek_v3), MoE with interleaved, biased, clamped experts (gpt_oss) and Llama 4's every-expert-sees-every-token
-experts (llama4_text). References come from plain PyTorch hooks and from weight edits on a copy of the model.
+(deepseek_v3), MoE with interleaved, biased, clamped experts (gpt_oss), Llama 4's every-expert-sees-every-token
+experts (llama4_text), and MoE with a list of expert modules in four routing codes (tests/list_moe.py: Mixtral and
+Qwen2-MoE as transformers 4 wrote them, DeepSeek-V2's remote code, a top-1 non-gated switch). References come from
+plain PyTorch hooks and from weight edits on a copy of the model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from engramlab.models import ExpertsMlp, load_model
 from engramlab.models.census import check_family, run_census, run_checks, summary
 from engramlab.models.layout import iter_dense
 from engramlab.models.tiny import tiny_model
+from list_moe import STYLES as LIST_STYLES
+from list_moe import tiny_list_moe
 
 KINDS = {
     "qwen3": "gated",
@@ -30,13 +34,21 @@ KINDS = {
     "deepseek_v3": "gated, moe+shared",
     "gpt_oss": "moe",
     "llama4_text": "moe+shared",
+    "list_mixtral": "moe",
+    "list_qwen2_moe": "gated, moe+shared",
+    "list_deepseek": "moe+shared",
+    "list_switch": "moe",
 }
+
+
+def _build(name: str):
+    return tiny_list_moe(name) if name in LIST_STYLES else tiny_model(name)
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
 def loaded(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    tiny_model(request.param).save_pretrained(path)
+    _build(request.param).save_pretrained(path)
     return load_model(str(path), device="cpu", with_tokenizer=False)
 
 
@@ -145,6 +157,10 @@ def _weight_edited(loaded, site: str, layer: int, units: list[int], factor: floa
             experts = block.get_submodule(mlp.experts)
             routed = index[index < mlp.routed_width]
             expert, neuron = routed // mlp.width, routed % mlp.width
+            if mlp.listed is not None:
+                for e, module in enumerate(experts):
+                    _scale_dense(module, mlp.listed, site, neuron[expert == e], factor)
+                return edited
             if site == "mlp.act":
                 down = experts.down_proj
                 if mlp.transposed:
@@ -164,6 +180,17 @@ def _weight_edited(loaded, site: str, layer: int, units: list[int], factor: floa
                 if bias is not None:
                     bias[expert, rows] *= factor
     return edited
+
+
+def _scale_dense(module, dense, site: str, local: torch.Tensor, factor: float) -> None:
+    """Scale neurons `local` of one listed expert's MLP in its weights (rows of gate/up, columns of down)."""
+    if site == "mlp.act":
+        module.get_submodule(dense.down.path).weight[:, local] *= factor
+        return
+    proj = module.get_submodule((dense.up if site == "mlp.up" else dense.gate).path)
+    proj.weight[local, :] *= factor
+    if proj.bias is not None:
+        proj.bias[local] *= factor
 
 
 def _expert_rows(mlp: ExpertsMlp):
@@ -383,8 +410,9 @@ def test_full_census_of_the_installed_transformers():
     assert all(by_family[f] == "pass" for f in NAMED_IN_ISSUE), {f: by_family[f] for f in NAMED_IN_ISSUE}
 
 
-def test_experts_kept_as_a_list_of_modules_are_refused():
-    """transformers 4 and some remote code keep one module per expert; it is refused, not half-mapped."""
+def test_listed_experts_that_cannot_be_tapped_are_refused_in_one_line():
+    """Experts without an activation module, and a block that hands its experts rows that are not copies of its
+    input tokens (so no row can be traced to a token), are refused, never half-mapped."""
     from engramlab.models import discover
 
     model = tiny_model("mixtral")
@@ -395,8 +423,60 @@ def test_experts_kept_as_a_list_of_modules_are_refused():
             )
             for _ in range(4)
         )
-    with pytest.raises(EngramError, match="list of modules"):
+    with pytest.raises(EngramError, match="activation as a function") as refused:
         discover(model)
+    assert "\n" not in str(refused.value)
+
+    model = tiny_list_moe("list_switch")
+    for layer in model.model.layers:
+        block = layer.mlp
+        block.forward = lambda x, block=block: type(block).forward(block, x * 2.0) / 2.0  # experts see 2x
+    with pytest.raises(EngramError, match="not copies of the MoE block's input tokens"):
+        discover(model)
+
+
+def test_listed_experts_tell_identical_prompts_apart():
+    """The same prompt twice in one batch gives bit-identical tokens; a per-row edit of row 1 still lands on row 1
+    only (row 0 keeps the plain logits, row 1 gets the weight-edited model's)."""
+    from engramlab.models import HookEngine
+
+    model = tiny_list_moe("list_mixtral")
+    engine = HookEngine(model)
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(4)).repeat(2, 1)
+    width = engine.layout.site_width("mlp.act", 1)
+    masks = torch.zeros(2, width, dtype=torch.bool)
+    masks[1, ::3] = True
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with engine.edit_neurons({("mlp.act", 1): masks}):
+            hooked = model(input_ids=ids).logits
+        edited = copy.deepcopy(model)
+        units = torch.arange(0, width, 3)
+        for e, expert in enumerate(edited.model.layers[1].mlp.block_sparse_moe.experts):
+            local = units[(units >= e * 48) & (units < (e + 1) * 48)] - e * 48
+            expert.w2.weight[:, local] = 0
+        expected = edited(input_ids=ids).logits
+    assert torch.equal(hooked[0], plain[0])
+    torch.testing.assert_close(hooked[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hooked[1], plain[1])
+
+
+def test_gathered_tokens_traces_rows_to_tokens():
+    from engramlab.models.expert_list import gathered_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(9, 16, generator=generator)
+    tokens[6] = tokens[2]  # a duplicate token
+    picks = [torch.tensor([6, 2, 0]), torch.tensor([8, 2, 6, 5])]  # expert 0, expert 1; duplicates in both
+    rows = torch.cat([tokens[p] for p in picks])
+    expert = torch.cat([torch.full((len(p),), e) for e, p in enumerate(picks)])
+    token = gathered_tokens(tokens, rows, expert)
+    assert torch.equal(tokens[token], rows)
+    assert token.tolist() == [2, 6, 0, 8, 2, 6, 5]  # equal rows of one expert get equal tokens in ascending order
+    with pytest.raises(EngramError, match="not copies"):
+        gathered_tokens(tokens, rows + 1e-3, expert)
+    with pytest.raises(EngramError, match="not copies"):  # more equal rows than equal tokens
+        gathered_tokens(tokens, tokens[[2, 2, 2]], torch.zeros(3, dtype=torch.long))
 
 
 def test_final_norm_is_the_one_the_head_reads():
@@ -431,3 +511,27 @@ def test_expert_tap_keeps_accelerate_device_hooks():
         torch.testing.assert_close(hooked, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert [vars(layer.mlp.experts)["forward"] for layer in model.model.layers] == wrappers
     assert all(vars(layer.mlp.experts)["_old_forward"].__self__ is layer.mlp.experts for layer in model.model.layers)
+
+
+def test_listed_expert_tap_keeps_accelerate_device_hooks():
+    """The list tap shadows accelerate's `_old_forward` of the block and of every expert, and puts them back."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from engramlab.models import HookEngine
+
+    model = tiny_list_moe("list_deepseek")
+    reference = copy.deepcopy(model)
+    modules = [m for layer in model.model.layers for m in (layer.mlp, *layer.mlp.experts)]
+    for module in modules:
+        add_hook_to_module(module, AlignDevicesHook(execution_device="cpu"))
+    wrappers = [vars(m)["forward"] for m in modules]
+    engine = HookEngine(model)
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), engine.zero("mlp.act", 1, list(range(0, 192, 2))):
+        hooked = model(input_ids=ids).logits
+    with torch.no_grad():
+        for expert in reference.model.layers[1].mlp.experts:
+            expert.down_proj.weight[:, ::2] = 0
+        torch.testing.assert_close(hooked, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    assert [vars(m)["forward"] for m in modules] == wrappers
+    assert all(vars(m)["_old_forward"].__self__ is m for m in modules)

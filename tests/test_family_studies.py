@@ -1,6 +1,7 @@
-"""Every study on a tiny MoE model (mixtral: batched experts; deepseek_v3: dense first layer, shared expert) and a
-tiny fused gate+up model (phi3): relations units and responses, the decode atlas, post-training patching and
-entropy neurons, and `models info`. Weights are read straight off the parameters as references."""
+"""Every study on a tiny MoE model (mixtral: batched experts; deepseek_v3: dense first layer, shared expert;
+list_mixtral: a list of expert modules, as transformers 4 kept them) and a tiny fused gate+up model (phi3):
+relations units and responses, the decode atlas, post-training patching and entropy neurons, and `models info`.
+Weights are read straight off the parameters as references."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from engramlab.models.tiny import tiny_model
 from engramlab.posttrain import entropy, patching
 from engramlab.relations.responses import ResponseMatrix, collect_responses
 from engramlab.relations.units import UnitSpace
+from list_moe import tiny_list_moe
 from test_posttrain import PAIR, SHOTS, word_tokenizer
 
 TEXTS = ["w30 w31 w32 w33", "w40 w41", "w50 w51 w52", "Paris is in France"]
 
 
 def _loaded(family: str):
-    return from_hf(tiny_model(family), word_tokenizer(), ref=family)
+    model = tiny_list_moe(family) if family.startswith("list_") else tiny_model(family)
+    return from_hf(model, word_tokenizer(), ref=family)
 
 
 def _explicit(model, family: str, layer: int, site: str) -> torch.Tensor:
@@ -31,6 +34,10 @@ def _explicit(model, family: str, layer: int, site: str) -> torch.Tensor:
         width = mlp.down_proj.weight.shape[1]
         fused = mlp.gate_up_proj.weight  # [2I, H]: gate rows first, then up (Phi3MLP.forward's chunk order)
         return {"gate": fused[:width], "up": fused[width:], "down": mlp.down_proj.weight.T}[site].detach()
+    if family == "list_mixtral":  # one module per expert: w1 (gate), w3 (up), w2 (down)
+        name = {"gate": "w1", "up": "w3", "down": "w2"}[site]
+        weights = [getattr(expert, name).weight for expert in mlp.block_sparse_moe.experts]
+        return torch.cat([w.T if site == "down" else w for w in weights]).detach()
     experts = mlp.experts  # mixtral: gate_up_proj [E, 2I, H], down_proj [E, H, I]
     width = experts.down_proj.shape[2]
     if site == "down":
@@ -39,7 +46,7 @@ def _explicit(model, family: str, layer: int, site: str) -> torch.Tensor:
     return half.reshape(-1, half.shape[-1]).detach()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["mixtral", "list_mixtral", "phi3"])
 @pytest.mark.parametrize("site", ["up", "gate", "down"])
 def test_atlas_over_expert_neurons_and_fused_halves(family, site):
     loaded = _loaded(family)
@@ -88,6 +95,35 @@ def test_relation_units_and_responses_on_experts(tmp_path):
     handle.remove()
 
 
+def test_relation_units_on_a_list_of_experts(tmp_path):
+    """With experts kept as modules, unit (expert e, neuron j) of the up site responds with the mean of e's up
+    projection output over the rows e was called with, captured by a plain hook on that expert's w3."""
+    loaded = _loaded("list_mixtral")
+    layout = loaded.layout
+    space = UnitSpace(layout)
+    matrix = ResponseMatrix(tmp_path / "r", len(TEXTS), space.size, "fp")
+    collect_responses(loaded, TEXTS, space, matrix, batch_size=2)
+    layer, mlp = 1, layout.mlp(1)
+    experts = loaded.model.model.layers[layer].mlp.block_sparse_moe.experts
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        expert.w3.register_forward_hook(lambda m, args, out, e=e: captured.__setitem__(e, out))
+        for e, expert in enumerate(experts)
+    ]
+    block = next(b for b in space.blocks if b.layer == layer and b.site == "mlp.up")
+    for row, text in enumerate(TEXTS):
+        captured.clear()
+        with torch.no_grad():
+            loaded.model(**loaded.tokenizer([text], return_tensors="pt"))
+        for expert, neuron in ((0, 3), (1, 7), (2, 0), (3, mlp.width - 1)):
+            out = captured.get(expert)
+            expected = float(out[:, neuron].mean()) if out is not None and len(out) else 0.0
+            unit = block.offset + mlp.unit(expert, neuron)
+            assert matrix.columns(unit, unit + 1)[row, 0] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    for handle in handles:
+        handle.remove()
+
+
 def test_unit_masks_switch_off_expert_and_shared_neurons():
     """Deactivating units through UnitSpace.masks on a mixed dense/MoE model equals zeroing the same neurons'
     weights (an expert's up rows, the shared expert's up rows, a dense layer's up rows)."""
@@ -113,7 +149,7 @@ def test_unit_masks_switch_off_expert_and_shared_neurons():
     torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["mixtral", "list_mixtral", "phi3"])
 def test_entropy_neurons_read_expert_and_fused_down_columns(family):
     loaded = _loaded(family)
     result = entropy.entropy_neurons(loaded, n=3, chunk=7)
@@ -128,7 +164,7 @@ def test_entropy_neurons_read_expert_and_fused_down_columns(family):
     assert np.isfinite(effect["entropy"]) and len(effect["delta"]) == 2
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["mixtral", "list_mixtral", "phi3"])
 def test_patching_identical_runs_has_no_effect(family):
     loaded = _loaded(family)
     same = patching.Pair(PAIR.true, PAIR.true)
@@ -138,7 +174,12 @@ def test_patching_identical_runs_has_no_effect(family):
 
 @pytest.mark.parametrize(
     "family, kind, neurons",
-    [("mixtral", "moe", [384, 384]), ("phi3", "fused", [96, 96]), ("deepseek_v3", "gated, moe+shared", [96, 96, 240])],
+    [
+        ("mixtral", "moe", [384, 384]),
+        ("list_mixtral", "moe", [192, 192]),
+        ("phi3", "fused", [96, 96]),
+        ("deepseek_v3", "gated, moe+shared", [96, 96, 240]),
+    ],
 )
 def test_models_info(family, kind, neurons):
     info = model_info(_loaded(family))

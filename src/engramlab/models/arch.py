@@ -91,14 +91,16 @@ class DenseMlp:
 
 @dataclass(frozen=True)
 class ExpertsMlp:
-    """A mixture-of-experts MLP whose experts are stored as batched parameter tensors, as transformers 5 does.
+    """A mixture-of-experts MLP: experts stored as batched parameter tensors (as transformers 5 does) or as a list
+    of expert modules (`listed`, as transformers 4 and remote-code models do).
 
     `routing="top_k"`: the experts module is called as experts(x [N, H], top_k_index [N, k], top_k_weights [N, k])
-    (every family decorated with transformers' `use_experts_implementation`). `routing="all"`: every expert sees
-    every token, scaled by its router score (Llama 4); a token counts as routed to e when that score is non-zero.
+    (every family decorated with transformers' `use_experts_implementation`); for listed experts, the block calls
+    each expert on the rows routed to it. `routing="all"`: every expert sees every token, scaled by its router score
+    (Llama 4). A token counts as routed to e when its routing weight for e is non-zero.
     """
 
-    experts: str  # the batched experts module, relative to the layer
+    experts: str  # the batched experts module (or the ModuleList of experts), relative to the layer
     block: str  # the MoE block holding router, experts and shared expert; its output is `mlp.down`
     n_experts: int
     width: int  # neurons per expert
@@ -108,6 +110,7 @@ class ExpertsMlp:
     routing: Literal["top_k", "all"] = "top_k"
     router: str | None = None  # module whose input and linear weight give the router scores
     shared: DenseMlp | None = None  # shared expert, paths relative to the layer
+    listed: DenseMlp | None = None  # experts kept as a list: each expert's MLP, paths relative to the expert
 
     def unit(self, expert: int, neuron: int) -> int:
         """Index of neuron j of expert e on the layer's neuron axis."""

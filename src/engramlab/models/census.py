@@ -6,7 +6,9 @@ discover its layout, and run exactness checks whose reference is computed withou
 - `act`: the recorded `mlp.act` equals the down projection's input captured with a plain PyTorch hook in a run
   without the engine. In a MoE layer the expert neurons are checked through the experts module's output: the
   recorded act of every routed (token, expert) pair, pushed through that expert's down projection and weighted by
-  the routing weights captured on the experts module's arguments, sums to the output of a plain run.
+  the routing weights captured on the experts module's arguments, sums to the output of a plain run. Experts kept
+  as a list of modules are checked expert by expert: the rows each expert's down projection received, traced back
+  to their tokens by nearest neighbour among the block's inputs.
 - `halves`: for a fused gate+up projection, act(recorded gate)·(recorded up) equals that captured input.
 - `zero`: zeroing every neuron of every layer makes each layer's MLP output equal the output of a copy of the model
   whose down projections have zero weights (its bias, or zero), and the logits equal that copy's.
@@ -169,11 +171,36 @@ def _check_act(model, layout: ModelLayout, engine: HookEngine, batch, ran: list[
             if not torch.equal(flat[:, offset : offset + dense.width], expected.float()):
                 return f"fail: layer {layer} mlp.act differs from the down projection's input"
         experts = layout.layers[layer].get_submodule(spec.mlp.experts) if isinstance(spec.mlp, ExpertsMlp) else None
-        if experts is not None and not getattr(experts, "has_post_expert_norm", False):  # else not linear in act
+        if experts is not None and spec.mlp.listed is not None:  # type: ignore[union-attr]
+            why = _listed_act_matches(layer, spec.mlp, flat, plain)  # type: ignore[arg-type]
+            if why:
+                return f"fail: layer {layer} {why}"
+        elif experts is not None and not getattr(experts, "has_post_expert_norm", False):  # else not linear in act
             why = _expert_act_matches(layout, layer, spec.mlp, flat[:, : spec.mlp.routed_width], plain)
             if why:
                 return f"fail: layer {layer} {why}"
     return "pass"
+
+
+def _listed_act_matches(layer: int, mlp: ExpertsMlp, act: torch.Tensor, plain: dict) -> str | None:
+    """Each listed expert's down-projection input rows, captured with plain hooks, equal the recorded act of the
+    tokens those rows were gathered from (found by nearest neighbour among the block's input tokens)."""
+    tokens = plain[("block_in", layer)].reshape(act.shape[0], -1).float()  # [N, H]
+    for expert in range(mlp.n_experts):
+        inputs, down_in = plain.get(("expert_in", layer, expert)), plain.get(("expert_down_in", layer, expert))
+        if not inputs:
+            continue
+        rows = torch.cat([x.reshape(-1, tokens.shape[1]) for x in inputs]).float()
+        if not rows.shape[0]:
+            continue
+        distance, token = torch.cdist(rows, tokens).min(dim=1)
+        if float(distance.max()) > 0:
+            return f"expert {expert} saw a row that is none of the block's input tokens"
+        expected = torch.cat([x.reshape(-1, mlp.width) for x in down_in])
+        got = act[token, expert * mlp.width : (expert + 1) * mlp.width]
+        if not torch.equal(got, expected.float()):
+            return f"expert {expert}'s recorded act differs from its down projection's input"
+    return None
 
 
 def _expert_act_matches(layout, layer: int, mlp: ExpertsMlp, act: torch.Tensor, plain: dict) -> str | None:
@@ -330,7 +357,15 @@ def _capture(model: nn.Module, layout: ModelLayout, batch: dict, logits: bool = 
         mlp = spec.mlp
         out_module = block.get_submodule(mlp.down.path if isinstance(mlp, DenseMlp) else mlp.block)
         handles.append(out_module.register_forward_hook(_keep_output(captured, ("mlp_out", layer))))
-        if isinstance(mlp, ExpertsMlp):
+        if isinstance(mlp, ExpertsMlp) and mlp.listed is not None:
+            handles.append(
+                block.get_submodule(mlp.block).register_forward_pre_hook(keep(("block_in", layer)), with_kwargs=True)
+            )
+            for index, expert in enumerate(block.get_submodule(mlp.experts)):
+                down = expert.get_submodule(mlp.listed.down.path)
+                handles.append(expert.register_forward_pre_hook(_append(captured, ("expert_in", layer, index))))
+                handles.append(down.register_forward_pre_hook(_append(captured, ("expert_down_in", layer, index))))
+        elif isinstance(mlp, ExpertsMlp):
             experts = block.get_submodule(mlp.experts)
             handles.append(experts.register_forward_hook(_keep_output(captured, ("experts_out", layer))))
             if mlp.routing == "top_k":
@@ -347,6 +382,13 @@ def _capture(model: nn.Module, layout: ModelLayout, batch: dict, logits: bool = 
     if logits:
         captured["logits"] = out.logits
     return captured
+
+
+def _append(captured: dict, key):
+    def pre(mod, args):
+        captured.setdefault(key, []).append(args[0].detach().clone())
+
+    return pre
 
 
 def _keep_output(captured: dict, key):
@@ -373,9 +415,17 @@ def _zero_down_weights(model: nn.Module, layout: ModelLayout, layers, neurons: l
                 weight[:, cols] = 0
         if isinstance(spec.mlp, ExpertsMlp):
             mlp = spec.mlp
-            down = block.get_submodule(mlp.experts).down_proj  # [E, H, I] or [E, I, H]
             units = index[index < mlp.routed_width]
             expert, neuron = units // mlp.width, units % mlp.width
+            if mlp.listed is not None:
+                for e, module in enumerate(block.get_submodule(mlp.experts)):
+                    weight, cols = module.get_submodule(mlp.listed.down.path).weight, neuron[expert == e]
+                    if mlp.listed.down.transposed:
+                        weight[cols, :] = 0
+                    else:
+                        weight[:, cols] = 0
+                continue
+            down = block.get_submodule(mlp.experts).down_proj  # [E, H, I] or [E, I, H]
             if mlp.transposed:
                 down[expert, neuron, :] = 0
             else:

@@ -8,7 +8,8 @@ Every method returns a `HookContext`; hooks exist only inside its `with` block a
 an exception. Nothing in the model is rewritten, so a context with no edit leaves the logits bit-identical, and
 edits keep working inside `model.generate` (KV cache, batching and dtype are HF's own). The one exception is a MoE
 layer's routed experts: transformers computes their neurons inside one fused function, so while a context touches
-them `engramlab.models.experts.ExpertsTap` runs an equivalent expert loop in place of the experts module's forward.
+them `engramlab.models.experts.ExpertsTap` runs an equivalent expert loop in place of the experts module's forward
+(for experts kept as a list of modules, `engramlab.models.expert_list.ExpertListTap` does the same for the block).
 
 A site may live in several places ("parts"): one module output for most sites, the two halves of a fused gate+up
 projection's output, or the routed-expert rows and the shared expert of a MoE layer, each covering its own units
@@ -44,6 +45,7 @@ from torch import nn
 
 from engramlab.errors import EngramError
 from engramlab.models.arch import ROUTER_SITES, SITES, ArchSpec
+from engramlab.models.expert_list import ExpertListTap
 from engramlab.models.experts import ExpertRows, ExpertsTap
 from engramlab.models.layout import ModelLayout, Part
 
@@ -122,7 +124,7 @@ class HookEngine:
         self.call = _CallState()
         self._tracker_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._open_contexts = 0
-        self._taps: dict[int, ExpertsTap] = {}
+        self._taps: dict[int, ExpertsTap | ExpertListTap] = {}
 
     # ----------------------------------------------------------------------------------------------------------
     # Public API: each returns a context manager.
@@ -429,10 +431,16 @@ class HookEngine:
         """Attach `fn(x, where) -> new x or None` to one part of a site; returns removable handles."""
         handles = []
         if part.source == "experts":
-            tap = self._taps.setdefault(id(part.module), ExpertsTap(part.module, part.experts))  # type: ignore[arg-type]
+            tap = self._taps.get(id(part.module))
+            if tap is None:
+                listed = part.experts.listed is not None  # type: ignore[union-attr]
+                tap = (ExpertListTap if listed else ExpertsTap)(part.module, part.experts)  # type: ignore[arg-type]
+                self._taps[id(part.module)] = tap
 
             def on_rows(values: torch.Tensor, rows: ExpertRows):
                 batch, length = self._batch_shape(values, rows.n_tokens)
+                if site in ROUTER_SITES:  # routing weights [N, E] of a list-of-experts block
+                    return fn(values.view(batch, length, -1), _Dense(part, batch, length))
                 return fn(values, _Rows(part, rows, batch, length))
 
             handles.append(_Remover(tap.add(site, on_rows)))

@@ -44,6 +44,7 @@ from engramlab.models.arch import (
     Projection,
     fused_rows,
 )
+from engramlab.models.expert_list import probe_expert_list
 from engramlab.models.experts import expert_vectors, outputs_match, probe_experts
 
 # Name sets of MLP projections, most specific first. Gated: (gate, up, down); paired: (up or fused gate_up, down).
@@ -179,16 +180,14 @@ def _layer_spec(layer: nn.Module, index: int, family: str, probes: dict) -> Laye
         and (_param3(m, "gate_up_proj") is not None or _param3(m, "up_proj") is not None)
     ]
     listed = [p for p, m in modules.items() if p.rsplit(".", 1)[-1] == "experts" and isinstance(m, nn.ModuleList)]
-    if listed:  # transformers 4 / remote code: one module per expert, fed a gathered subset of the tokens
+    if len(experts) + len(listed) > 1:
         raise EngramError(
-            f"{family}: layer {index} keeps its experts as a list of modules ({listed[0]}); engramlab addresses "
-            f"experts stored as batched tensors (transformers 5's layout), not lists."
+            f"{family}: layer {index} holds {len(experts) + len(listed)} experts modules "
+            f"({', '.join(experts + listed)})."
         )
-    if len(experts) > 1:
-        raise EngramError(
-            f"{family}: layer {index} holds {len(experts)} batched-experts modules ({', '.join(experts)})."
-        )
-    if experts:
+    if listed:  # transformers 4 / remote code: one module per expert, fed the tokens routed to it
+        mlp = _listed_experts_mlp(layer, modules, listed[0], hidden, excluded, family, index, probes)
+    elif experts:
         mlp = _experts_mlp(layer, modules, experts[0], hidden, excluded, family, index, probes)
     else:
         dense = _dense_mlps(layer, modules, hidden, excluded, family, index, probes)
@@ -442,22 +441,7 @@ def _experts_mlp(layer, modules, path: str, hidden: int, excluded, family: str, 
             f"{family}: the experts of layer {index} disagree on their shapes (up {list(first.shape)}, "  # type: ignore[union-attr]
             f"down {list(down.shape)}): some experts are not MLPs."  # type: ignore[union-attr]
         )
-    router = _find_router(modules, block, n_experts, hidden)
-    shared = _find_shared(layer, modules, block, hidden, excluded, family, index, probes)
-    others = _dense_mlps(layer, modules, hidden, [*excluded, block], family, index, probes)
-    if others:
-        raise EngramError(
-            f"{family}: layer {index} has a dense MLP outside its MoE block ({others[0].down.path}); mlp.down would "
-            f"miss it."
-        )
-    routers = [f"{block}.{n}" for n in ROUTER_NAMES]
-    known = [path, *routers, *[f"{block}.{n}" for n in SHARED_NAMES]]
-    unknown = _dense_mlps(layer, modules, hidden, [*excluded, *known], family, index, probes, within=block)
-    if unknown:  # an MLP in the block that is neither an expert nor a shared expert: its neurons would be missed
-        raise EngramError(
-            f"{family}: the MoE block of layer {index} holds an MLP that is not a known shared expert "
-            f"({unknown[0].down.path}); its neurons would be missed."
-        )
+    router, shared = _router_and_shared(layer, modules, path, block, n_experts, hidden, excluded, family, index, probes)
     spec = ExpertsMlp(
         experts=path,
         block=block,
@@ -478,6 +462,72 @@ def _experts_mlp(layer, modules, path: str, hidden: int, excluded, family: str, 
             f"{family}: engramlab's expert loop does not reproduce layer {index}'s experts: {probes[key]}"
         )
     return spec
+
+
+def _listed_experts_mlp(layer, modules, path: str, hidden: int, excluded, family, index: int, probes) -> ExpertsMlp:
+    """Experts kept as a `ModuleList` of identical MLP modules inside a MoE block (transformers 4, remote code)."""
+    experts: nn.ModuleList = modules[path]
+    block = path.rsplit(".", 1)[0] if "." in path else ""
+    if not block or not len(experts):
+        raise EngramError(f"{family}: the experts list of layer {index} sits directly in the layer or is empty.")
+    first = experts[0]
+    shapes = [tuple(p.shape) for p in first.parameters()]
+    if any(type(e) is not type(first) or [tuple(p.shape) for p in e.parameters()] != shapes for e in experts):
+        raise EngramError(f"{family}: the experts of layer {index} are not all the same module with the same shapes.")
+    found = _dense_mlps(first, dict(first.named_modules()), hidden, [], family, index, probes)
+    if len(found) != 1:
+        raise EngramError(f"{family}: expert 0 of layer {index} is not one MLP ({len(found)} found in it).")
+    mlp = found[0]
+    if mlp.act is None:
+        raise EngramError(
+            f"{family}: the experts of layer {index} apply their activation as a function, not a module; engramlab "
+            f"computes expert neurons with the expert's own activation module."
+        )
+    n_experts = len(experts)
+    if n_experts > hidden:
+        raise EngramError(f"{family}: layer {index} has more experts ({n_experts}) than hidden units ({hidden}).")
+    router, shared = _router_and_shared(layer, modules, path, block, n_experts, hidden, excluded, family, index, probes)
+    spec = ExpertsMlp(
+        experts=path,
+        block=block,
+        n_experts=n_experts,
+        width=mlp.width,
+        gated=mlp.gated,
+        transposed=False,
+        fused=mlp.fused or "gate_up",
+        router=router,
+        shared=shared,
+        listed=mlp,
+    )
+    block_module = layer.get_submodule(block)
+    key = (type(block_module), "listed")
+    if key not in probes:
+        probes[key] = probe_expert_list(block_module, spec, hidden)
+    if probes[key] is not None:
+        raise EngramError(f"{family}: engramlab cannot tap the experts list of layer {index}: {probes[key]}")
+    return spec
+
+
+def _router_and_shared(layer, modules, path, block, n_experts, hidden, excluded, family, index, probes):
+    """The router and the shared expert of a MoE block; refused when an MLP outside the experts is not one of them
+    (its neurons would be missed)."""
+    router = _find_router(modules, block, n_experts, hidden)
+    shared = _find_shared(layer, modules, block, hidden, excluded, family, index, probes)
+    others = _dense_mlps(layer, modules, hidden, [*excluded, block], family, index, probes)
+    if others:
+        raise EngramError(
+            f"{family}: layer {index} has a dense MLP outside its MoE block ({others[0].down.path}); mlp.down would "
+            f"miss it."
+        )
+    routers = [f"{block}.{n}" for n in ROUTER_NAMES]
+    known = [path, *routers, *[f"{block}.{n}" for n in SHARED_NAMES]]
+    unknown = _dense_mlps(layer, modules, hidden, [*excluded, *known], family, index, probes, within=block)
+    if unknown:  # an MLP in the block that is neither an expert nor a shared expert: its neurons would be missed
+        raise EngramError(
+            f"{family}: the MoE block of layer {index} holds an MLP that is not a known shared expert "
+            f"({unknown[0].down.path}); its neurons would be missed."
+        )
+    return router, shared
 
 
 def _find_router(modules, block: str, n_experts: int, hidden: int) -> str | None:
@@ -515,7 +565,8 @@ class Part:
 
     The piece covers units `offset .. offset + width` of the site's axis. `source` says how to read it:
     "tensor": the module's output (or its first input when `on_input`), optionally its `rows` slice (a fused half);
-    "experts": the routed-expert rows inside `ExpertsTap` (width = experts x neurons per expert);
+    "experts": the routed-expert rows inside `ExpertsTap` (width = experts x neurons per expert), or inside
+    `ExpertListTap` for experts kept as a list (module = the MoE block; for moe.routing, its captured weights);
     "router": the router scores computed from the module's input and its weight;
     "routing": the routing weights, from the experts module's arguments (top-k) or the router's output (Llama 4).
     """
@@ -672,7 +723,11 @@ class ModelLayout:
         mlp = spec.mlp
         if isinstance(mlp, DenseMlp):
             return _dense_vectors(block, mlp, part)
-        vectors = [expert_vectors(get_module(block, mlp.experts), mlp, part)]
+        experts = get_module(block, mlp.experts)
+        if mlp.listed is not None:
+            vectors = [_dense_vectors(expert, mlp.listed, part) for expert in experts]  # type: ignore[union-attr]
+        else:
+            vectors = [expert_vectors(experts, mlp, part)]
         if mlp.shared is not None:
             vectors.append(_dense_vectors(block, mlp.shared, part))
         return torch.cat(vectors) if len(vectors) > 1 else vectors[0]
@@ -697,6 +752,8 @@ class ModelLayout:
             path = mlp.down.path if isinstance(mlp, DenseMlp) else mlp.block
             return [Part(get_module(block, path), layer, 0, hidden)]
         if isinstance(mlp, ExpertsMlp) and site in ROUTER_SITES:
+            if site == "moe.routing" and mlp.listed is not None:  # weights captured by the list tap
+                return [Part(get_module(block, mlp.block), layer, 0, mlp.n_experts, source="experts", experts=mlp)]
             if site == "moe.routing" and mlp.routing == "top_k":
                 return [Part(get_module(block, mlp.experts), layer, 0, mlp.n_experts, True, source="routing")]
             if mlp.router is None:
@@ -707,9 +764,8 @@ class ModelLayout:
             return [Part(router, layer, 0, mlp.n_experts, True, source="router")]
         parts = []
         if isinstance(mlp, ExpertsMlp):
-            parts.append(
-                Part(get_module(block, mlp.experts), layer, 0, mlp.routed_width, source="experts", experts=mlp)
-            )
+            tapped = get_module(block, mlp.block if mlp.listed is not None else mlp.experts)
+            parts.append(Part(tapped, layer, 0, mlp.routed_width, source="experts", experts=mlp))
         for dense, offset in iter_dense(spec):
             proj = {"mlp.gate": dense.gate, "mlp.up": dense.up, "mlp.act": dense.down}[site]
             on_input = site == "mlp.act"
