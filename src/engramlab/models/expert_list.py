@@ -133,9 +133,8 @@ class ExpertListTap:
         order (call order within an expert)."""
         order = sorted(range(len(segments)), key=lambda i: segments[i][0])  # stable: call order within an expert
         rows = [segments[i][1] for i in order]
-        expert = torch.cat(
-            [torch.full((segments[i][1].shape[0],), segments[i][0], dtype=torch.long) for i in order]
-        ).to(tokens.device)
+        counts = [torch.full((segments[i][1].shape[0],), segments[i][0], dtype=torch.long) for i in order]
+        expert = (torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)).to(tokens.device)
         all_rows = torch.cat(rows) if rows else tokens[:0]  # [S, H]
         token = gathered_tokens(tokens, all_rows, expert)
         routed = weights[token, expert] != 0
