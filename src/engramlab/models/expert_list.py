@@ -34,9 +34,8 @@ from torch import nn
 
 from engramlab.errors import EngramError
 from engramlab.models.arch import DenseMlp, ExpertsMlp
-from engramlab.models.experts import Callback, ExpertRows, outputs_match
+from engramlab.models.experts import Callback, ExpertRows, Tap, outputs_match, own_forward, shadow_forward
 
-SITES = ("mlp.gate", "mlp.up", "mlp.act", "moe.routing")
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -58,42 +57,26 @@ def shared_module_path(mlp: ExpertsMlp) -> str | None:
     return ".".join(common) or None
 
 
-class ExpertListTap:
-    """Runs the capture / compute / replay forward of one list-of-experts MoE block while callbacks are registered."""
+class ExpertListTap(Tap):
+    """Runs the capture / compute / replay forward of one list-of-experts MoE block (`module`) while callbacks are
+    registered; moe.routing callbacks get the captured weights `[N, E]`."""
+
+    sites = ("mlp.gate", "mlp.up", "mlp.act", "moe.routing")
 
     def __init__(self, block: nn.Module, spec: ExpertsMlp):
-        self.block, self.spec = block, spec
+        super().__init__(block, spec)
         self.experts: nn.ModuleList = block.get_submodule(relative(spec.experts, spec.block))  # type: ignore[assignment]
         shared = shared_module_path(spec)
         self.shared = block.get_submodule(relative(shared, spec.block)) if shared else None
-        self.callbacks: dict[str, list[Callback]] = {site: [] for site in SITES}
-        self._restore: Callable[[], None] | None = None
+        self._forward_before: Callable | None = None
 
     def add(self, site: str, fn: Callback) -> Callable[[], None]:
-        """Register `fn(values, rows) -> new values or None` (values `[S, I]`, or `[N, E]` weights for
-        moe.routing); returns a function that removes it."""
         if self._restore is None:
-            self._restore = _shadow(self.block, self._forward)
-        self.callbacks[site].append(fn)
-
-        def remove() -> None:
-            if fn in self.callbacks[site]:
-                self.callbacks[site].remove(fn)
-            if not any(self.callbacks.values()) and self._restore is not None:
-                self._restore()
-                self._restore = None
-
-        return remove
-
-    def _call(self, site: str, values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-        for fn in self.callbacks[site]:
-            new = fn(values, rows)
-            if new is not None:
-                values = new
-        return values
+            self._forward_before = own_forward(self.module)
+        return super().add(site, fn)
 
     def _forward(self, *args, **kwargs):
-        forward = self._restore.previous or _class_forward(self.block)  # type: ignore[union-attr]
+        forward = self._forward_before
         hidden = args[0] if args else kwargs["hidden_states"]
         tokens = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
         segments, weights = self.capture(forward, args, kwargs)
@@ -122,7 +105,7 @@ class ExpertListTap:
         stubs = {expert: stub(i) for i, expert in enumerate(self.experts)}
         if self.shared is not None:
             stubs[self.shared] = lambda x, *rest, **extra: torch.zeros_like(x)
-        with _silenced(self.block), _shadowed(stubs):
+        with _silenced(self.module), _shadowed(stubs):
             out = forward(*args, **kwargs)
         out = out[0] if isinstance(out, (tuple, list)) else out
         weights = out.reshape(-1, out.shape[-1])[:, : self.spec.n_experts]  # [N, E]
@@ -176,7 +159,7 @@ class ExpertListTap:
                 i = queue.pop(0) if queue else None
                 if i is None or not torch.equal(_bits(x.reshape(-1, x.shape[-1])), _bits(segments[i][1])):
                     raise EngramError(
-                        f"the MoE block {type(self.block).__name__} routed tokens differently in its second pass "
+                        f"the MoE block {type(self.module).__name__} routed tokens differently in its second pass "
                         f"(expert {expert}); random routing (router jitter in training mode?) cannot be tapped."
                     )
                 return outputs[i].reshape(*x.shape[:-1], outputs[i].shape[-1]).to(x.dtype)
@@ -233,7 +216,7 @@ def probe_expert_list(block: nn.Module, spec: ExpertsMlp, hidden: int) -> str | 
     try:
         expected = block(x)
         expected = expected[0] if isinstance(expected, (tuple, list)) else expected
-        forward = _own_forward(block)
+        forward = own_forward(block)
         segments, weights = tap.capture(forward, (x,), {})
         rows, order = tap.match(x.reshape(-1, hidden), segments, weights)
         outputs = tap.compute(segments, order, rows)
@@ -298,37 +281,9 @@ def _coefficients(width: int, device: torch.device) -> torch.Tensor:
     return _COEFFICIENTS[key]
 
 
-def _class_forward(module: nn.Module) -> Callable:
-    return type(module).forward.__get__(module)
-
-
-def _own_forward(module: nn.Module) -> Callable:
-    """The forward that `_shadow` would replace: an instance's own (accelerate's `_old_forward`) or the class's."""
-    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
-    return module.__dict__.get(attribute) or _class_forward(module)
-
-
-def _shadow(module: nn.Module, forward: Callable) -> Callable[[], None]:
-    """Shadow `module.forward` with an instance attribute; returns the function that puts the old one back. Under
-    accelerate's device hooks the forward is accelerate's wrapper, which calls `_old_forward` after moving the
-    inputs: that one is replaced instead, so inputs still land on the module's device."""
-    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
-    previous = module.__dict__.get(attribute)
-
-    def restore() -> None:
-        if previous is None:
-            module.__dict__.pop(attribute, None)
-        else:
-            setattr(module, attribute, previous)
-
-    restore.previous = previous  # type: ignore[attr-defined]
-    setattr(module, attribute, forward)
-    return restore
-
-
 @contextmanager
 def _shadowed(stubs: dict[nn.Module, Callable]) -> Iterator[None]:
-    restores = [_shadow(module, stub) for module, stub in stubs.items()]
+    restores = [shadow_forward(module, stub) for module, stub in stubs.items()]
     try:
         yield
     finally:

@@ -63,42 +63,54 @@ def _grouped(
     return result + bias if bias is not None else result
 
 
-class ExpertsTap:
-    """Runs engramlab's expert loop in place of one experts module's forward while callbacks are registered."""
+def own_forward(module: nn.Module) -> Callable:
+    """The forward that `shadow_forward` replaces: the instance's own (accelerate's `_old_forward`) or the class's."""
+    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
+    return module.__dict__.get(attribute) or type(module).forward.__get__(module)
+
+
+def shadow_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:
+    """Shadow `module.forward` with an instance attribute; returns the function that puts the old one back. Under
+    accelerate's device hooks (device_map="auto") the forward is accelerate's wrapper, which calls `_old_forward`
+    after moving the inputs: that one is replaced instead, so the inputs still land on the module's device."""
+    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
+    previous = module.__dict__.get(attribute)
+
+    def restore() -> None:
+        if previous is None:
+            module.__dict__.pop(attribute, None)
+        else:
+            setattr(module, attribute, previous)
+
+    setattr(module, attribute, forward)
+    return restore
+
+
+class Tap:
+    """Callbacks on expert neurons, and a replacement forward of `module` installed while any is registered."""
+
+    sites: tuple[str, ...] = ("mlp.gate", "mlp.up", "mlp.act")
 
     def __init__(self, module: nn.Module, spec: ExpertsMlp):
         self.module = module
         self.spec = spec
-        self.callbacks: dict[str, list[Callback]] = {"mlp.gate": [], "mlp.up": [], "mlp.act": []}
-        self._attribute, self._previous = "forward", None
+        self.callbacks: dict[str, list[Callback]] = {site: [] for site in self.sites}
+        self._restore: Callable[[], None] | None = None
 
     def add(self, site: str, fn: Callback) -> Callable[[], None]:
-        """Register `fn(values [S, I], rows) -> new values or None`; returns a function that removes it."""
-        if not any(self.callbacks.values()):
-            self._install()
+        """Register `fn(values, rows) -> new values or None`; returns a function that removes it."""
+        if self._restore is None:
+            self._restore = shadow_forward(self.module, self._forward)
         self.callbacks[site].append(fn)
 
         def remove() -> None:
             if fn in self.callbacks[site]:
                 self.callbacks[site].remove(fn)
-            if not any(self.callbacks.values()):
-                self._uninstall()
+            if not any(self.callbacks.values()) and self._restore is not None:
+                self._restore()
+                self._restore = None
 
         return remove
-
-    def _install(self) -> None:
-        """Shadow the forward with an instance attribute. Under accelerate's device hooks (device_map="auto") the
-        module's forward is accelerate's wrapper, which calls `_old_forward` after moving the inputs: replace that
-        one instead, so the inputs still land on the experts' device."""
-        self._attribute = "_old_forward" if hasattr(self.module, "_hf_hook") else "forward"
-        self._previous = self.module.__dict__.get(self._attribute)
-        setattr(self.module, self._attribute, self._forward)
-
-    def _uninstall(self) -> None:
-        if self._previous is None:
-            self.module.__dict__.pop(self._attribute, None)
-        else:
-            setattr(self.module, self._attribute, self._previous)
 
     def _call(self, site: str, values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         for fn in self.callbacks[site]:
@@ -106,6 +118,13 @@ class ExpertsTap:
             if new is not None:
                 values = new
         return values
+
+    def _forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class ExpertsTap(Tap):
+    """Runs engramlab's expert loop in place of one batched-experts module's forward (values `[S, I]`)."""
 
     def _forward(self, hidden_states: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
         if self.spec.routing == "all":
