@@ -11,7 +11,8 @@ originals' structure, on a Llama decoder:
 - `list_switch`: non-gated fc1/fc2 GELU experts with biases, top-1 routing, outputs written by index.
 
 Importing this module registers the four model types with transformers' Auto classes, so `save_pretrained` and
-engramlab's `load_model` work on them as on any local checkpoint.
+engramlab's `load_model` work on them as on any local checkpoint. Copied beside a checkpoint and named in its
+config's `auto_map`, the file is also that checkpoint's remote code (`trust_remote_code=True`), as DeepSeek-V2's is.
 """
 
 from __future__ import annotations
@@ -192,11 +193,11 @@ FIRST_DENSE = {"list_qwen2_moe": 1}
 class _ListMoeMixin:
     def _use_expert_lists(self, config) -> None:
         for i, layer in enumerate(self.model.layers):
-            if i >= FIRST_DENSE.get(config.model_type, 0):
-                layer.mlp = BLOCKS[config.model_type](config)
+            if i >= FIRST_DENSE.get(config.moe_style, 0):
+                layer.mlp = BLOCKS[config.moe_style](config)
 
 
-def _register(style: str) -> tuple[type, type]:
+def _classes(style: str) -> tuple[type, type]:
     config_class = type(f"{style}_config", (LlamaConfig,), {"model_type": style})
 
     def __init__(self, config):
@@ -206,12 +207,15 @@ def _register(style: str) -> tuple[type, type]:
 
     model_class = type(f"{style}_model", (_ListMoeMixin, LlamaForCausalLM), {"__init__": __init__})
     model_class.config_class = config_class
-    AutoConfig.register(style, config_class, exist_ok=True)
-    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
     return config_class, model_class
 
 
-CLASSES = {style: _register(style) for style in STYLES}
+CLASSES = {style: _classes(style) for style in STYLES}
+globals().update({cls.__name__: cls for pair in CLASSES.values() for cls in pair})  # what a config's auto_map names
+if not __name__.startswith("transformers_modules"):  # as a checkpoint's remote code, transformers resolves auto_map
+    for _style, (_config, _model) in CLASSES.items():
+        AutoConfig.register(_style, _config, exist_ok=True)
+        AutoModelForCausalLM.register(_config, _model, exist_ok=True)
 
 
 def tiny_list_moe(
@@ -230,7 +234,7 @@ def tiny_list_moe(
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    config.num_local_experts, config.moe_intermediate_size = experts, width
+    config.moe_style, config.num_local_experts, config.moe_intermediate_size = style, experts, width
     config.num_experts_per_tok = 1 if style == "list_switch" else 2
     torch.manual_seed(seed)
     return model_class(config).eval()

@@ -535,3 +535,33 @@ def test_listed_expert_tap_keeps_accelerate_device_hooks():
         torch.testing.assert_close(hooked, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert [vars(m)["forward"] for m in modules] == wrappers
     assert all(vars(m)["_old_forward"].__self__ is m for m in modules)
+
+
+def test_remote_code_checkpoint_with_a_list_of_experts(tmp_path, monkeypatch):
+    """A DeepSeek-V2-style checkpoint whose modeling code ships beside its weights (config auto_map) is refused
+    without --trust-remote-code and, with it, loads through transformers' remote-code path with its expert neurons
+    addressable and exact."""
+    import shutil
+    from pathlib import Path
+
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
+    checkpoint = tmp_path / "deepseek-remote"
+    tiny_list_moe("list_deepseek").save_pretrained(checkpoint)
+    shutil.copy(Path(__file__).with_name("list_moe.py"), checkpoint / "modeling_list_moe.py")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["model_type"] = "deepseek_v2_remote"  # unknown to transformers, as a remote-code checkpoint's type is
+    config["auto_map"] = {
+        "AutoConfig": "modeling_list_moe.list_deepseek_config",
+        "AutoModelForCausalLM": "modeling_list_moe.list_deepseek_model",
+    }
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngramError, match="trust"):
+        load_model(str(checkpoint), device="cpu", with_tokenizer=False)
+    lm = load_model(str(checkpoint), device="cpu", with_tokenizer=False, trust_remote_code=True)
+    assert type(lm.model).__module__.startswith("transformers_modules")
+    assert lm.layout.spec.mlp_kinds == ("moe+shared",)
+    ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert not [v for v in run_checks(lm.model, lm.layout, batch).values() if v.startswith("fail")]
