@@ -8,10 +8,11 @@ prints as one line with exit code 2.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -90,3 +91,36 @@ def int_list(value: str, option: str, minimum: int = 1) -> list[int]:
     if small:
         raise EngramError(f"{option} values must be >= {minimum}, got {small[0]}.")
     return numbers
+
+
+def shared_options_command(
+    app: typer.Typer, shared: Callable[..., None], make: Callable[[dict], Any] = dict
+) -> Callable[..., Callable[[Callable[..., None]], Callable[..., None]]]:
+    """A decorator factory for a command group whose commands share the options declared once as the parameters
+    of `shared`. `@command(name, out, without=())` registers `fn(opts, **own_options)` as `NAME`: its options are the
+    shared ones (less `without`, with `out` as the default --out) followed by fn's own; `opts` is `make` of the
+    shared values."""
+    declared = inspect.signature(shared, eval_str=True).parameters
+
+    def command(name: str, out: str, without: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable]:
+        def register(fn: Callable[..., None]) -> Callable[..., None]:
+            own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]  # after `opts`
+            common = [
+                p.replace(default=Path(out)) if p.name == "out" else p
+                for p in declared.values()
+                if p.name not in without
+            ]
+            params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in common + own]
+
+            def run(**values) -> None:
+                fn(make({p.name: values.pop(p.name) for p in common}), **values)
+
+            run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+            run.__annotations__ = {p.name: p.annotation for p in params}
+            run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+            app.command(name)(run)
+            return fn
+
+        return register
+
+    return command

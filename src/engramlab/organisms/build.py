@@ -346,7 +346,9 @@ def build(
     if "eval" in stages:
         for stage in ("base", "chat"):
             if (out / stage / "model.safetensors").is_file() and not (out / stage / "eval" / "summary.json").is_file():
-                evaluate_dir(out / stage, out / stage / "eval", max_facts=cfg.eval_max_facts, small=cfg.eval_small)
+                evaluate_dir(
+                    out / stage, out / stage / "eval", max_facts=cfg.eval_max_facts, small=cfg.eval_small, device=device
+                )
             if (out / stage / "eval" / "summary.json").is_file():
                 write_model_card(out, stage, cfg, command)
     return records
@@ -368,15 +370,20 @@ def is_chat_organism(path: str | Path) -> bool:
 
 
 def evaluate_dir(
-    path: str | Path, out: str | Path, max_facts: int | None = 200, small: bool = False, overwrite: bool = True
+    path: str | Path,
+    out: str | Path,
+    max_facts: int | None = 200,
+    small: bool = False,
+    overwrite: bool = True,
+    device: str = "cpu",
 ) -> dict:
-    """Evaluate an organism directory (loaded through `load_model`'s checks, in its checkpoint dtype, on the CPU);
+    """Evaluate an organism directory (loaded through `load_model`'s checks, in its checkpoint dtype, on `device`);
     write summary.json, fact_accuracy.parquet, generations.parquet into `out`."""
     from engramlab.models.loading import DTYPES, load_model
 
     saved = read_json(Path(path) / "config.json", "give an organism directory with a valid config.json")
     dtype = (saved.get("dtype") or saved.get("torch_dtype")) if isinstance(saved, dict) else None
-    loaded = load_model(str(path), device="cpu", dtype=dtype if dtype in DTYPES else "float32", option="REF")
+    loaded = load_model(str(path), device=device, dtype=dtype if dtype in DTYPES else "float32", option="REF")
     model, tok = loaded.model, loaded.require_tokenizer()
     chat_model = is_chat_organism(path)
     t0 = time.time()

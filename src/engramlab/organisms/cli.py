@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from engramlab.cli_options import Out, Overwrite, Seed, probability
+from engramlab.cli_options import Device, Out, Overwrite, Seed, probability
 from engramlab.errors import EngramError
 
 app = typer.Typer(
@@ -129,6 +129,7 @@ def eval_cmd(
     ref: str = typer.Argument(..., help="organism:NAME or a model directory."),
     out: Out = ...,
     max_facts: int = typer.Option(200, "--max-facts", min=1, help="Facts per relation evaluated."),
+    device: Device = "cpu",
     overwrite: Overwrite = False,
     update_card: bool = typer.Option(
         False,
@@ -145,7 +146,7 @@ def eval_cmd(
     if update_card:
         evaluation_span(path / "README.md")  # a card without the section fails now, not after the evaluation
     on_main(check_out_dir, out, overwrite)
-    summary = evaluate_dir(path, out, max_facts=max_facts, overwrite=overwrite)
+    summary = evaluate_dir(path, out, max_facts=max_facts, overwrite=overwrite, device=device)
     if update_card:
         refresh_evaluation_section(path / "README.md", summary, "chat" if is_chat_organism(path) else "base", max_facts)
         typer.echo(f"model card updated: {path / 'README.md'}")

@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from engramlab.cli_options import BatchSize, Device, Dtype, Out, Overwrite, Seed, finite, positive
+from engramlab.cli_options import (
+    BatchSize,
+    Device,
+    Dtype,
+    Out,
+    Overwrite,
+    Seed,
+    finite,
+    positive,
+    shared_options_command,
+)
 from engramlab.posttrain import patching, study
 
 app = typer.Typer(help="How post-training reshapes LLMs (Du et al., COLM 2025).", no_args_is_help=True)
@@ -35,33 +45,28 @@ HEADLINES = {
 }
 
 
-def _run(
-    analyses: list[str],
-    base: str,
-    post: str,
-    out: Path,
-    device: str,
-    dtype: str,
-    seed: int,
-    batch_size: int,
-    overwrite: bool,
-    **extra,
+def _shared_options(
+    base: Base = "organism:base",
+    post: Post = "organism:chat",
+    out: Out = Path("runs/posttrain"),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
 ) -> None:
-    opts = study.Options(
-        base=base,
-        post=post,
-        out=out,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        **extra,
-    )
+    """The options of every `posttrain` command, declared once."""
+
+
+posttrain_command = shared_options_command(app, _shared_options)
+
+
+def _run(analyses: list[str], shared: dict, **extra) -> None:
+    opts = study.Options(**shared, **extra)
     summary = study.run(opts, analyses)
     shown = {name: {k: _headline(summary[name][k]) for k in HEADLINES[name] if k in summary[name]} for name in analyses}
     console.print_json(json.dumps(shown, default=str))
-    console.print(f"wrote {out}/summary.json and {out}/report.html")
+    console.print(f"wrote {opts.out}/summary.json and {opts.out}/report.html")
     for name, why in summary.get("knowledge", {}).get("excluded_datasets", {}).items():
         typer.echo(f"warning: knowledge dataset {name!r} left out of pearson_r: {why}.", err=True)
 
@@ -73,128 +78,51 @@ def _headline(value):
     return value
 
 
-@app.command("knowledge")
+@posttrain_command("knowledge", "runs/posttrain-knowledge")
 def knowledge_cmd(
-    base: Base = "organism:base",
-    post: Post = "organism:chat",
-    out: Out = Path("runs/posttrain-knowledge"),
+    shared: dict,
     variant: str = typer.Option("truefalse", "--variant", help=f"Patching variant: {', '.join(patching.VARIANTS)}."),
     max_pairs: int = typer.Option(24, "--max-pairs", min=2, help="True/false pairs per dataset."),
     noise_scale: float = typer.Option(
         0.05, "--noise-scale", callback=positive, help="noise variant: std as a fraction of |embedding|."
     ),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    overwrite: Overwrite = False,
 ) -> None:
     """Activation patching maps (clean -> corrupted run) for base and post, their correlation, and cross-model
     patching."""
-    _run(
-        ["knowledge"],
-        base,
-        post,
-        out,
-        device,
-        dtype,
-        seed,
-        batch_size,
-        overwrite,
-        knowledge_variant=variant,
-        max_pairs=max_pairs,
-        noise_scale=noise_scale,
-    )
+    _run(["knowledge"], shared, knowledge_variant=variant, max_pairs=max_pairs, noise_scale=noise_scale)
 
 
-@app.command("truth")
+@posttrain_command("truth", "runs/posttrain-truth")
 def truth_cmd(
-    base: Base = "organism:base",
-    post: Post = "organism:chat",
-    out: Out = Path("runs/posttrain-truth"),
+    shared: dict,
     layer: int | None = typer.Option(None, "--layer", help="Probe layer (default: where base LOO accuracy peaks)."),
     token: str = typer.Option(
         "period", "--token", help="period (the paper's) or object (geometry-of-truth's noperiod)."
     ),
     per_set: int = typer.Option(150, "--per-set", min=4, help="Statements per dataset."),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    overwrite: Overwrite = False,
 ) -> None:
     """Truth direction: probe layer, leave-one-dataset-out accuracy, cosine base/post, cross-model probes and
     intervention NIE (at the paper's positions and at the final token)."""
-    _run(
-        ["truth"],
-        base,
-        post,
-        out,
-        device,
-        dtype,
-        seed,
-        batch_size,
-        overwrite,
-        truth_layer=layer,
-        truth_token=token,
-        per_set=per_set,
-    )
+    _run(["truth"], shared, truth_layer=layer, truth_token=token, per_set=per_set)
 
 
-@app.command("entropy")
-def entropy_cmd(
-    base: Base = "organism:base",
-    post: Post = "organism:chat",
-    out: Out = Path("runs/posttrain-entropy"),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    overwrite: Overwrite = False,
-) -> None:
+@posttrain_command("entropy", "runs/posttrain-entropy")
+def entropy_cmd(shared: dict) -> None:
     """Entropy neurons (high norm, low LogitVar) of both models, their IoU and their effect on entropy."""
-    _run(["entropy"], base, post, out, device, dtype, seed, batch_size, overwrite)
+    _run(["entropy"], shared)
 
 
-@app.command("refusal")
+@posttrain_command("refusal", "runs/posttrain-refusal")
 def refusal_cmd(
-    base: Base = "organism:base",
-    post: Post = "organism:chat",
-    out: Out = Path("runs/posttrain-refusal"),
+    shared: dict,
     layer: int | None = typer.Option(None, "--layer", help="Layer of the direction (default: middle)."),
     coeff: float = typer.Option(1.0, "--coeff", callback=finite, help="Multiple of the mean difference added."),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    overwrite: Overwrite = False,
 ) -> None:
     """Refusal direction: ablate it on harmful prompts, add it on harmless ones; base vs post direction."""
-    _run(
-        ["refusal"],
-        base,
-        post,
-        out,
-        device,
-        dtype,
-        seed,
-        batch_size,
-        overwrite,
-        refusal_layer=layer,
-        refusal_coeff=coeff,
-    )
+    _run(["refusal"], shared, refusal_layer=layer, refusal_coeff=coeff)
 
 
-@app.command("compare")
-def compare_cmd(
-    base: Base = "organism:base",
-    post: Post = "organism:chat",
-    out: Out = Path("runs/posttrain"),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    batch_size: BatchSize = 16,
-    overwrite: Overwrite = False,
-) -> None:
+@posttrain_command("compare", "runs/posttrain")
+def compare_cmd(shared: dict) -> None:
     """All four analyses in one report: what moved and what stayed."""
-    _run(list(study.ANALYSES), base, post, out, device, dtype, seed, batch_size, overwrite)
+    _run(list(study.ANALYSES), shared)

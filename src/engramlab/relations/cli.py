@@ -7,9 +7,7 @@ function holds only what is its own.
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +28,7 @@ from engramlab.cli_options import (
     Seed,
     int_list,
     probability,
+    shared_options_command,
 )
 from engramlab.relations import study
 from engramlab.relations.gate import MIN_SHARE, MIN_VALIDATED, warning_lines
@@ -113,34 +112,12 @@ def _shared_options(
     """The options of every `relations` command, declared once (their defaults are `StudyOptions`')."""
 
 
-SHARED = inspect.signature(_shared_options, eval_str=True).parameters
+def _study_options(given: dict) -> study.StudyOptions:
+    given["relation_files"] = given.pop("relation_file", None) or []
+    return study.StudyOptions(**given)
 
 
-def study_command(
-    name: str, out: str, without: tuple[str, ...] = ()
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register `fn(opts, **own_options)` as `relations NAME`: its options are the shared ones (less `without`,
-    with `out` as the default --out) followed by its own parameters."""
-
-    def register(fn: Callable[..., None]) -> Callable[..., None]:
-        own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]  # after `opts`
-        shared = [
-            p.replace(default=Path(out)) if p.name == "out" else p for p in SHARED.values() if p.name not in without
-        ]
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in shared + own]
-
-        def command(**values) -> None:
-            given = {p.name: values.pop(p.name) for p in shared}
-            given["relation_files"] = given.pop("relation_file", None) or []
-            fn(study.StudyOptions(**given), **values)
-
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        command.__doc__, command.__name__ = fn.__doc__, fn.__name__
-        app.command(name)(command)
-        return fn
-
-    return register
+study_command = shared_options_command(app, _shared_options, _study_options)
 
 
 def _show(summary: dict, keys: tuple[str, ...], out: Path) -> None:
