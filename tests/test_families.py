@@ -3,7 +3,8 @@
 Kinds: gated (qwen3), non-gated with flattened [B*T, D] MLP tensors (opt), parallel attention+MLP (gptj), fused
 gate+up (phi3), MoE with batched expert tensors (mixtral), MoE with a shared expert and dense first layers
 (deepseek_v3), MoE with interleaved, biased, clamped experts (gpt_oss), Llama 4's every-expert-sees-every-token
-experts (llama4_text), and MoE with a list of expert modules in four routing codes (tests/list_moe.py: Mixtral and
+experts (llama4_text), a hybrid whose layers hold one block each - Mamba, MoE, attention or MLP - so that some
+have no MLP (nemotron_h), and MoE with a list of expert modules in four routing codes (tests/list_moe.py: Mixtral and
 Qwen2-MoE as transformers 4 wrote them, DeepSeek-V2's remote code, a top-1 non-gated switch). References come from
 plain PyTorch hooks and from weight edits on a copy of the model.
 """
@@ -34,6 +35,7 @@ KINDS = {
     "deepseek_v3": "gated, moe+shared",
     "gpt_oss": "moe",
     "llama4_text": "moe+shared",
+    "nemotron_h": "none, moe+shared, non-gated",
     "list_mixtral": "moe",
     "list_qwen2_moe": "gated, moe+shared",
     "list_deepseek": "moe+shared",
@@ -271,8 +273,8 @@ def test_add_direction_on_neurons(loaded, batch):
 
 @pytest.mark.parametrize("site", ["resid_pre", "attn.out", "mlp.down", "resid_post"])
 def test_hidden_site_edits(loaded, batch, site):
-    engine = loaded.hooks
-    layer = 0
+    engine, layout = loaded.hooks, loaded.layout
+    layer = next(i for i in range(layout.n_layers) if layout.has_site(site, i))  # hybrids: not every layer has it
     v = torch.randn(64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         with engine.ablate_direction(site, layer, v), engine.record(site, layer) as rec:
@@ -565,3 +567,34 @@ def test_remote_code_checkpoint_with_a_list_of_experts(tmp_path, monkeypatch):
     ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert not [v for v in run_checks(lm.model, lm.layout, batch).values() if v.startswith("fail")]
+
+
+def test_layers_without_an_mlp_are_told_apart_from_unrecognised_ones():
+    """Nemotron-H's Mamba and attention layers have no MLP: their MLP sites are absent with a reason, and paper 1's
+    units skip them. A layer holding a linear map to the hidden size outside its mixers is refused instead (it
+    could be an MLP engramlab does not recognise), never mapped as MLP-less."""
+    from engramlab.models import ModelLayout, discover
+    from engramlab.relations.units import UnitSpace
+
+    layout = ModelLayout(tiny_model("nemotron_h"))
+    kinds = [spec.kind for spec in layout.spec.layer_specs]
+    assert kinds == ["none", "moe+shared", "none", "non-gated"]
+    with pytest.raises(EngramError, match="layer 0: that layer has no MLP"):
+        layout.check_site("mlp.act", 0)
+    assert layout.has_site("attn.out", 2) and not layout.has_site("mlp.down", 2)
+    space = UnitSpace(layout)
+    assert {b.layer for b in space.blocks} == {1, 3}
+
+    model = tiny_model("nemotron_h")
+    model.model.layers[0].extra = torch.nn.Linear(64, 64)
+    with pytest.raises(EngramError, match="no MLP found in layer 0"):
+        discover(model)
+
+
+def test_a_module_named_like_a_norm_that_holds_linear_maps_is_not_a_norm():
+    """RoBERTa-PreLayerNorm's MLP blocks are called RobertaPreLayerNormIntermediate / ...Output: taking them for
+    norms hid the MLP (and, for a layer without an MLP, would have made the layer look MLP-less)."""
+    from engramlab.models import ModelLayout
+
+    layout = ModelLayout(tiny_model("roberta-prelayernorm"))
+    assert layout.spec.mlp_kinds == ("non-gated",) and layout.layer_spec(0).neurons == 96

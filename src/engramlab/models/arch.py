@@ -130,14 +130,20 @@ class LayerSpec:
     """Where one decoder layer keeps its attention output and its MLP."""
 
     attn_out: str | None  # None: the layer has no attention (a state-space or recurrent mixer)
-    mlp: DenseMlp | ExpertsMlp
+    mlp: DenseMlp | ExpertsMlp | None  # None: a hybrid model's layer without an MLP (Nemotron-H's Mamba layers)
 
     @property
     def gated(self) -> bool:
-        return self.mlp.gated
+        return self.mlp is not None and self.mlp.gated
+
+    @property
+    def kind(self) -> str:
+        return self.mlp.kind if self.mlp is not None else "none"
 
     @property
     def neurons(self) -> int:
+        if self.mlp is None:
+            return 0
         if isinstance(self.mlp, ExpertsMlp):
             return self.mlp.routed_width + (self.mlp.shared.width if self.mlp.shared else 0)
         return self.mlp.width
@@ -161,8 +167,9 @@ class ArchSpec:
 
     @property
     def mlp_kinds(self) -> tuple[str, ...]:
-        """The distinct MLP kinds of the layers, in layer order: gated, non-gated, fused, moe, moe+shared."""
-        return tuple(dict.fromkeys(spec.mlp.kind for spec in self.layer_specs))
+        """The distinct MLP kinds of the layers, in layer order: gated, non-gated, fused, moe, moe+shared, and none
+        (a layer without an MLP)."""
+        return tuple(dict.fromkeys(spec.kind for spec in self.layer_specs))
 
 
 # Families whose layout discovery cannot find on its own, keyed by `config.model_type`. Each value is a function of

@@ -142,11 +142,15 @@ def run_checks(model: nn.Module, layout: ModelLayout, batch: dict) -> dict[str, 
         "generate": _check_generate,
     }
     ran = _layers_that_run(model, layout, batch)
+    with_mlp = [layer for layer in ran if layout.layer_spec(layer).mlp is not None]  # hybrids: some have none
     verdicts = {}
     for name, check in checks.items():
+        if name != "identity" and not with_mlp:
+            verdicts[name] = "n/a: no layer with an MLP ran"
+            continue
         try:
             with torch.no_grad():
-                verdicts[name] = check(model, layout, engine, batch, ran)
+                verdicts[name] = check(model, layout, engine, batch, ran if name == "identity" else with_mlp)
         except EngramError as err:
             verdicts[name] = f"fail: {_one_line(err)}"
         except Exception as err:  # a crash inside a check is a failure of the engine on this family
@@ -351,6 +355,8 @@ def _capture(model: nn.Module, layout: ModelLayout, batch: dict, logits: bool = 
 
     for layer in range(layout.n_layers):
         block, spec = layout.layers[layer], layout.layer_spec(layer)
+        if spec.mlp is None:
+            continue
         for dense, offset in iter_dense(spec):
             down = block.get_submodule(dense.down.path)
             handles.append(down.register_forward_pre_hook(keep(("down_in", layer, offset)), with_kwargs=True))

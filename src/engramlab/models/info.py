@@ -84,9 +84,15 @@ def parameter_breakdown(loaded: LoadedModel) -> dict[str, int]:
 
 def _layer_part(layer_spec, rel: str) -> str:
     mlp = layer_spec.mlp
+    if mlp is None:  # a hybrid model's layer without an MLP: its recurrent mixer counts as "other"
+        return _attention_or_other(layer_spec, rel)
     mlp_prefix = mlp.block if isinstance(mlp, ExpertsMlp) else _parent(mlp)
     if mlp_prefix is not None and (rel.startswith(mlp_prefix + ".") or _in_dense(mlp, rel)):
         return "mlp"
+    return _attention_or_other(layer_spec, rel)
+
+
+def _attention_or_other(layer_spec, rel: str) -> str:
     attn_out = layer_spec.attn_out
     if attn_out is not None and "." in attn_out and rel.startswith(attn_out.split(".")[0] + "."):
         return "attention"

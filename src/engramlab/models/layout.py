@@ -77,7 +77,11 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm
 SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 ROUTER_NAMES = ("gate", "router")
 _TOWERS = re.compile(r"(^|\.|_)(vision|visual|image|audio|speech|vqmodel)", re.IGNORECASE)  # not the text decoder
-_SKIP_SUBTREES = re.compile(r"(^|\.)(mamba|mixer|linear_attn|temporal_block|conv|encoder_attn|crossattention)(\.|$)")
+# Subtrees that are not the decoder's attention or MLP: recurrent and convolutional mixers, cross-attention. A subtree
+# named `mixer` is kept when its class says it is an MLP, MoE or attention (Nemotron-H names every layer's one block
+# `mixer`, whichever kind it is).
+_SKIP_NAMES = frozenset({"mamba", "mixer", "linear_attn", "temporal_block", "conv", "encoder_attn", "crossattention"})
+_MIXER_ROLE = re.compile(r"MLP|MoE|Moe|Experts|FeedForward|Attention")
 
 
 def discover(model: nn.Module) -> ArchSpec:
@@ -148,7 +152,13 @@ def _find_layers(model: nn.Module, family: str, embed: str) -> tuple[str, nn.Mod
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+    """A normalisation module: its class name ends in "norm" (AXK2's GatedRMSNorm holds a small gate MLP), or has
+    "norm" in it and no linear map inside (RoBERTa-PreLayerNorm's MLP blocks carry the family's name,
+    `RobertaPreLayerNormIntermediate`)."""
+    name = type(module).__name__.lower()
+    if isinstance(module, nn.LayerNorm) or name.endswith("norm"):
+        return True
+    return "norm" in name and not any(_dims(m) is not None for m in module.modules())
 
 
 def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
@@ -168,7 +178,7 @@ def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
 
 def _layer_spec(layer: nn.Module, index: int, family: str, probes: dict) -> LayerSpec:
     modules = dict(layer.named_modules())
-    attn_paths = [p for p in modules if p and p.rsplit(".", 1)[-1] in ATTN_NAMES and not _skipped(p)]
+    attn_paths = [p for p in modules if p and _is_attention(p, modules) and not _skipped(p, modules)]
     attn_paths = [p for p in attn_paths if not any(p.startswith(q + ".") for q in attn_paths)]  # outermost only
     hidden = _hidden_size(layer, modules)
     attn_out = _find_attn_out(modules, attn_paths, hidden, family, index)
@@ -191,6 +201,8 @@ def _layer_spec(layer: nn.Module, index: int, family: str, probes: dict) -> Laye
         mlp = _experts_mlp(layer, modules, experts[0], hidden, excluded, family, index, probes)
     else:
         dense = _dense_mlps(layer, modules, hidden, excluded, family, index, probes)
+        if not dense and _mixer_only(modules, excluded, hidden):
+            return LayerSpec(attn_out=attn_out, mlp=None)
         if len(dense) != 1:
             what = ", ".join(d.down.path.rsplit(".", 1)[0] or "(layer)" for d in dense) or "none"
             if not dense:
@@ -204,8 +216,36 @@ def _layer_spec(layer: nn.Module, index: int, family: str, probes: dict) -> Laye
     return LayerSpec(attn_out=attn_out, mlp=mlp)
 
 
-def _skipped(path: str) -> bool:
-    return _SKIP_SUBTREES.search(path) is not None
+def _skipped(path: str, modules: dict[str, nn.Module]) -> bool:
+    """Inside a subtree that holds neither the decoder's attention nor its MLP (see `_SKIP_NAMES`)."""
+    names = path.split(".")
+    for i, name in enumerate(names):
+        if name in _SKIP_NAMES:
+            module = modules.get(".".join(names[: i + 1]))
+            if name != "mixer" or module is None or not _MIXER_ROLE.search(type(module).__name__):
+                return True
+    return False
+
+
+def _is_attention(path: str, modules: dict[str, nn.Module]) -> bool:
+    name = path.rsplit(".", 1)[-1]
+    return name in ATTN_NAMES or (name == "mixer" and "Attention" in type(modules[path]).__name__)
+
+
+def _mixer_only(modules: dict[str, nn.Module], excluded: list[str], hidden: int) -> bool:
+    """A hybrid model's layer without an MLP (Nemotron-H's Mamba and attention layers): it holds attention or a
+    recurrent mixer, and no linear map to or from the hidden size outside them that an MLP could be made of."""
+    mixers = [p for p in modules if p and (_skipped(p, modules) or _is_attention(p, modules))]
+    loose = [
+        p
+        for p, m in modules.items()
+        if p
+        and (dims := _dims(m)) is not None
+        and hidden in dims[:2]
+        and not _skipped(p, modules)
+        and not any(p == q or p.startswith(q + ".") for q in excluded)
+    ]
+    return bool(mixers) and not loose
 
 
 def _hidden_size(layer: nn.Module, modules: dict[str, nn.Module]) -> int:
@@ -271,7 +311,7 @@ def _dense_mlps(layer, modules, hidden, excluded, family, index, probes, within:
     def usable(path: str) -> bool:
         if within is not None and not path.startswith(within + "."):
             return False
-        return not (_skipped(path) or any(path == q or path.startswith(q + ".") for q in excluded))
+        return not (_skipped(path, modules) or any(path == q or path.startswith(q + ".") for q in excluded))
 
     found: dict[str, DenseMlp] = {}
     parents = [""] + [p for p in modules if p]
@@ -659,6 +699,8 @@ class ModelLayout:
         spec = self.layer_spec(layer)
         if site == "attn.out":
             return spec.attn_out is not None
+        if spec.mlp is None and site not in ("resid_pre", "resid_post"):  # no MLP: only the residual stream
+            return False
         if site == "mlp.gate":
             return spec.gated and (
                 not isinstance(spec.mlp, ExpertsMlp) or spec.mlp.shared is None or spec.mlp.shared.gated
@@ -675,10 +717,13 @@ class ModelLayout:
         layers = range(self.n_layers) if layer is None else [self.check_layer(layer)]
         missing = [i for i in layers if not self.has_site(site, i)]
         if missing:
-            raise EngramError(f"site '{site}' does not exist in {self.family} layer {missing[0]}: {self._why(site)}.")
+            why = self._why(site, missing[0])
+            raise EngramError(f"site '{site}' does not exist in {self.family} layer {missing[0]}: {why}.")
         return site
 
-    def _why(self, site: str) -> str:
+    def _why(self, site: str, layer: int) -> str:
+        if self.layer_spec(layer).mlp is None and site != "attn.out":
+            return "that layer has no MLP (a recurrent or attention layer of a hybrid model)"
         return {
             "attn.out": "that layer has no attention (a recurrent or state-space mixer)",
             "mlp.gate": "its MLP is not gated",
@@ -721,6 +766,8 @@ class ModelLayout:
             raise EngramError(f"{self.family} layer {layer} has no gate: its MLP is not gated.")
         block = self.layers[self.check_layer(layer)]
         mlp = spec.mlp
+        if mlp is None:
+            raise EngramError(f"{self.family} layer {layer} has no MLP (a recurrent or attention layer).")
         if isinstance(mlp, DenseMlp):
             return _dense_vectors(block, mlp, part)
         experts = get_module(block, mlp.experts)
@@ -815,7 +862,7 @@ def iter_dense(spec: LayerSpec) -> Iterator[tuple[DenseMlp, int]]:
     mlp = spec.mlp
     if isinstance(mlp, DenseMlp):
         yield mlp, 0
-    elif mlp.shared is not None:
+    elif mlp is not None and mlp.shared is not None:
         yield mlp.shared, mlp.routed_width
 
 

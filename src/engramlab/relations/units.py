@@ -49,6 +49,11 @@ class UnitSpace:
                 width = layout.site_width(site, layer)
                 self.blocks.append(Block(layer, site, width, offset))
                 offset += width
+        if not self.blocks:
+            raise EngramError(
+                f"{layout.family} has no MLP in any layer (an attention-free recurrent model); paper 1's units are "
+                f"MLP neurons."
+            )
         self.sites = tuple(dict.fromkeys(b.site for b in self.blocks))
         self.size = offset
         self.n_layers = layout.n_layers
@@ -99,10 +104,10 @@ class UnitSpace:
 
 
 def _layer_sites(layout: ModelLayout, layer: int, units: str) -> tuple[str, ...]:
-    """Paper 1's neuron sites of one layer (gate only where the MLP is gated), or the channel sites."""
-    if units == "channels":
-        return ("mlp.act", "mlp.down")
-    return ("mlp.gate", "mlp.up", "mlp.down") if layout.has_site("mlp.gate", layer) else ("mlp.up", "mlp.down")
+    """Paper 1's neuron sites of one layer (gate only where the MLP is gated), or the channel sites; none in a
+    hybrid model's layer without an MLP."""
+    sites = ("mlp.act", "mlp.down") if units == "channels" else ("mlp.gate", "mlp.up", "mlp.down")
+    return tuple(site for site in sites if layout.has_site(site, layer))
 
 
 def channel_scores(neuron_space: UnitSpace, channel_space: UnitSpace, scores: np.ndarray) -> np.ndarray:
