@@ -584,6 +584,14 @@ def test_layers_without_an_mlp_are_told_apart_from_unrecognised_ones():
     assert layout.has_site("attn.out", 2) and not layout.has_site("mlp.down", 2)
     space = UnitSpace(layout)
     assert {b.layer for b in space.blocks} == {1, 3}
+    from engramlab.models import HookEngine
+
+    engine = HookEngine(layout.model, layout=layout)
+    with torch.no_grad(), engine.record(space.keys(), reduce="mean") as rec:  # exactly the pairs that exist
+        layout.model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert sorted(rec.keys()) == sorted(space.keys()) and rec["mlp.up", 3].shape == (1, 96)
+    with pytest.raises(EngramError, match="not both"):
+        engine.record([("mlp.up", 3)], 3)
 
     model = tiny_model("nemotron_h")
     model.model.layers[0].extra = torch.nn.Linear(64, 64)

@@ -124,6 +124,26 @@ def test_relation_units_on_a_list_of_experts(tmp_path):
         handle.remove()
 
 
+def test_relation_responses_on_a_hybrid_skip_layers_without_an_mlp(tmp_path):
+    """Nemotron-H: paper 1's units live in the MoE and MLP layers only; the responses of an MLP layer's up units
+    are the plain means of its up projection's output."""
+    loaded = _loaded("nemotron_h")
+    space = UnitSpace(loaded.layout)
+    matrix = ResponseMatrix(tmp_path / "r", len(TEXTS), space.size, "fp")
+    collect_responses(loaded, TEXTS, space, matrix, batch_size=1)
+    block = next(b for b in space.blocks if b.layer == 3 and b.site == "mlp.up")
+    captured = {}
+    handle = loaded.model.model.layers[3].mixer.up_proj.register_forward_hook(
+        lambda m, args, out: captured.update(up=out)
+    )
+    for row, text in enumerate(TEXTS):
+        with torch.no_grad():
+            loaded.model(**loaded.tokenizer([text], return_tensors="pt"))
+        expected = captured["up"][0].mean(0).numpy()
+        np.testing.assert_allclose(matrix.columns(block.offset, block.offset + 4)[row], expected[:4], rtol=1e-4)
+    handle.remove()
+
+
 def test_unit_masks_switch_off_expert_and_shared_neurons():
     """Deactivating units through UnitSpace.masks on a mixed dense/MoE model equals zeroing the same neurons'
     weights (an expert's up rows, the shared expert's up rows, a dense layer's up rows)."""
@@ -164,7 +184,7 @@ def test_entropy_neurons_read_expert_and_fused_down_columns(family):
     assert np.isfinite(effect["entropy"]) and len(effect["delta"]) == 2
 
 
-@pytest.mark.parametrize("family", ["mixtral", "list_mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["mixtral", "list_mixtral", "phi3", "nemotron_h"])
 def test_patching_identical_runs_has_no_effect(family):
     loaded = _loaded(family)
     same = patching.Pair(PAIR.true, PAIR.true)
@@ -179,6 +199,7 @@ def test_patching_identical_runs_has_no_effect(family):
         ("list_mixtral", "moe", [192, 192]),
         ("phi3", "fused", [96, 96]),
         ("deepseek_v3", "gated, moe+shared", [96, 96, 240]),
+        ("nemotron_h", "none, moe+shared, non-gated", [0, 240, 0, 96]),
     ],
 )
 def test_models_info(family, kind, neurons):

@@ -131,14 +131,15 @@ class HookEngine:
 
     def record(
         self,
-        sites: str | Iterable[str],
+        sites: str | Iterable[str] | Iterable[SiteKey],
         layers: int | Iterable[int] | None = None,
         positions: Positions = "all",
         reduce: Reduce = None,
         dtype: torch.dtype = torch.float32,
         stop: bool = False,
     ) -> Recording:
-        """Record activations at `sites` x `layers` (None = all layers).
+        """Record activations at `sites` x `layers` (None = all layers), or at exactly the `(site, layer)` pairs
+        given as `sites` (for sites that exist in some layers only: a hybrid model's MLP sites).
 
         `reduce=None` keeps `[B, T, D]` for `positions="all"` (concatenated across calls, so a cached `generate`
         yields the whole sequence), `[B, D]` for `"last"` (the latest call) and `[B, n, D]` for a list of ints.
@@ -283,6 +284,10 @@ class HookEngine:
 
     def _keys(self, sites, layers, edit: bool = False) -> list[SiteKey]:
         site_list = [sites] if isinstance(sites, str) else list(sites)
+        if site_list and all(isinstance(key, tuple) for key in site_list):  # explicit (site, layer) pairs
+            if layers is not None:
+                raise EngramError("give either (site, layer) pairs or sites and layers, not both.")
+            return [(site, self._check(site, layer, edit)) for site, layer in site_list]
         if layers is None:
             layer_list = list(range(self.layout.n_layers))
         elif isinstance(layers, int):

@@ -243,6 +243,15 @@ def _encode(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def _repeatable(cache) -> bool:
+    """Whether every layer of a transformers cache can be repeated over rows (attention layers can; transformers
+    5.24's linear-attention / Mamba cache layers cannot)."""
+    layers = getattr(cache, "layers", None)
+    return hasattr(cache, "batch_repeat_interleave") and all(
+        hasattr(layer, "batch_repeat_interleave") for layer in (layers or [])
+    )
+
+
 def _last_logits(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return loaded.model(input_ids=ids.to(loaded.device), logits_to_keep=1).logits[:, -1].float()
 
@@ -397,6 +406,8 @@ def _patch_job(
     cache = None
     if first > 0:
         cache = target.model(input_ids=ids[:, :first], use_cache=True, logits_to_keep=1).cache
+        if not _repeatable(cache):  # a hybrid's recurrent cache layers cannot be repeated: run whole sequences
+            cache, first = None, 0
 
     cells: list[tuple[int, int] | None] = [
         (layer, length - n_toks + p) for layer in range(n_layers) for p in range(n_toks)

@@ -114,11 +114,11 @@ def collect_responses(
         raise ValueError(f"matrix {matrix.rows}x{matrix.cols} does not fit {len(texts)} texts x {space.size} units")
     tokenizer = loaded.require_tokenizer()
     positions = "nonpad" if response == "mean" else "last"
-    sites = sorted({site for site, _ in space.keys()})  # noqa: SIM118 (UnitSpace is not iterable)
+    keys = space.keys()  # (site, layer) pairs: a hybrid model's layers without an MLP have none
     starts = list(range(matrix.done, len(texts), batch_size))
     for start in track(starts, "responses", total=len(starts)):
         batch = encode(tokenizer, texts[start : start + batch_size], loaded.device)
-        with loaded.hooks.record(sites, None, positions=positions, reduce="mean", stop=True) as rec:
+        with loaded.hooks.record(keys, positions=positions, reduce="mean", stop=True) as rec:
             loaded.model(**batch)
         matrix.append(space.flatten(rec).cpu().numpy())  # [B, N]
     return matrix

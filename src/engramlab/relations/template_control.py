@@ -71,8 +71,7 @@ def pooled_responses(
     for key in sorted({(s, int(lay)) for s, lay in zip(site, layer, strict=True)}):
         cols = np.flatnonzero((site == key[0]) & (layer == key[1]))
         columns[key] = (cols, torch.as_tensor(index[cols]))
-    sites = [s for s in space.sites if any(k[0] == s for k in columns)]
-    layers = sorted({k[1] for k in columns})
+    keys = list(columns)  # (site, layer) pairs: not every layer has every site (non-gated or MLP-less layers)
     tokenizer = loaded.require_tokenizer()
 
     def run(start: int) -> list[np.ndarray]:
@@ -82,9 +81,9 @@ def pooled_responses(
         hooks = loaded.hooks
         # Three recordings of the same sites; the innermost ends the forward after the last one has fired.
         with (
-            hooks.record(sites, layers, positions="nonpad", reduce="mean") as rec_all,
-            hooks.record(sites, layers, positions=subject, reduce="mean") as rec_subject,
-            hooks.record(sites, layers, positions=template, reduce="mean", stop=True) as rec_template,
+            hooks.record(keys, positions="nonpad", reduce="mean") as rec_all,
+            hooks.record(keys, positions=subject, reduce="mean") as rec_subject,
+            hooks.record(keys, positions=template, reduce="mean", stop=True) as rec_template,
         ):
             loaded.model(**batch)
         pooled = []
