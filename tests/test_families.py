@@ -606,3 +606,32 @@ def test_a_module_named_like_a_norm_that_holds_linear_maps_is_not_a_norm():
 
     layout = ModelLayout(tiny_model("roberta-prelayernorm"))
     assert layout.spec.mlp_kinds == ("non-gated",) and layout.layer_spec(0).neurons == 96
+
+
+@pytest.mark.parametrize("name", ["list_deepseek", "mixtral"])
+def test_expert_neurons_of_a_disk_offloaded_moe_model(name, tmp_path):
+    """accelerate's device_map with a memory cap that holds the first decoder layer but not the second: the MoE
+    layer on disk records, routes and zeroes expert neurons exactly as the whole model on the CPU does."""
+    from engramlab.models.loading import is_offloaded
+
+    checkpoint = tmp_path / name
+    model = _build(name)
+    model.save_pretrained(checkpoint)
+    size = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in model.named_modules()}
+    # accelerate keeps room for the largest layer as its onload buffer: the embedding, layer 0 and that room fit
+    cap = size["model.embed_tokens"] + 2 * size["model.layers.0"] + 20_000
+    whole = load_model(str(checkpoint), device="cpu", with_tokenizer=False)
+    offloaded = load_model(
+        str(checkpoint), device="auto", max_memory={"cpu": cap}, offload_folder=tmp_path / "off", with_tokenizer=False
+    )
+    assert is_offloaded(offloaded.model) and offloaded.model.hf_device_map["model.layers.1"] == "disk"
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    width = whole.layout.site_width("mlp.act", 1)
+    results = []
+    for lm in (whole, offloaded):
+        with torch.no_grad(), lm.hooks.record(["mlp.act", "moe.routing"], 1) as rec:
+            with lm.hooks.zero("mlp.act", 1, list(range(0, width, 3))):
+                logits = lm.model(input_ids=ids).logits
+        results.append((logits, rec["mlp.act", 1], rec["moe.routing", 1]))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
