@@ -629,9 +629,9 @@ def test_expert_neurons_of_a_disk_offloaded_moe_model(name, tmp_path):
     width = whole.layout.site_width("mlp.act", 1)
     results = []
     for lm in (whole, offloaded):
-        with torch.no_grad(), lm.hooks.record(["mlp.act", "moe.routing"], 1) as rec:
-            with lm.hooks.zero("mlp.act", 1, list(range(0, width, 3))):
-                logits = lm.model(input_ids=ids).logits
+        zeroed = lm.hooks.zero("mlp.act", 1, list(range(0, width, 3)))
+        with torch.no_grad(), lm.hooks.record(["mlp.act", "moe.routing"], 1) as rec, zeroed:
+            logits = lm.model(input_ids=ids).logits
         results.append((logits, rec["mlp.act", 1], rec["moe.routing", 1]))
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
