@@ -62,8 +62,52 @@ def test_atlas_over_expert_neurons_and_fused_halves(family, site):
 def test_atlas_refuses_mixed_widths_in_one_line():
     from engramlab.errors import EngramError
 
-    with pytest.raises(EngramError, match="different MLP widths"):
+    with pytest.raises(EngramError, match=r"different MLP widths \(layers 0-1: 96 neurons; layers 2: 240 neurons\)"):
         decode_atlas(_loaded("deepseek_v3"), top_k=3)
+
+
+def test_atlas_over_chosen_layers_keeps_the_model_layer_numbers(tmp_path):
+    """DeepSeek's MoE layer (2) and its dense layer 1 decoded on their own: rows equal the naive decode of those
+    layers, and the parquet, the reloaded atlas and the explorer name the model's layer, not the atlas's block."""
+    from engramlab.decode.atlas import load_atlas, write_atlas
+    from engramlab.decode.explorer import explorer_data
+
+    loaded = _loaded("deepseek_v3")
+    for layers in ([2], [1]):
+        atlas = decode_atlas(loaded, top_k=4, layers=layers)
+        assert atlas.layer_ids == layers and atlas.summary()["layers"] == str(layers[0])
+        vectors = [loaded.layout.neuron_vectors(layers[0], "up").detach()]
+        ref_ids, _ = naive_decode(vectors, loaded.model.lm_head.weight.detach(), top_k=4)
+        assert np.array_equal(atlas.ids.reshape(-1, 4), ref_ids.numpy())
+        assert atlas.neuron(layers[0], 5)[0][0] == int(atlas.ids[0, 5, 0])
+        write_atlas(atlas, tmp_path / str(layers[0]), explorer=False)
+        back = load_atlas(tmp_path / str(layers[0]))
+        assert back.layer_ids == layers and np.array_equal(back.ids, atlas.ids)
+        assert explorer_data(atlas)["ly"] == layers
+
+
+def test_atlas_of_a_hybrid_decodes_its_mlp_layers():
+    """Nemotron-H: the Mamba and attention layers have nothing to decode; its MoE (240) and MLP (96) layers differ
+    in width, so the default is refused naming both groups, and one group decodes."""
+    from engramlab.errors import EngramError
+
+    loaded = _loaded("nemotron_h")
+    with pytest.raises(EngramError, match=r"layers 1: 240 neurons; layers 3: 96 neurons"):
+        decode_atlas(loaded, top_k=3)
+    with pytest.raises(EngramError, match="layer 0 has no MLP to decode"):
+        decode_atlas(loaded, top_k=3, layers=[0, 3])
+    atlas = decode_atlas(loaded, top_k=3, layers=[3])
+    assert atlas.layer_ids == [3] and atlas.ids.shape == (1, 96, 3)
+
+
+def test_layer_ranges_parse_and_refuse_in_one_line():
+    from engramlab.cli_options import layer_ranges
+    from engramlab.errors import EngramError
+
+    assert layer_ranges("0-2,5,7-8") == [0, 1, 2, 5, 7, 8] and layer_ranges(None) is None
+    for bad in ("a", "3-1", "-1", ",", "2-x"):
+        with pytest.raises(EngramError, match="--layers"):
+            layer_ranges(bad)
 
 
 def test_relation_units_and_responses_on_experts(tmp_path):

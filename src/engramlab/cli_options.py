@@ -93,6 +93,32 @@ def int_list(value: str, option: str, minimum: int = 1) -> list[int]:
     return numbers
 
 
+def layer_ranges(value: str | None, option: str = "--layers") -> list[int] | None:
+    """`"0-2,5,7-9"` -> [0, 1, 2, 5, 7, 8, 9] (None stays None); one line naming `option` on anything else."""
+    if value is None:
+        return None
+    layers: list[int] = []
+    for item in comma_list(value, option):
+        start, _, stop = item.partition("-")
+        try:
+            first, last = int(start), int(stop or start)
+        except ValueError:
+            raise EngramError(f"{option} takes layer numbers and ranges like 0-2,5, got {item!r}.") from None
+        if first < 0 or last < first:
+            raise EngramError(f"{option}: {item!r} is not a range of layers (0 <= first <= last).")
+        layers.extend(range(first, last + 1))
+    return layers
+
+
+Layers = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Layers to decode, e.g. 3-60 or 0,2,5-9 (default: every layer with an MLP; they must share one width).",
+    ),
+]
+
+
 def shared_options_command(
     app: typer.Typer, shared: Callable[..., None], make: Callable[[dict], Any] = dict
 ) -> Callable[..., Callable[[Callable[..., None]], Callable[..., None]]]:

@@ -52,17 +52,62 @@ _MAX_ROWS = {"cpu": 2048, "cuda": 16384}  # beyond this the GEMM is already at f
 # What is decoded: weight matrices out of a model.
 
 
-def neuron_vectors(layout, site: str = "up") -> list[torch.Tensor]:
-    """One `[N, H]` tensor per layer: the vector of each neuron at `site` (views of the weights where possible).
+def neuron_vectors(layout, site: str = "up", layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """One `[N, H]` tensor per layer of `layers` (default: `atlas_layers`): the vector of each neuron at `site`
+    (views of the weights where possible).
 
     up: rows of up_proj (fc_in; the up half of a fused gate_up_proj); gate: rows of gate_proj; down: columns of
     down_proj. In a MoE layer the rows are every expert's neurons, expert by expert, then the shared expert's.
     """
     if site not in DECODE_SITES:
         raise EngramError(f"--site {site!r} is not a decode site; choose one of: {', '.join(DECODE_SITES)}.")
-    if site == "gate" and not layout.spec.gated:
+    chosen = atlas_layers(layout, layers)
+    if site == "gate" and not all(layout.has_site("mlp.gate", layer) for layer in chosen):
         raise EngramError(f"--site gate does not exist in {layout.family}: its MLP is not gated (use up or down).")
-    return [layout.neuron_vectors(layer, site).detach() for layer in range(layout.n_layers)]
+    return [layout.neuron_vectors(layer, site).detach() for layer in chosen]
+
+
+def atlas_layers(layout, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers an atlas decodes: `layers`, or every layer that has an MLP (a hybrid's Mamba and attention
+    layers have none). The atlas is `[layers, neurons, k]`, so they must have one width; when they do not (DeepSeek's
+    dense first layers before its MoE layers) the refusal names the groups to choose from."""
+    if layers is None:
+        chosen = [layer for layer in range(layout.n_layers) if layout.has_site("mlp.up", layer)]
+    else:
+        chosen = sorted({layout.check_layer(layer) for layer in layers})
+        missing = [layer for layer in chosen if not layout.has_site("mlp.up", layer)]
+        if missing:
+            raise EngramError(
+                f"{layout.family} layer {missing[0]} has no MLP to decode (a recurrent or attention layer)."
+            )
+    if not chosen:
+        raise EngramError(f"{layout.family} has no MLP in any layer: there are no neurons to decode.")
+    widths = {layer: layout.site_width("mlp.up", layer) for layer in chosen}
+    if len(set(widths.values())) > 1:
+        groups = "; ".join(f"layers {_ranges(ls)}: {w:,} neurons" for w, ls in _by_width(widths).items())
+        raise EngramError(
+            f"layers of {layout.family} have different MLP widths ({groups}); the atlas needs one width: choose "
+            f"one group with --layers (layers= in Python)."
+        )
+    return chosen
+
+
+def _by_width(widths: dict[int, int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for layer, width in widths.items():
+        groups.setdefault(width, []).append(layer)
+    return groups
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (what --layers takes)."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def unembedding(layout) -> torch.Tensor:
@@ -311,10 +356,16 @@ class Atlas:
     head: str = ""  # the model whose LM head decoded the vectors (differs from `model` with a shared head)
     chunk_size: int = 0
     meta: dict = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None  # the model layer of each block of rows; None: layers 0 .. L-1
 
     @property
     def n_layers(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """The model layer of each of the atlas's `L` blocks."""
+        return list(range(self.n_layers)) if self.layers is None else list(self.layers)
 
     @property
     def n_neurons_per_layer(self) -> int:
@@ -342,10 +393,13 @@ class Atlas:
         return self.tokens[token_id]
 
     def neuron(self, layer: int, index: int) -> list[tuple[int, str, float]]:
-        """(token id, token, score) of one neuron's top-k."""
+        """(token id, token, score) of one neuron's top-k; `layer` is the model's layer number."""
+        if layer not in self.layer_ids:
+            raise EngramError(f"layer {layer} is not in this atlas (its layers: {_ranges(self.layer_ids)}).")
+        block = self.layer_ids.index(layer)
         return [
             (int(t), self.token(int(t)), float(s))
-            for t, s in zip(self.ids[layer, index], self.scores[layer, index], strict=True)
+            for t, s in zip(self.ids[block, index], self.scores[block, index], strict=True)
         ]
 
     def summary(self) -> dict:
@@ -364,6 +418,8 @@ class Atlas:
             "device": self.device,
             "chunk_size": self.chunk_size,
         }
+        if self.layers is not None:
+            out["layers"] = _ranges(self.layer_ids)
         if self.head and self.head != self.model:
             out["head"] = self.head
         if self.fold_norm:
@@ -381,21 +437,19 @@ def decode_atlas(
     head=None,
     compute_dtype: torch.dtype | None = None,
     progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> Atlas:
     """Decode every neuron of `loaded` (a `LoadedModel`) at `site` through its LM head.
 
     `head`: another `LoadedModel` whose LM head (and final norm, with `fold_norm`) decodes this model's vectors,
-    for `decode compare --shared-head`. Returns an `Atlas` (arrays on CPU) with timing in `seconds`.
+    for `decode compare --shared-head`. `layers`: the layers to decode (default: every layer with an MLP; see
+    `atlas_layers`). Returns an `Atlas` (arrays on CPU) with timing in `seconds`.
     """
     layout = loaded.layout
     head_layout = (head or loaded).layout
-    vectors = neuron_vectors(layout, site)
+    chosen = atlas_layers(layout, layers)
+    vectors = neuron_vectors(layout, site, chosen)
     n_layers, per_layer = len(vectors), int(vectors[0].shape[0])
-    if any(int(v.shape[0]) != per_layer for v in vectors):
-        raise EngramError(
-            f"layers of {layout.family} have different MLP widths (dense and MoE layers mixed); the atlas needs one "
-            f"width for all layers."
-        )
     offloaded = is_offloaded(loaded.model) or is_offloaded((head or loaded).model)
     tracker = None
     if progress:
@@ -414,7 +468,7 @@ def decode_atlas(
             decode_vectors, unembed=unembed, top_k=top_k, norm=norm, softmax=softmax, compute_dtype=compute_dtype
         )
         if offloaded:
-            decoded = _decode_offloaded(layout, site, decode, chunk_size)
+            decoded = _decode_offloaded(layout, site, chosen, decode, chunk_size)
         elif distributed.is_running():
             decoded = _decode_sharded(vectors, decode, chunk_size, tracker)
         else:
@@ -438,16 +492,17 @@ def decode_atlas(
         model=str(getattr(loaded, "ref", "")),
         head=str(getattr(head or loaded, "ref", "")),
         chunk_size=decoded.chunk_size,
+        layers=None if chosen == list(range(layout.n_layers)) else tuple(chosen),
     )
 
 
-def _decode_offloaded(layout, site: str, decode: Callable, chunk_size: int | None) -> Decoded:
+def _decode_offloaded(layout, site: str, layers: list[int], decode: Callable, chunk_size: int | None) -> Decoded:
     """A model whose weights are partly offloaded (accelerate's device_map with CPU or disk): one layer at a time,
     its weights brought onto the execution device for that layer only, so memory holds one layer's vectors."""
     parts = []
-    for layer in range(layout.n_layers):
+    for layer in layers:
         with onloaded(layout.layers[layer]):  # the layer's weights (its MLP's among them), for this layer only
-            parts.append(decode([neuron_vectors(layout, site)[layer]], chunk_size=chunk_size))
+            parts.append(decode(neuron_vectors(layout, site, [layer]), chunk_size=chunk_size))
     return Decoded(
         ids=torch.cat([p.ids for p in parts]),
         scores=torch.cat([p.scores for p in parts]),
@@ -541,6 +596,7 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
     """The atlas as tidy rows (one per neuron x rank), a bounded number of rows at a time. The token column is
     dictionary-encoded from the per-id strings decoded once (`Atlas.tokens`): no Python work per row."""
     k, per_layer = atlas.top_k, atlas.n_neurons_per_layer
+    layer_ids = np.asarray(atlas.layer_ids, dtype=np.int32)
     vocab = pa.array(
         atlas.tokens if atlas.tokens is not None else [f"<id {i}>" for i in range(atlas.vocab_size)], pa.string()
     )
@@ -555,7 +611,7 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
         token_ids = ids[start:stop].reshape(-1)
         used, inverse = np.unique(token_ids, return_inverse=True)  # a compact dictionary per row group
         columns = [
-            pa.array(np.repeat(flat // per_layer, k).astype(np.int32)),
+            pa.array(np.repeat(layer_ids[flat // per_layer], k)),
             pa.array(np.repeat(flat % per_layer, k).astype(np.int32)),
             pa.array(np.tile(np.arange(k, dtype=np.int32), stop - start)),
             pa.array(token_ids.astype(np.int32)),
@@ -618,7 +674,8 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
         raise EngramError(f"{file} is not an atlas: it lacks the column(s) {', '.join(sorted(missing))}.")
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
     table = table.sort_by([("layer", "ascending"), ("neuron", "ascending"), ("rank", "ascending")])
-    n_layers = int(pc.max(table["layer"]).as_py()) + 1
+    layer_ids = pc.unique(table["layer"]).to_pylist()
+    n_layers = len(layer_ids)
     per_layer = int(pc.max(table["neuron"]).as_py()) + 1
     k = int(pc.max(table["rank"]).as_py()) + 1
     if table.num_rows != n_layers * per_layer * k:
@@ -647,6 +704,7 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
         seconds=float(summary.get("seconds") or 0.0),
         device=summary.get("device", ""),
         model=summary.get("model", ""),
+        layers=None if layer_ids == list(range(n_layers)) else tuple(int(i) for i in layer_ids),
     )
 
 
@@ -655,6 +713,7 @@ __all__ = [
     "DECODE_SITES",
     "Atlas",
     "Decoded",
+    "atlas_layers",
     "atlas_record_batches",
     "auto_chunk_size",
     "decode_atlas",

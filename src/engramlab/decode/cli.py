@@ -16,6 +16,7 @@ from engramlab.cli_options import (
     Device,
     Download,
     Dtype,
+    Layers,
     MaxMemory,
     Model,
     OffloadFolder,
@@ -23,6 +24,7 @@ from engramlab.cli_options import (
     Overwrite,
     Seed,
     TrustRemoteCode,
+    layer_ranges,
 )
 
 app = typer.Typer(help="Decoding MLP neurons through the LM head (Davies 2025).", no_args_is_help=True)
@@ -95,6 +97,7 @@ def atlas_cmd(
     fold_norm: FoldNorm = False,
     softmax: bool = typer.Option(False, "--softmax", help="Add each token's probability over the whole vocabulary."),
     chunk_size: ChunkSize = None,
+    layers: Layers = None,
     html: bool = typer.Option(True, "--html/--no-html", help="Also write the atlas.html explorer."),
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -110,12 +113,20 @@ def atlas_cmd(
     from engramlab.results import check_out_dir
 
     _check_site(site)
+    chosen = layer_ranges(layers)
     on_main(check_out_dir, out, overwrite)  # refuse a bad or non-empty folder before the work, not after
     loaded = _load(
         model, device, dtype, trust_remote_code, download, max_memory=max_memory, offload_folder=offload_folder
     )
     atlas = decode_atlas(
-        loaded, site=site, top_k=top_k, fold_norm=fold_norm, softmax=softmax, chunk_size=chunk_size, progress=True
+        loaded,
+        site=site,
+        top_k=top_k,
+        fold_norm=fold_norm,
+        softmax=softmax,
+        chunk_size=chunk_size,
+        progress=True,
+        layers=chosen,
     )
     summary = write_atlas(atlas, out, overwrite=True, explorer=html)
     console = _console()
@@ -195,6 +206,7 @@ def compare_cmd(
     ),
     fold_norm: FoldNorm = False,
     chunk_size: ChunkSize = None,
+    layers: Layers = None,
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -211,6 +223,7 @@ def compare_cmd(
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
     _check_site(site)
+    chosen = layer_ranges(layers)
     on_main(check_out_dir, out, overwrite)
     model_a = _load(a, device, dtype, trust_remote_code, download, option="--a")
     model_b = _load(b, device, dtype, trust_remote_code, download, option="--b")
@@ -224,10 +237,13 @@ def compare_cmd(
         chunk_size=chunk_size,
         seed=seed,
         progress=True,
+        layers=chosen,
     )
     summary = write_comparison(result, out, overwrite=True)
     console = _console()
-    per_layer = "  ".join(f"{i}:{x:.3f}" for i, x in enumerate(summary["agreement_per_layer"]))
+    per_layer = "  ".join(
+        f"{i}:{x:.3f}" for i, x in zip(summary["layers"], summary["agreement_per_layer"], strict=True)
+    )
     console.print(
         f"top-1 agreement {summary['agreement']:.4f} over {summary['n_neurons']:,} neurons "
         f"(chance {summary['chance_agreement']:.4f}; top-{top_k} overlap {summary['overlap_at_k']:.4f})",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Comparison:
             "n_compared": self.n_neurons - self.n_excluded,
             "excluded_neurons": {"count": self.n_excluded, "reason": EXCLUDED_REASON},
             "n_layers": int(self.same.shape[0]),
+            "layers": self.a.layer_ids,
             "agreement": self.agreement,
             "agreement_per_layer": self.agreement_per_layer,
             "top_k": self.a.top_k,
@@ -82,6 +84,8 @@ def compare_atlases(a: Atlas, b: Atlas, seed: int = 0, exclude: np.ndarray | Non
         raise EngramError(
             f"the two atlases have different shapes: A is {_shape_text(a.ids.shape)}, B is {_shape_text(b.ids.shape)}."
         )
+    if a.layer_ids != b.layer_ids:
+        raise EngramError(f"the two atlases cover different layers: A {a.layer_ids}, B {b.layer_ids}.")
     top_a, top_b = a.top1, b.top1  # [L, N]
     excluded = ~(np.isfinite(a.scores[:, :, 0]) & np.isfinite(b.scores[:, :, 0]))
     if exclude is not None:
@@ -115,14 +119,14 @@ def _masked_mean(values: np.ndarray, keep: np.ndarray) -> float:
     return float(values[keep].mean()) if keep.any() else float("nan")
 
 
-def undecodable(loaded, site: str) -> np.ndarray:
-    """[L, N] bool: neurons whose weight vector at `site` is all zero or not finite."""
+def undecodable(loaded, site: str, layers: Sequence[int] | None = None) -> np.ndarray:
+    """[L, N] bool over the atlas's layers: neurons whose weight vector at `site` is all zero or not finite."""
     from engramlab.decode.atlas import neuron_vectors
 
     return np.stack(
         [
             ((v == 0).all(dim=1) | ~torch.isfinite(v).all(dim=1)).cpu().numpy()
-            for v in neuron_vectors(loaded.layout, site)
+            for v in neuron_vectors(loaded.layout, site, layers)
         ]
     )
 
@@ -132,11 +136,13 @@ def _shape_text(shape) -> str:
 
 
 def model_shape(loaded) -> dict:
-    """The shapes that must match for a neuron-by-neuron comparison."""
+    """The shapes that must match for a neuron-by-neuron comparison (neurons: one number, or one per layer when
+    they differ: a dense+MoE mix, a hybrid's layers without an MLP as 0)."""
     layout = loaded.layout
+    widths = [layout.site_width("mlp.up", i) if layout.has_site("mlp.up", i) else 0 for i in range(layout.n_layers)]
     return {
         "layers": layout.n_layers,
-        "neurons": int(layout.site_width("mlp.up")),
+        "neurons": widths[0] if len(set(widths)) == 1 else "/".join(map(str, widths)),
         "hidden": int(layout.lm_head.weight.shape[1]),
         "vocab": int(layout.lm_head.weight.shape[0]),
     }
@@ -173,20 +179,30 @@ def compare_models(
     chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> Comparison:
-    """Decode both models (`LoadedModel`s) and compare their top-1 tokens neuron by neuron."""
+    """Decode both models (`LoadedModel`s) and compare their top-1 tokens neuron by neuron (at `layers`: see
+    `engramlab.decode.atlas.atlas_layers`)."""
     if shared_head not in (None, "a", "b"):
         raise EngramError(f"--shared-head must be a or b, got {shared_head!r}.")
     check_same_shape(a, b)
     head = {"a": a, "b": b, None: None}[shared_head]
     start = time.perf_counter()
-    atlas_a = decode_atlas(
-        a, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head, progress=progress
-    )
-    atlas_b = decode_atlas(
-        b, site=site, top_k=top_k, fold_norm=fold_norm, chunk_size=chunk_size, head=head, progress=progress
-    )
-    result = compare_atlases(atlas_a, atlas_b, seed=seed, exclude=undecodable(a, site) | undecodable(b, site))
+    atlases = [
+        decode_atlas(
+            m,
+            site=site,
+            top_k=top_k,
+            fold_norm=fold_norm,
+            chunk_size=chunk_size,
+            head=head,
+            progress=progress,
+            layers=layers,
+        )
+        for m in (a, b)
+    ]
+    exclude = undecodable(a, site, layers) | undecodable(b, site, layers)
+    result = compare_atlases(*atlases, seed=seed, exclude=exclude)
     result.shared_head = shared_head
     result.seconds = time.perf_counter() - start
     return result
@@ -198,12 +214,13 @@ def comparison_table(result: Comparison):
 
     a, b = result.a, result.b
     n_layers, per_layer = result.same.shape
+    layer_ids = np.asarray(a.layer_ids, dtype=np.int32)
     flat_a, flat_b = a.top1.reshape(-1), b.top1.reshape(-1)
     vocab = pa.array(a.tokens if a.tokens is not None else [f"<id {i}>" for i in range(a.vocab_size)], pa.string())
     vocab_b = pa.array(b.tokens, pa.string()) if b.tokens is not None else vocab
     return pa.table(
         {
-            "layer": np.repeat(np.arange(n_layers, dtype=np.int32), per_layer),
+            "layer": np.repeat(layer_ids, per_layer),
             "neuron": np.tile(np.arange(per_layer, dtype=np.int32), n_layers),
             "token_id_a": flat_a.astype(np.int32),
             "token_a": vocab.take(pa.array(flat_a)),
@@ -221,7 +238,7 @@ def agreement_figure(result: Comparison):
     """Per-layer top-1 agreement and top-k overlap, with the shuffled-neuron chance level."""
     import plotly.graph_objects as go
 
-    layers = list(range(len(result.agreement_per_layer)))
+    layers = result.a.layer_ids
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=layers, y=result.agreement_per_layer, mode="lines+markers", name="top-1 agreement"))
     fig.add_trace(

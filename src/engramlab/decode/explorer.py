@@ -54,6 +54,7 @@ def explorer_data(atlas, max_rows: int = MAX_ROWS) -> dict:
         "fold_norm": atlas.fold_norm,
         "L": atlas.n_layers,
         "N": atlas.n_neurons_per_layer,
+        "ly": atlas.layer_ids,  # the model layer of each block of N neurons
         "K": atlas.top_k,
         "k": int(k),
         "complete": complete,
@@ -168,7 +169,7 @@ function search() {
   entries.sort((a, b) => D.s[b] - D.s[a] || globalOf(Math.floor(a / D.k)) - globalOf(Math.floor(b / D.k)));
   const body = $("results").tBodies[0]; body.textContent = "";
   for (const e of entries.slice(0, LIMIT)) {
-    const g = globalOf(Math.floor(e / D.k)), layer = Math.floor(g / D.N), neuron = g % D.N;
+    const g = globalOf(Math.floor(e / D.k)), layer = D.ly[Math.floor(g / D.N)], neuron = g % D.N;
     const tr = document.createElement("tr"); tr.className = "click"; tr.dataset.g = g;
     cell(tr, layer, "num"); cell(tr, neuron, "num"); cell(tr, e % D.k, "num"); codeCell(tr, show(D.tok[D.t[e]]));
     cell(tr, fmt(D.s[e]), "num"); if (D.p !== null) cell(tr, fmt(D.p[e]), "num");
@@ -177,7 +178,7 @@ function search() {
   $("count").textContent = q ? `${entries.length} neuron-token rows match` + (entries.length > LIMIT ? ` (showing ${LIMIT})` : "") : "";
 }
 function openNeuron(g) {
-  const layer = Math.floor(g / D.N), neuron = g % D.N;
+  const layer = D.ly[Math.floor(g / D.N)], neuron = g % D.N;
   const i = D.n === null ? g : rowOf.get(g);
   const body = $("neuron").tBodies[0]; body.textContent = "";
   $("ntitle").textContent = `Neuron ${layer}:${neuron}`;
@@ -194,7 +195,8 @@ function openNeuron(g) {
 }
 function gotoNeuron(spec) {
   const m = /^\s*(\d+)\s*:\s*(\d+)\s*$/.exec(spec);
-  if (m && +m[1] < D.L && +m[2] < D.N) openNeuron(+m[1] * D.N + +m[2]);
+  const block = m ? D.ly.indexOf(+m[1]) : -1;
+  if (block >= 0 && +m[2] < D.N) openNeuron(block * D.N + +m[2]);
 }
 $("q").addEventListener("input", search); $("mode").addEventListener("change", search);
 $("goto").addEventListener("change", e => gotoNeuron(e.target.value));

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engramlab.decode.atlas import neuron_vectors, token_strings, topk_rows, unembedding
+from engramlab.decode.atlas import token_strings, topk_rows, unembedding
 from engramlab.errors import EngramError
 
 STEER_SITES = {"up": "mlp.up", "act": "mlp.act"}
@@ -67,7 +67,7 @@ def check_neuron(loaded, layer: int, index: int) -> tuple[int, int]:
 
 def neuron_top_token(loaded, layer: int, index: int) -> tuple[int, float]:
     """The top token of the neuron's up_proj row through the raw LM head (the atlas's rank 0)."""
-    w = neuron_vectors(loaded.layout, "up")[layer][index]  # [H]
+    w = loaded.layout.neuron_vectors(layer, "up")[index].detach()  # [H]
     unembed = unembedding(loaded.layout)
     with torch.no_grad():
         scores = w.to(unembed.device, torch.float32)[None] @ unembed.float().T  # [1, V]

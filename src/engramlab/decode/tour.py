@@ -26,7 +26,7 @@ def decode_step(ctx: TourContext) -> TourSection:
     flat = np.argsort(-atlas.probs[:, :, 0].reshape(-1), kind="stable")[:12]
     sharp = [
         {
-            "neuron": f"{i // atlas.n_neurons_per_layer}:{i % atlas.n_neurons_per_layer}",
+            "neuron": f"{atlas.layer_ids[i // atlas.n_neurons_per_layer]}:{i % atlas.n_neurons_per_layer}",
             "top tokens": ", ".join(repr(atlas.token(int(t))) for t in atlas.ids.reshape(-1, atlas.top_k)[i, :5]),
             "P(top-1)": float(atlas.probs.reshape(-1, atlas.top_k)[i, 0]),
         }
