@@ -257,3 +257,18 @@ def test_models_info(family, kind, neurons):
         assert info["experts"]["experts"] == 4
     else:
         assert info["experts"] is None
+
+
+def test_posttrain_on_a_dense_and_moe_mix(tmp_path):
+    """DeepSeek's dense first layers and MoE layers differ in width: base and post are compared layer by layer
+    (not refused as differently shaped), and entropy neurons come from the last layer with an MLP."""
+    from engramlab.posttrain import study
+
+    for name in ("base", "post"):
+        tiny_model("deepseek_v3").save_pretrained(tmp_path / name)
+        word_tokenizer().save_pretrained(tmp_path / name)
+    opts = study.Options(base=str(tmp_path / "base"), post=str(tmp_path / "post"), out=tmp_path / "o", device="cpu")
+    base, _ = study._load(opts)
+    found = entropy.entropy_neurons(base, n=3)
+    assert found.layer == 2 and len(found.norm) == base.layout.site_width("mlp.act", 2)
+    assert entropy.last_mlp_layer(_loaded("nemotron_h").layout) == 3

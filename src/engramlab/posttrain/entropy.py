@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel
 
 
@@ -59,10 +60,18 @@ class EntropyNeurons:
     layer: int
 
 
+def last_mlp_layer(layout) -> int:
+    """The last layer that has an MLP (the last layer, but for a hybrid that ends in a Mamba or attention layer)."""
+    layers = [layer for layer in range(layout.n_layers) if layout.has_site("mlp.act", layer)]
+    if not layers:
+        raise EngramError(f"{layout.family} has no MLP in any layer: there are no entropy neurons to look for.")
+    return layers[-1]
+
+
 def entropy_neurons(loaded: LoadedModel, percentile: float = 75.0, n: int = 10, chunk: int = 1024) -> EntropyNeurons:
-    """Norm and LogitVar of every last-layer neuron, and the selected entropy neurons."""
+    """Norm and LogitVar of every neuron of the last MLP layer, and the selected entropy neurons."""
     layout = loaded.layout
-    layer = layout.n_layers - 1
+    layer = last_mlp_layer(layout)
     w_out = layout.neuron_vectors(layer, "down").detach().float()  # [I, H]: row i = neuron i's output
     w_u = effective_unembedding(loaded)  # [V, H]
     w_u_unit = w_u / w_u.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -87,7 +96,7 @@ def iou(a: Sequence[int], b: Sequence[int]) -> float:
 def entropy_effect(loaded: LoadedModel, neurons: Sequence[int], texts: Sequence[str], batch_size: int = 8) -> dict:
     """Mean next-token entropy (nats, over non-pad positions) plain and with each neuron mean-ablated."""
     tokenizer = loaded.require_tokenizer()
-    layer = loaded.layout.n_layers - 1
+    layer = last_mlp_layer(loaded.layout)
     neurons = [int(i) for i in neurons]
     engine = loaded.hooks
     batches = [

@@ -97,10 +97,11 @@ def _load(opts: Options) -> tuple[LoadedModel, LoadedModel]:
             raise EngramError(
                 f"{option} {layer} is out of range: {opts.base} has layers 0..{base.layout.n_layers - 1}."
             )
+    neurons = [[spec.neurons for spec in m.layout.spec.layer_specs] for m in (base, post)]  # per layer (MoE mixes)
     if (
         base.layout.n_layers != post.layout.n_layers
         or base.layout.site_width("resid_pre") != post.layout.site_width("resid_pre")
-        or base.layout.site_width("mlp.act") != post.layout.site_width("mlp.act")
+        or neurons[0] != neurons[1]
     ):
         raise EngramError(
             f"--base {opts.base} and --post {opts.post} differ in shape; paper 3 compares a model "
