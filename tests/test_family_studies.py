@@ -255,6 +255,7 @@ def test_models_info(family, kind, neurons):
     assert sum(info["parameters_by_part"].values()) == info["parameters"]
     if "moe" in kind:
         assert info["experts"]["experts"] == 4
+        assert info["experts"]["stored_as"] == ("list of modules" if family.startswith("list_") else "batched tensors")
     else:
         assert info["experts"] is None
 

@@ -59,6 +59,7 @@ def experts_info(loaded: LoadedModel) -> dict[str, Any] | None:
         "neurons_per_expert": first.width,
         "shared_neurons": first.shared.width if first.shared is not None else 0,
         "routing": first.routing,
+        "stored_as": "list of modules" if first.listed is not None else "batched tensors",
     }
 
 
