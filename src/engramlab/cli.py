@@ -112,7 +112,7 @@ def models_info(
         grid.add_row(
             "experts",
             f"{moe['experts']} x {moe['neurons_per_expert']:,} neurons (+{moe['shared_neurons']:,} shared) "
-            f"in {len(moe['moe_layers'])} MoE layers",
+            f"in {len(moe['moe_layers'])} MoE layers, stored as {moe['stored_as']}",
         )
     grid.add_row("parameters", f"{info['parameters']:,}")
     for part, n in info["parameters_by_part"].items():
