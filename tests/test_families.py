@@ -635,3 +635,20 @@ def test_expert_neurons_of_a_disk_offloaded_moe_model(name, tmp_path):
         results.append((logits, rec["mlp.act", 1], rec["moe.routing", 1]))
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_listed_experts_with_random_routing_are_refused_in_one_line():
+    """Router noise (Mixtral's jitter in training mode) routes the replay pass differently from the capture pass:
+    the tap says so instead of returning outputs computed for other rows."""
+    from engramlab.models import HookEngine
+
+    model = tiny_list_moe("list_mixtral")
+    engine = HookEngine(model)  # discovered while the router is deterministic
+    gate = model.model.layers[1].mlp.block_sparse_moe.gate
+    gate.forward = lambda x: torch.nn.functional.linear(x, gate.weight) + torch.randn(x.shape[0], 4)
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    recording = engine.record("mlp.act", 1)
+    with pytest.raises(EngramError, match="routed tokens differently"), torch.no_grad(), recording:
+        model(input_ids=ids)
+    block = model.model.layers[1].mlp.block_sparse_moe
+    assert all("forward" not in vars(m) for m in block.modules() if m is not gate)  # every stub put back
