@@ -273,3 +273,33 @@ def test_posttrain_on_a_dense_and_moe_mix(tmp_path):
     found = entropy.entropy_neurons(base, n=3)
     assert found.layer == 2 and len(found.norm) == base.layout.site_width("mlp.act", 2)
     assert entropy.last_mlp_layer(_loaded("nemotron_h").layout) == 3
+
+
+def test_relation_units_name_their_expert():
+    """DeepSeek (dense layers 0-1, a MoE layer 2 with a shared expert): a unit's routed expert is its index over
+    the layer's per-expert width; dense, shared-expert and block-output units have none (-1). The top-units
+    table, the concentration summary and the report's expert heatmap all read it."""
+    from engramlab.relations import plots
+    from engramlab.relations.find import FindResult, expert_concentration, top_units_table
+
+    layout = _loaded("deepseek_v3").layout
+    space = UnitSpace(layout)
+    mlp = layout.mlp(2)
+    up = next(b for b in space.blocks if b.layer == 2 and b.site == "mlp.up")
+    down = next(b for b in space.blocks if b.layer == 2 and b.site == "mlp.down")
+    dense = next(b for b in space.blocks if b.layer == 0 and b.site == "mlp.up")
+    ids = np.array([up.offset + mlp.unit(1, 3), up.offset + mlp.unit(3, 0), up.offset + mlp.unit(3, 7)])
+    shared = up.offset + mlp.routed_width + 2
+    assert space.experts_of(ids).tolist() == [1, 3, 3]
+    assert space.experts_of(np.array([shared, down.offset, dense.offset + 4])).tolist() == [-1, -1, -1]
+    ap = np.zeros((2, space.size), dtype=np.float32)
+    ap[0, ids], ap[0, shared] = [0.9, 0.8, 0.7], 0.95
+    ap[1, dense.offset + 4] = 0.9
+    found = FindResult(relations=["r0", "r1"], ap=ap, units="neurons", response="last", n_units=space.size, k=4)
+    table = top_units_table(found, space).to_pydict()
+    assert table["expert"][:4] == [-1, 1, 3, 3]  # ranks 1-4 of r0: the shared unit, then the three expert units
+    summary = expert_concentration(found, space)
+    assert summary["r0"] == {"routed_units": 3, "experts_used": 2, "top_expert": "2:3", "top_expert_share": 0.6667}
+    assert summary["r1"] == {"routed_units": 0, "experts_used": 0}  # a dense unit, then zero-AP units of layer 0
+    figure = plots.expert_histogram(found, space)
+    assert "2:3" in list(figure.data[0].x) and int(np.asarray(figure.data[0].z)[0].sum()) == 3

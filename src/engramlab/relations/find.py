@@ -370,17 +370,36 @@ def top_units_table(result: FindResult, space: UnitSpace, k: int | None = None) 
     for r, name in enumerate(result.relations):
         ids = result.top(name, k)
         layer, site, index = space.locate(ids)
-        parts.append(
-            pa.table(
-                {
-                    "relation": [name] * ids.size,
-                    "rank": np.arange(1, ids.size + 1),
-                    "unit": ids,
-                    "layer": layer,
-                    "site": site.astype(str),
-                    "index": index,
-                    "ap": result.ap[r, ids],
-                }
-            )
-        )
+        columns = {
+            "relation": [name] * ids.size,
+            "rank": np.arange(1, ids.size + 1),
+            "unit": ids,
+            "layer": layer,
+            "site": site.astype(str),
+            "index": index,
+            "ap": result.ap[r, ids],
+        }
+        if space.has_experts:  # MoE: which routed expert holds the unit (-1: dense, shared expert or block output)
+            columns["expert"] = space.experts_of(ids)
+        parts.append(pa.table(columns))
     return pa.concat_tables(parts)
+
+
+def expert_concentration(result: FindResult, space: UnitSpace, k: int | None = None) -> dict[str, dict]:
+    """Per relation, how its top-k units spread over routed experts: how many are expert neurons, in how many
+    (layer, expert) pairs, and the share of them in the one expert that holds the most. Empty for a dense model."""
+    if not space.has_experts:
+        return {}
+    out = {}
+    for name in result.relations:
+        ids = result.top(name, k)
+        layer, expert = space.locate(ids)[0], space.experts_of(ids)
+        routed = expert >= 0
+        pairs, counts = np.unique(np.stack([layer[routed], expert[routed]]), axis=1, return_counts=True)
+        entry = {"routed_units": int(routed.sum()), "experts_used": int(counts.size)}
+        if counts.size:
+            best = int(np.argmax(counts))
+            entry["top_expert"] = f"{int(pairs[0, best])}:{int(pairs[1, best])}"  # layer:expert
+            entry["top_expert_share"] = round(float(counts[best] / routed.sum()), 4)
+        out[name] = entry
+    return out

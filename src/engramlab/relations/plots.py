@@ -38,6 +38,32 @@ def layer_histogram(found: FindResult, space: UnitSpace, k: int | None = None) -
     return fig
 
 
+def expert_histogram(found: FindResult, space: UnitSpace, k: int | None = None) -> go.Figure:
+    """MoE models: relations x (layer:expert) counts of each relation's top-k units that are routed-expert
+    neurons, over the experts that hold any (a model has up to thousands of experts)."""
+    cells: dict[tuple[int, int], dict[int, int]] = {}
+    for r, name in enumerate(found.relations):
+        ids = found.top(name, k)
+        layers, experts = space.locate(ids)[0], space.experts_of(ids)
+        for layer, expert in zip(layers[experts >= 0].tolist(), experts[experts >= 0].tolist(), strict=True):
+            cells.setdefault((layer, expert), {}).setdefault(r, 0)
+            cells[(layer, expert)][r] += 1
+    columns = sorted(cells)
+    counts = np.zeros((len(found.relations), len(columns)), dtype=int)
+    for c, key in enumerate(columns):
+        for r, n in cells[key].items():
+            counts[r, c] = n
+    labels = [f"{layer}:{expert}" for layer, expert in columns]
+    fig = go.Figure(go.Heatmap(z=counts, x=labels, y=found.relations, colorscale="Blues"))
+    fig.update_layout(
+        title=f"Top-{k or found.k} units per routed expert (layer:expert; experts holding none left out)",
+        xaxis_title="layer:expert",
+        xaxis_type="category",
+        height=120 + 22 * len(counts),
+    )
+    return fig
+
+
 def deactivation_bars(per_relation: dict[str, dict[str, float]], group: str) -> go.Figure:
     """Accuracy before, after zeroing the target set, and after random sets (mean ± std) per relation."""
     names = list(per_relation)

@@ -16,7 +16,14 @@ from engramlab.distributed import on_main
 from engramlab.errors import EngramError
 from engramlab.models.loading import LoadedModel, check_device_and_dtype, load_model, parse_max_memory
 from engramlab.relations import effects, plots
-from engramlab.relations.find import FindResult, find, load_identification, sample_rows, top_units_table
+from engramlab.relations.find import (
+    FindResult,
+    expert_concentration,
+    find,
+    load_identification,
+    sample_rows,
+    top_units_table,
+)
 from engramlab.relations.gate import MIN_SHARE, MIN_VALIDATED, KnowledgeGate, require_two
 from engramlab.relations.perplexity import MAX_OBJECTS, perplexity
 from engramlab.relations.prompts import frames_in, load_relations_for_study, split_templates, template_frames
@@ -231,7 +238,11 @@ def _find_sections(study: Study) -> list[Section]:
             "Relation-specific units (paper 1 §2.2)",
             text=text,
             tables=[table(counts)],
-            figures=[plots.ap_by_rank(found), plots.layer_histogram(found, study.space)],
+            figures=[
+                plots.ap_by_rank(found),
+                plots.layer_histogram(found, study.space),
+                *([plots.expert_histogram(found, study.space)] if study.space.has_experts else []),
+            ],
         )
     ]
 
@@ -280,6 +291,7 @@ def run_find(opts: StudyOptions) -> dict:
             "selection_templates": found.selection_templates,
             "heldout_templates": found.heldout_templates,
             "mean_ap_top_k": top_ap,
+            **({"experts": experts} if (experts := expert_concentration(found, study.space)) else {}),
             "seconds": found.seconds,
         },
         [],

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engramlab.errors import EngramError
+from engramlab.models.arch import MLP_NEURON_SITES, ExpertsMlp
 from engramlab.models.layout import ModelLayout
 
 UNIT_KINDS = ("neurons", "channels")
@@ -27,12 +28,15 @@ UNIT_KINDS = ("neurons", "channels")
 
 @dataclass(frozen=True)
 class Block:
-    """A contiguous run of unit ids: the outputs of one site in one layer."""
+    """A contiguous run of unit ids: the outputs of one site in one layer. In a MoE layer's neuron sites the first
+    `experts * per_expert` units are the routed experts' neurons, expert by expert (then the shared expert's)."""
 
     layer: int
     site: str
     width: int
     offset: int
+    experts: int = 0
+    per_expert: int = 0
 
 
 class UnitSpace:
@@ -45,9 +49,12 @@ class UnitSpace:
         self.blocks: list[Block] = []
         offset = 0
         for layer in range(layout.n_layers):
+            mlp = layout.mlp(layer)
+            routed = (mlp.n_experts, mlp.width) if isinstance(mlp, ExpertsMlp) else (0, 0)
             for site in _layer_sites(layout, layer, units):
                 width = layout.site_width(site, layer)
-                self.blocks.append(Block(layer, site, width, offset))
+                experts = routed if site in MLP_NEURON_SITES else (0, 0)
+                self.blocks.append(Block(layer, site, width, offset, *experts))
                 offset += width
         if not self.blocks:
             raise EngramError(
@@ -71,6 +78,20 @@ class UnitSpace:
         site = np.array([self.blocks[w].site for w in which], dtype=object)
         index = ids - self._starts[which]
         return layer, site, index
+
+    @property
+    def has_experts(self) -> bool:
+        return any(b.experts for b in self.blocks)
+
+    def experts_of(self, ids: np.ndarray) -> np.ndarray:
+        """The routed expert each unit belongs to, -1 for a unit of no routed expert (a dense layer, a shared
+        expert, or a MoE block's output channel)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self._starts, ids, side="right") - 1
+        index = ids - self._starts[which]
+        experts = np.array([self.blocks[w].experts for w in which], dtype=np.int64)
+        per_expert = np.array([max(self.blocks[w].per_expert, 1) for w in which], dtype=np.int64)
+        return np.where(index < experts * per_expert, index // per_expert, -1)
 
     def site_of(self, ids: np.ndarray) -> np.ndarray:
         return self.locate(ids)[1]
