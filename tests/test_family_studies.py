@@ -303,3 +303,23 @@ def test_relation_units_name_their_expert():
     assert summary["r1"] == {"routed_units": 0, "experts_used": 0}  # a dense unit, then zero-AP units of layer 0
     figure = plots.expert_histogram(found, space)
     assert "2:3" in list(figure.data[0].x) and int(np.asarray(figure.data[0].z)[0].sum()) == 3
+
+
+def test_atlas_of_a_moe_model_names_each_neurons_expert(tmp_path):
+    """The atlas parquet of a MoE layer carries the routed expert of every neuron (-1 for the shared expert's),
+    reloads with it, and `decode search` hits carry it too."""
+    from engramlab.decode.atlas import load_atlas, write_atlas
+    from engramlab.decode.search import search_atlas
+
+    loaded = _loaded("deepseek_v3")
+    mlp = loaded.layout.mlp(2)
+    atlas = decode_atlas(loaded, top_k=3, layers=[2])
+    expected = [j // mlp.width if j < mlp.routed_width else -1 for j in range(loaded.layout.site_width("mlp.up", 2))]
+    assert atlas.expert_of().tolist() == expected
+    write_atlas(atlas, tmp_path / "a", explorer=False)
+    back = load_atlas(tmp_path / "a")
+    assert back.experts == ((4, mlp.width),) and back.expert_of().tolist() == expected
+    token_id = int(atlas.ids[0, mlp.unit(3, 5), 0])
+    hits = search_atlas(tmp_path / "a", token_id=token_id, max_rank=1).to_pydict()
+    assert 3 in hits["expert"] and all(e == expected[n] for e, n in zip(hits["expert"], hits["neuron"], strict=True))
+    assert decode_atlas(loaded, top_k=3, layers=[0, 1]).experts is None  # dense layers only

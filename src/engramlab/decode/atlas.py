@@ -357,6 +357,7 @@ class Atlas:
     chunk_size: int = 0
     meta: dict = field(default_factory=dict)
     layers: tuple[int, ...] | None = None  # the model layer of each block of rows; None: layers 0 .. L-1
+    experts: tuple[tuple[int, int], ...] | None = None  # MoE: (routed experts, neurons per expert) of each block
 
     @property
     def n_layers(self) -> int:
@@ -374,6 +375,18 @@ class Atlas:
     @property
     def n_neurons(self) -> int:
         return self.n_layers * self.n_neurons_per_layer
+
+    def expert_of(self) -> np.ndarray | None:
+        """`[L*N]` int32: the routed expert of each neuron (neuron j of a MoE layer belongs to expert j // width),
+        -1 for a dense or shared-expert neuron; None for a model without routed experts."""
+        if self.experts is None:
+            return None
+        neuron = np.arange(self.n_neurons_per_layer)
+        rows = [
+            np.where(neuron < n * width, neuron // max(width, 1), -1) if n else np.full_like(neuron, -1)
+            for n, width in self.experts
+        ]
+        return np.concatenate(rows).astype(np.int32)
 
     @property
     def top1(self) -> np.ndarray:
@@ -493,7 +506,17 @@ def decode_atlas(
         head=str(getattr(head or loaded, "ref", "")),
         chunk_size=decoded.chunk_size,
         layers=None if chosen == list(range(layout.n_layers)) else tuple(chosen),
+        experts=_routed_experts(layout, chosen),
     )
+
+
+def _routed_experts(layout, layers: list[int]) -> tuple[tuple[int, int], ...] | None:
+    """(routed experts, neurons per expert) of each layer, (0, 0) for a dense one; None when no layer has any."""
+    from engramlab.models.arch import ExpertsMlp
+
+    mlps = [layout.mlp(layer) for layer in layers]
+    experts = tuple((m.n_experts, m.width) if isinstance(m, ExpertsMlp) else (0, 0) for m in mlps)
+    return experts if any(n for n, _ in experts) else None
 
 
 def _decode_offloaded(layout, site: str, layers: list[int], decode: Callable, chunk_size: int | None) -> Decoded:
@@ -578,10 +601,11 @@ ATLAS_FILE = "atlas.parquet"
 ROWS_PER_GROUP = 1 << 20
 
 
-def atlas_schema(with_probs: bool) -> pa.Schema:
+def atlas_schema(with_probs: bool, with_experts: bool = False) -> pa.Schema:
     fields = [
         pa.field("layer", pa.int32()),
         pa.field("neuron", pa.int32()),
+        *([pa.field("expert", pa.int32())] if with_experts else []),  # MoE: the routed expert, -1 for none
         pa.field("rank", pa.int32()),
         pa.field("token_id", pa.int32()),
         pa.field("token", pa.dictionary(pa.int32(), pa.string())),
@@ -597,10 +621,11 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
     dictionary-encoded from the per-id strings decoded once (`Atlas.tokens`): no Python work per row."""
     k, per_layer = atlas.top_k, atlas.n_neurons_per_layer
     layer_ids = np.asarray(atlas.layer_ids, dtype=np.int32)
+    expert_of = atlas.expert_of()  # [L*N] or None
     vocab = pa.array(
         atlas.tokens if atlas.tokens is not None else [f"<id {i}>" for i in range(atlas.vocab_size)], pa.string()
     )
-    schema = atlas_schema(atlas.probs is not None)
+    schema = atlas_schema(atlas.probs is not None, atlas.experts is not None)
     ids = atlas.ids.reshape(-1, k)
     scores = atlas.scores.reshape(-1, k)
     probs = None if atlas.probs is None else atlas.probs.reshape(-1, k)
@@ -613,6 +638,7 @@ def atlas_record_batches(atlas: Atlas, rows_per_group: int = ROWS_PER_GROUP) -> 
         columns = [
             pa.array(np.repeat(layer_ids[flat // per_layer], k)),
             pa.array(np.repeat(flat % per_layer, k).astype(np.int32)),
+            *([pa.array(np.repeat(expert_of[flat], k))] if expert_of is not None else []),
             pa.array(np.tile(np.arange(k, dtype=np.int32), stop - start)),
             pa.array(token_ids.astype(np.int32)),
             pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)), vocab.take(pa.array(used))),
@@ -639,7 +665,7 @@ def write_atlas(
         return {**atlas.summary(), "rows": atlas.n_neurons * atlas.top_k, **(extra or {})}
     out_dir = prepare_out_dir(out, overwrite)
     start = time.perf_counter()
-    schema = atlas_schema(atlas.probs is not None)
+    schema = atlas_schema(atlas.probs is not None, atlas.experts is not None)
     with atomic_path(out_dir / ATLAS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in atlas_record_batches(atlas, rows_per_group):
             writer.write_batch(batch, row_group_size=rows_per_group)
@@ -705,7 +731,14 @@ def load_atlas(path: str | os.PathLike) -> Atlas:
         device=summary.get("device", ""),
         model=summary.get("model", ""),
         layers=None if layer_ids == list(range(n_layers)) else tuple(int(i) for i in layer_ids),
+        experts=_experts_from_column(table, shape) if "expert" in table.column_names else None,
     )
+
+
+def _experts_from_column(table: pa.Table, shape: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """(routed experts, neurons per expert) of each block, read back from the rank-0 rows' expert column."""
+    expert = table["expert"].to_numpy().reshape(shape)[:, :, 0]  # [L, N]
+    return tuple((int(row.max()) + 1, int((row == 0).sum())) if (row >= 0).any() else (0, 0) for row in expert)
 
 
 __all__ = [

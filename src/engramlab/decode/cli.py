@@ -175,9 +175,13 @@ def search_cmd(
         console.print(f"no neuron has {what} among its top tokens in {atlas}.", highlight=False)
     else:
         grid = Table(title=f"neurons promoting {what}")
-        columns = ["layer", "neuron", "rank", "token", "score"] + (["prob"] if "prob" in hits.column_names else [])
+        expert = ["expert"] if "expert" in hits.column_names else []  # a MoE model's atlas
+        columns = ["layer", "neuron", *expert, "rank", "token", "score"] + (
+            ["prob"] if "prob" in hits.column_names else []
+        )
+        numeric = ("layer", "neuron", "expert", "rank", "score", "prob")
         for c in [*columns, "top_token"]:
-            grid.add_column(c, justify="right" if c in ("layer", "neuron", "rank", "score", "prob") else "left")
+            grid.add_column(c, justify="right" if c in numeric else "left")
         for row in hits.to_pylist():
             grid.add_row(
                 *[
