@@ -8,12 +8,15 @@ module tree and config instead of a hand-written row per family.
   the norm module beside the decoder layers;
 - per layer, the attention output projection (o_proj, c_proj, dense, out_proj, ... inside self_attn / attn /
   attention / self_attention) and the MLP: projections by their known name sets, each confirmed by its shape
-  (hidden -> intermediate -> hidden), or a batched-experts module (transformers 5 stores MoE experts as
-  [experts, out, in] parameter tensors) with its router and shared expert.
+  (hidden -> intermediate -> hidden), or a MoE block with its router and shared expert, whose experts are a
+  batched-experts module (transformers 5 stores them as [experts, out, in] parameter tensors) or a `ModuleList` of
+  expert MLPs (transformers 4, remote code); or no MLP at all, for a hybrid's layer that holds only attention or a
+  recurrent mixer (Nemotron-H).
 
-Two facts cannot be read off names and shapes, so they are measured on the model itself with a probe forward of
-a few random tokens (skipped on the meta device): which half of a fused gate+up projection is the gate, and
-whether engramlab's expert loop (`engramlab.models.experts`) reproduces the family's own experts forward.
+Some facts cannot be read off names and shapes, so they are measured on the model itself with a probe forward of
+a few random tokens (skipped on the meta device): which half of a fused gate+up projection is the gate, whether
+engramlab's expert loop (`engramlab.models.experts`) reproduces the family's own experts forward, and whether a
+list-of-experts block can be tapped (`engramlab.models.expert_list`).
 
 Whatever cannot be resolved unambiguously raises `EngramError` with one line naming the missing part and the
 family; nothing is guessed. `OVERRIDES` in `engramlab.models.arch` holds hand-written exceptions.
