@@ -323,3 +323,18 @@ def test_atlas_of_a_moe_model_names_each_neurons_expert(tmp_path):
     hits = search_atlas(tmp_path / "a", token_id=token_id, max_rank=1).to_pydict()
     assert 3 in hits["expert"] and all(e == expected[n] for e, n in zip(hits["expert"], hits["neuron"], strict=True))
     assert decode_atlas(loaded, top_k=3, layers=[0, 1]).experts is None  # dense layers only
+
+
+def test_unit_space_over_chosen_layers():
+    """A unit space over some layers: ids run over those layers only (sorted, without repeats), and a layer
+    without an MLP is refused in one line."""
+    from engramlab.errors import EngramError
+
+    layout = _loaded("nemotron_h").layout
+    space = UnitSpace(layout, layers=[3, 1, 3])
+    assert space.layers == (1, 3) and [b.layer for b in space.blocks] == [1, 1, 3, 3]
+    assert space.size == UnitSpace(layout).size  # layers 0 and 2 hold no units anyway
+    only = UnitSpace(layout, layers=[3])
+    assert only.size == 96 + 64 and only.blocks[0].offset == 0
+    with pytest.raises(EngramError, match="--layers: nemotron_h layer 2 has no MLP"):
+        UnitSpace(layout, layers=[2])

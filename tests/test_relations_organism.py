@@ -87,3 +87,23 @@ def test_malformed_relation_file_exits_2_with_one_line(tmp_path, capsys):
     assert code == 2
     assert str(bad) in err and "object" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_find_on_chosen_layers_and_reuse(tmp_path, capsys, monkeypatch):
+    """`--layers 4-5` scores only the units of layers 4 and 5 (ids over those layers, the parquet naming them);
+    a reuse with --neurons keeps the find's layers, and a contradicting --layers is refused in one line."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("ENGRAMLAB_QUIET", "1")
+    out = tmp_path / "find"
+    code, _, err = run_cli(["relations", "find", "--out", str(out), "--layers", "4-5", *TINY], capsys)
+    assert code == 0, err
+    found = FindResult.load(out)
+    assert found.layers == [4, 5] and found.ap.shape == (2, 2 * (1536 * 2 + 256))
+    assert set(pq.read_table(out / "neurons.parquet")["layer"].to_pylist()) <= {4, 5}
+    assert json.loads((out / "summary.json").read_text())["layers"] == [4, 5]
+    reuse = ["relations", "deactivate", "--neurons", str(out), "--random-seeds", "1", "--eval-subjects", "4"]
+    code, _, err = run_cli([*reuse, "--out", str(tmp_path / "bad"), "--layers", "3", *TINY], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--layers" in err, err
+    code, _, err = run_cli([*reuse, "--out", str(tmp_path / "ok"), "--no-diagnose", *TINY], capsys)
+    assert code == 0, err

@@ -27,6 +27,7 @@ from engramlab.cli_options import (
     Resume,
     Seed,
     int_list,
+    layer_ranges,
     probability,
     shared_options_command,
 )
@@ -83,6 +84,14 @@ MinValidatedShare = Annotated[
         help="Knowledge gate: ... and this share of its identification prompts (0-1).",
     ),
 ]
+StudyLayers = Annotated[
+    str | None,
+    typer.Option(
+        "--layers",
+        help="Study only these layers' units, e.g. 10-20 or 0,3,5-9 (default: every layer; with --neurons: the "
+        "find's).",
+    ),
+]
 RandomSeeds = Annotated[int, typer.Option("--random-seeds", min=0, help="Random-unit controls.")]
 
 
@@ -100,6 +109,7 @@ def _shared_options(
     neurons: Neurons = None,
     min_validated: MinValidated = MIN_VALIDATED,
     min_validated_share: MinValidatedShare = MIN_SHARE,
+    layers: StudyLayers = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     max_memory: MaxMemory = None,
@@ -114,6 +124,7 @@ def _shared_options(
 
 def _study_options(given: dict) -> study.StudyOptions:
     given["relation_files"] = given.pop("relation_file", None) or []
+    given["layers"] = layer_ranges(given["layers"])
     return study.StudyOptions(**given)
 
 

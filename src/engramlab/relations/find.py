@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class FindResult:
     selection_templates: list[str] | None = None  # template frames used for selection (None: not recorded)
     heldout_templates: list[str] | None = None  # template frames held out of selection
     excluded: dict[str, dict] = field(default_factory=dict)  # knowledge gate: relation -> reason, counts
+    layers: list[int] | None = None  # the layers whose units were scored (`--layers`); None: every layer
     # (candidates, validated) P_det when computed in this process (not saved; `load_identification` reads it back)
     identification: tuple[PromptSet, PromptSet] | None = field(default=None, repr=False, compare=False)
 
@@ -131,6 +133,7 @@ class FindResult:
                 "selection_templates": self.selection_templates,
                 "heldout_templates": self.heldout_templates,
                 "excluded_relations": self.excluded,
+                "layers": self.layers,
             },
         )
 
@@ -167,6 +170,11 @@ class FindResult:
                 f"{len(relations)} relations x {meta['n_units']} units; {FIND_HINT}."
             )
         excluded = meta.get("excluded_relations") or {}
+        layers = meta.get("layers")
+        if layers is not None and not (
+            isinstance(layers, list) and layers and all(isinstance(x, int) and x >= 0 for x in layers)
+        ):
+            raise EngramError(f"{meta_path}: field 'layers' must be null or a list of layer numbers; {FIND_HINT}.")
         return cls(
             relations=relations,
             ap=ap,
@@ -180,6 +188,7 @@ class FindResult:
             selection_templates=meta.get("selection_templates"),
             heldout_templates=meta.get("heldout_templates"),
             excluded=excluded if isinstance(excluded, dict) else {},
+            layers=layers,
         )
 
 
@@ -200,6 +209,7 @@ def find(
     seed: int = 0,
     batch_size: int = 32,
     gate: KnowledgeGate | None = None,
+    layers: Sequence[int] | None = None,
 ) -> FindResult:
     """Validate identification prompts, gate the relations (`gate.py`), stream unit responses of the kept
     relations' validated prompts to `out/cache`, score every unit by AP.
@@ -211,7 +221,7 @@ def find(
     gate = gate or KnowledgeGate()
     if units not in UNIT_KINDS:
         UnitSpace(loaded.layout, units)  # raises the clear error
-    neuron_space = UnitSpace(loaded.layout, "neurons")
+    neuron_space = UnitSpace(loaded.layout, "neurons", layers)
     candidates = identification_prompts(relations, max_prompts, seed)
     validated, checked = validate(loaded, candidates, batch_size)
     names, excluded = gate.split(
@@ -234,7 +244,7 @@ def find(
         out / "cache" / _cache_name(),
         len(texts),
         neuron_space.size,
-        fingerprint(loaded.ref, texts, response, neuron_space.size),
+        fingerprint(loaded.ref, texts, response, neuron_space.size, neuron_space.layers),
     )
     collect_responses(loaded, texts, neuron_space, matrix, response, batch_size)
 
@@ -242,7 +252,7 @@ def find(
     ap = score_units(matrix, rows_per_relation, rows_of if distributed.is_running() else None)  # [R, N]
     space_size = neuron_space.size
     if units == "channels":
-        ap = channel_scores(neuron_space, UnitSpace(loaded.layout, "channels"), ap)
+        ap = channel_scores(neuron_space, UnitSpace(loaded.layout, "channels", layers), ap)
         space_size = ap.shape[1]
     result = FindResult(
         relations=names,
@@ -257,6 +267,7 @@ def find(
         selection_templates=frames_in(relations, "selection"),
         heldout_templates=frames_in(relations, "heldout"),
         excluded=excluded,
+        layers=None if neuron_space.layers is None else list(neuron_space.layers),
     )
     if result.k > space_size:
         raise EngramError(f"--k {result.k} exceeds the model's {space_size} units.")

@@ -61,6 +61,15 @@ class StudyOptions:
     resume: bool = False
     min_validated: int = MIN_VALIDATED  # knowledge gate (gate.py): validated prompts a relation needs
     min_validated_share: float = MIN_SHARE  # ... and the share of its candidates
+    layers: list[int] | None = None  # study only these layers' units (`--layers 10-20`); None: every layer
+
+    def layer_list(self) -> list[int] | None:
+        """`layers` sorted, without repeats (None: every layer)."""
+        if self.layers is None:
+            return None
+        if not self.layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
+            raise EngramError(f"--layers must list layer numbers >= 0, got {self.layers!r}.")
+        return sorted(set(self.layers))
 
     def check(self) -> None:
         """Every check that needs neither the model nor a file: run before anything is loaded or written."""
@@ -78,6 +87,7 @@ class StudyOptions:
         if self.units not in UNIT_KINDS:
             raise EngramError(f"--units {self.units!r} is not supported; choose one of: {', '.join(UNIT_KINDS)}.")
         self.gate()  # its own range checks
+        self.layer_list()
         check_device_and_dtype(self.device, self.dtype)
 
     def gate(self) -> KnowledgeGate:
@@ -141,7 +151,13 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
         max_memory=parse_max_memory(opts.max_memory),
         offload_folder=opts.offload_folder,
     )
-    space = UnitSpace(loaded.layout, found.units if found is not None else opts.units)
+    if found is not None and opts.layers is not None and opts.layer_list() != found.layers:
+        raise EngramError(
+            f"--layers {opts.layer_list()} differs from the layers of --neurons {opts.neurons} "
+            f"({'all' if found.layers is None else found.layers}); leave --layers out to use the find's."
+        )
+    layers = found.layers if found is not None else opts.layer_list()
+    space = UnitSpace(loaded.layout, found.units if found is not None else opts.units, layers)
     if found is not None and space.size != found.ap.shape[1]:
         raise EngramError(
             f"--neurons {opts.neurons} was computed on a model with {found.ap.shape[1]} units; "
@@ -163,6 +179,7 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
             seed=opts.seed,
             batch_size=opts.batch_size,
             gate=opts.gate(),
+            layers=layers,
         )
         write_parquet(out / "neurons.parquet", top_units_table(found, space))
         find_dir = out
@@ -291,6 +308,7 @@ def run_find(opts: StudyOptions) -> dict:
             "selection_templates": found.selection_templates,
             "heldout_templates": found.heldout_templates,
             "mean_ap_top_k": top_ap,
+            **({"layers": found.layers} if found.layers is not None else {}),
             **({"experts": experts} if (experts := expert_concentration(found, study.space)) else {}),
             "seconds": found.seconds,
         },

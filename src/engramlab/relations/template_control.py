@@ -113,8 +113,8 @@ def template_control(
     """Subject-only vs template-only AP of each relation's top `top` units (at most its k selected units).
     `validated` and `rows_per_relation` are find's validated P_det and (positive, negative) rows
     (`find.load_identification` and `find.sample_rows` rebuild them from a find folder)."""
-    neuron_space = UnitSpace(loaded.layout, "neurons")
-    space = UnitSpace(loaded.layout, found.units)
+    neuron_space = UnitSpace(loaded.layout, "neurons", found.layers)
+    space = UnitSpace(loaded.layout, found.units, found.layers)
     n_top = min(top, found.k)
     tops = {name: found.top(name, n_top) for name in found.relations}
     sources = {name: source_neurons(neuron_space, space, ids) for name, ids in tops.items()}

@@ -42,13 +42,19 @@ class Block:
 class UnitSpace:
     """Global unit ids over (layer, site, index)."""
 
-    def __init__(self, layout: ModelLayout, units: str = "neurons"):
+    def __init__(self, layout: ModelLayout, units: str = "neurons", layers: Sequence[int] | None = None):
+        """Every layer's units, or only those of `layers` (`--layers`: a big model's or a MoE model's unit space
+        grows with its experts; a study can keep to the layers it asks about)."""
         if units not in UNIT_KINDS:
             raise EngramError(f"--units {units!r} is not supported; choose one of: {', '.join(UNIT_KINDS)}.")
         self.units = units
+        self.layers = None if layers is None else tuple(sorted({layout.check_layer(layer) for layer in layers}))
+        for layer in self.layers or ():
+            if not layout.has_site("mlp.up", layer):
+                raise EngramError(f"--layers: {layout.family} layer {layer} has no MLP (a recurrent or attention one).")
         self.blocks: list[Block] = []
         offset = 0
-        for layer in range(layout.n_layers):
+        for layer in range(layout.n_layers) if self.layers is None else self.layers:
             mlp = layout.mlp(layer)
             routed = (mlp.n_experts, mlp.width) if isinstance(mlp, ExpertsMlp) else (0, 0)
             for site in _layer_sites(layout, layer, units):
