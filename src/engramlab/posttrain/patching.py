@@ -242,7 +242,6 @@ def _encode(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-@torch.inference_mode()
 def _repeatable(cache) -> bool:
     """Whether every layer of a transformers cache can be repeated over rows (attention layers can; transformers
     5.24's linear-attention / Mamba cache layers cannot)."""
@@ -252,6 +251,7 @@ def _repeatable(cache) -> bool:
     )
 
 
+@torch.inference_mode()
 def _last_logits(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     return loaded.model(input_ids=ids.to(loaded.device), logits_to_keep=1).logits[:, -1].float()
 
