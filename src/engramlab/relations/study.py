@@ -139,6 +139,11 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
     found = None
     if opts.neurons is not None:
         found = _reused_find(opts, relations)
+        if opts.layers is not None and opts.layer_list() != found.layers:
+            raise EngramError(
+                f"--layers {opts.layer_list()} differs from the layers of --neurons {opts.neurons} "
+                f"({'all' if found.layers is None else found.layers}); leave --layers out to use the find's."
+            )
         relations = _split_like({n: r for n, r in relations.items() if n in found.relations}, found, opts)
         _check_ks(opts, ks, found.n_units)
     else:
@@ -151,11 +156,6 @@ def prepare(opts: StudyOptions, command: str, extra: dict[str, Any] | None = Non
         max_memory=parse_max_memory(opts.max_memory),
         offload_folder=opts.offload_folder,
     )
-    if found is not None and opts.layers is not None and opts.layer_list() != found.layers:
-        raise EngramError(
-            f"--layers {opts.layer_list()} differs from the layers of --neurons {opts.neurons} "
-            f"({'all' if found.layers is None else found.layers}); leave --layers out to use the find's."
-        )
     layers = found.layers if found is not None else opts.layer_list()
     space = UnitSpace(loaded.layout, found.units if found is not None else opts.units, layers)
     if found is not None and space.size != found.ap.shape[1]:
