@@ -34,7 +34,16 @@ from torch import nn
 
 from engramlab.errors import EngramError
 from engramlab.models.arch import DenseMlp, ExpertsMlp
-from engramlab.models.experts import Callback, ExpertRows, Tap, outputs_match, own_forward, shadow_forward
+from engramlab.models.experts import (
+    Callback,
+    ExpertRows,
+    Tap,
+    outputs_match,
+    own_forward,
+    probe_crashed,
+    probe_differs,
+    shadow_forward,
+)
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -232,10 +241,9 @@ def probe_expert_list(block: nn.Module, spec: ExpertsMlp, hidden: int) -> str | 
     except EngramError as err:
         return str(err)
     except Exception as err:  # a block that needs more than hidden states, or experts that are not plain MLPs
-        message = (str(err).strip().splitlines() or [""])[0][:120]
-        return f"{type(err).__name__} on a probe forward ({message})."
-    if not outputs_match(got, expected):
-        return f"outputs differ by {float((got.float() - expected.float()).abs().max()):.3g} on a probe forward."
+        return probe_crashed(err)
+    if differs := probe_differs(got, expected):
+        return differs
     combined = torch.einsum("ne,enh->nh", weights.float(), each.float())
     if not outputs_match(combined, routed.reshape(combined.shape)):
         return "the block's output is not the routing-weighted sum of its experts' outputs."

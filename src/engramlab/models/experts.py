@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engramlab.errors import first_line
 from engramlab.models.arch import ExpertsMlp, fused_rows
 
 try:  # transformers' grouped GEMM (torch.nn.functional.grouped_mm where it exists): same arithmetic as its forward
@@ -221,6 +222,18 @@ def expert_vectors(module: nn.Module, spec: ExpertsMlp, part: str) -> torch.Tens
     return rows.reshape(-1, rows.shape[-1])
 
 
+def probe_crashed(err: Exception) -> str:
+    """What a probe forward that raised says: a forward with another signature or extra state."""
+    return f"{type(err).__name__} on a probe forward ({first_line(err)[:120]})."
+
+
+def probe_differs(got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when a probe forward reproduced the module's output, else by how much it missed."""
+    if outputs_match(got, expected):
+        return None
+    return f"outputs differ by {float((got.float() - expected.float()).abs().max()):.3g} on a probe forward."
+
+
 def outputs_match(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to float rounding: 1e-4 of the largest magnitude in float32, 2e-2 in half precision."""
     if a.shape != b.shape:
@@ -255,10 +268,7 @@ def probe_experts(module: nn.Module, spec: ExpertsMlp, hidden: int) -> str | Non
         expected = module(*args)
         got = tap._forward(*args)
     except Exception as err:  # a forward with another signature or extra state: not the format we reproduce
-        message = (str(err).strip().splitlines() or [""])[0][:120]
-        return f"{type(err).__name__} on a probe forward ({message})."
+        return probe_crashed(err)
     if isinstance(expected, tuple):
         expected = expected[0]
-    if not outputs_match(got, expected):
-        return f"outputs differ by {float((got.float() - expected.float()).abs().max()):.3g} on a probe forward."
-    return None
+    return probe_differs(got, expected)
