@@ -40,6 +40,7 @@ from torch import nn
 
 from engramlab import distributed
 from engramlab.errors import EngramError, first_line
+from engramlab.models.arch import expert_of_neuron, routed_experts
 from engramlab.models.loading import is_offloaded, onloaded
 
 DECODE_SITES = ("up", "gate", "down")
@@ -382,11 +383,7 @@ class Atlas:
         if self.experts is None:
             return None
         neuron = np.arange(self.n_neurons_per_layer)
-        rows = [
-            np.where(neuron < n * width, neuron // max(width, 1), -1) if n else np.full_like(neuron, -1)
-            for n, width in self.experts
-        ]
-        return np.concatenate(rows).astype(np.int32)
+        return np.concatenate([expert_of_neuron(neuron, n, width) for n, width in self.experts]).astype(np.int32)
 
     @property
     def top1(self) -> np.ndarray:
@@ -512,10 +509,7 @@ def decode_atlas(
 
 def _routed_experts(layout, layers: list[int]) -> tuple[tuple[int, int], ...] | None:
     """(routed experts, neurons per expert) of each layer, (0, 0) for a dense one; None when no layer has any."""
-    from engramlab.models.arch import ExpertsMlp
-
-    mlps = [layout.mlp(layer) for layer in layers]
-    experts = tuple((m.n_experts, m.width) if isinstance(m, ExpertsMlp) else (0, 0) for m in mlps)
+    experts = tuple(routed_experts(layout.mlp(layer)) for layer in layers)
     return experts if any(n for n, _ in experts) else None
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 SITES = (
     "resid_pre",
     "resid_post",
@@ -123,6 +125,18 @@ class ExpertsMlp:
     @property
     def kind(self) -> str:
         return "moe+shared" if self.shared is not None else "moe"
+
+
+def routed_experts(mlp: DenseMlp | ExpertsMlp | None) -> tuple[int, int]:
+    """(routed experts, neurons per expert) of a layer's MLP; (0, 0) for a dense layer or a layer without an MLP."""
+    return (mlp.n_experts, mlp.width) if isinstance(mlp, ExpertsMlp) else (0, 0)
+
+
+def expert_of_neuron(neuron: np.ndarray, n_experts, width) -> np.ndarray:
+    """The routed expert holding each neuron index on a layer's neuron axis (expert e holds units e*width ..
+    (e+1)*width - 1), -1 past the routed experts' units (a shared expert's) or in a layer without experts.
+    `n_experts` and `width` are numbers or arrays aligned with `neuron`."""
+    return np.where(neuron < np.multiply(n_experts, width), neuron // np.maximum(width, 1), -1)
 
 
 @dataclass(frozen=True)

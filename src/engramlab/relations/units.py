@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engramlab.errors import EngramError
-from engramlab.models.arch import MLP_NEURON_SITES, ExpertsMlp
+from engramlab.models.arch import MLP_NEURON_SITES, expert_of_neuron, routed_experts
 from engramlab.models.layout import ModelLayout
 
 UNIT_KINDS = ("neurons", "channels")
@@ -55,8 +55,7 @@ class UnitSpace:
         self.blocks: list[Block] = []
         offset = 0
         for layer in range(layout.n_layers) if self.layers is None else self.layers:
-            mlp = layout.mlp(layer)
-            routed = (mlp.n_experts, mlp.width) if isinstance(mlp, ExpertsMlp) else (0, 0)
+            routed = routed_experts(layout.mlp(layer))
             for site in _layer_sites(layout, layer, units):
                 width = layout.site_width(site, layer)
                 experts = routed if site in MLP_NEURON_SITES else (0, 0)
@@ -96,8 +95,8 @@ class UnitSpace:
         which = np.searchsorted(self._starts, ids, side="right") - 1
         index = ids - self._starts[which]
         experts = np.array([self.blocks[w].experts for w in which], dtype=np.int64)
-        per_expert = np.array([max(self.blocks[w].per_expert, 1) for w in which], dtype=np.int64)
-        return np.where(index < experts * per_expert, index // per_expert, -1)
+        per_expert = np.array([self.blocks[w].per_expert for w in which], dtype=np.int64)
+        return expert_of_neuron(index, experts, per_expert)
 
     def site_of(self, ids: np.ndarray) -> np.ndarray:
         return self.locate(ids)[1]
