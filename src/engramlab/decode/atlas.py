@@ -73,10 +73,10 @@ def atlas_layers(layout, layers: Sequence[int] | None = None) -> list[int]:
     layers have none). The atlas is `[layers, neurons, k]`, so they must have one width; when they do not (DeepSeek's
     dense first layers before its MoE layers) the refusal names the groups to choose from."""
     if layers is None:
-        chosen = [layer for layer in range(layout.n_layers) if layout.has_site("mlp.up", layer)]
+        chosen = layout.mlp_layers
     else:
         chosen = sorted({layout.check_layer(layer) for layer in layers})
-        missing = [layer for layer in chosen if not layout.has_site("mlp.up", layer)]
+        missing = [layer for layer in chosen if layer not in layout.mlp_layers]
         if missing:
             raise EngramError(
                 f"{layout.family} layer {missing[0]} has no MLP to decode (a recurrent or attention layer)."

@@ -139,7 +139,7 @@ def model_shape(loaded) -> dict:
     """The shapes that must match for a neuron-by-neuron comparison (neurons: one number, or one per layer when
     they differ: a dense+MoE mix, a hybrid's layers without an MLP as 0)."""
     layout = loaded.layout
-    widths = [layout.site_width("mlp.up", i) if layout.has_site("mlp.up", i) else 0 for i in range(layout.n_layers)]
+    widths = [spec.neurons for spec in layout.spec.layer_specs]  # the mlp.up width of each layer, 0 without an MLP
     return {
         "layers": layout.n_layers,
         "neurons": widths[0] if len(set(widths)) == 1 else "/".join(map(str, widths)),

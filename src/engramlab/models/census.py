@@ -142,7 +142,7 @@ def run_checks(model: nn.Module, layout: ModelLayout, batch: dict) -> dict[str, 
         "generate": _check_generate,
     }
     ran = _layers_that_run(model, layout, batch)
-    with_mlp = [layer for layer in ran if layout.layer_spec(layer).mlp is not None]  # hybrids: some have none
+    with_mlp = [layer for layer in ran if layer in layout.mlp_layers]  # hybrids: some layers have none
     verdicts = {}
     for name, check in checks.items():
         if name != "identity" and not with_mlp:

@@ -656,6 +656,11 @@ class ModelLayout:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def mlp_layers(self) -> list[int]:
+        """The layers that have an MLP (all of them but a hybrid's Mamba and attention layers)."""
+        return [i for i, spec in enumerate(self.spec.layer_specs) if spec.mlp is not None]
+
     def layer_spec(self, layer: int) -> LayerSpec:
         return self.spec.layer_specs[self.check_layer(layer)]
 

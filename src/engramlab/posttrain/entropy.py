@@ -62,7 +62,7 @@ class EntropyNeurons:
 
 def last_mlp_layer(layout) -> int:
     """The last layer that has an MLP (the last layer, but for a hybrid that ends in a Mamba or attention layer)."""
-    layers = [layer for layer in range(layout.n_layers) if layout.has_site("mlp.act", layer)]
+    layers = layout.mlp_layers
     if not layers:
         raise EngramError(f"{layout.family} has no MLP in any layer: there are no entropy neurons to look for.")
     return layers[-1]

@@ -50,7 +50,7 @@ class UnitSpace:
         self.units = units
         self.layers = None if layers is None else tuple(sorted({layout.check_layer(layer) for layer in layers}))
         for layer in self.layers or ():
-            if not layout.has_site("mlp.up", layer):
+            if layer not in layout.mlp_layers:
                 raise EngramError(f"--layers: {layout.family} layer {layer} has no MLP (a recurrent or attention one).")
         self.blocks: list[Block] = []
         offset = 0
