@@ -137,23 +137,7 @@ def _weight_edited(loaded, site: str, layer: int, units: list[int], factor: floa
     index = torch.as_tensor(units)
     with torch.no_grad():
         for dense, offset in iter_dense(spec):
-            local = index[(index >= offset) & (index < offset + dense.width)] - offset
-            if site == "mlp.act":
-                weight = block.get_submodule(dense.down.path).weight
-                if dense.down.transposed:
-                    weight[local, :] *= factor
-                else:
-                    weight[:, local] *= factor
-                continue
-            proj = dense.up if site == "mlp.up" else dense.gate
-            module = block.get_submodule(proj.path)
-            rows = local if proj.rows is None else proj.rows[0] + proj.rows[2] * local
-            if proj.transposed:
-                module.weight[:, rows] *= factor
-            else:
-                module.weight[rows, :] *= factor
-            if module.bias is not None:
-                module.bias[rows] *= factor
+            _scale_dense(block, dense, site, index[(index >= offset) & (index < offset + dense.width)] - offset, factor)
         if isinstance(spec.mlp, ExpertsMlp):
             mlp = spec.mlp
             experts = block.get_submodule(mlp.experts)
@@ -184,15 +168,25 @@ def _weight_edited(loaded, site: str, layer: int, units: list[int], factor: floa
     return edited
 
 
-def _scale_dense(module, dense, site: str, local: torch.Tensor, factor: float) -> None:
-    """Scale neurons `local` of one listed expert's MLP in its weights (rows of gate/up, columns of down)."""
+def _scale_dense(parent, dense, site: str, local: torch.Tensor, factor: float) -> None:
+    """Scale neurons `local` of a dense MLP (paths relative to `parent`: a layer, or one listed expert) in its
+    weights: rows of gate/up (their half of a fused projection), columns of down."""
     if site == "mlp.act":
-        module.get_submodule(dense.down.path).weight[:, local] *= factor
+        weight = parent.get_submodule(dense.down.path).weight
+        if dense.down.transposed:
+            weight[local, :] *= factor
+        else:
+            weight[:, local] *= factor
         return
-    proj = module.get_submodule((dense.up if site == "mlp.up" else dense.gate).path)
-    proj.weight[local, :] *= factor
-    if proj.bias is not None:
-        proj.bias[local] *= factor
+    proj = dense.up if site == "mlp.up" else dense.gate
+    module = parent.get_submodule(proj.path)
+    rows = local if proj.rows is None else proj.rows[0] + proj.rows[2] * local
+    if proj.transposed:
+        module.weight[:, rows] *= factor
+    else:
+        module.weight[rows, :] *= factor
+    if module.bias is not None:
+        module.bias[rows] *= factor
 
 
 def _expert_rows(mlp: ExpertsMlp):
